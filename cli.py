@@ -1,0 +1,104 @@
+"""Command-line plumbing shared by every script: one dataclass -> argparse options.
+
+DESIGN.md's CLI contract: every option is `--name value` with dashes, built from one
+dataclass per script, `--help` shows each default, `--config FILE.json` loads overrides,
+and the resolved config is printed at start (and saved by the script next to its output).
+Booleans get `--flag` / `--no-flag`. User mistakes end in one `error: ...` line and exit
+code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+
+class UserError(Exception):
+    """A mistake in the user's input (bad path, bad value): reported as one line."""
+
+
+def die(message: str, code: int = 2) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _field_type(cls, field: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[field.name]
+
+
+def _parse_list(item_type):
+    def parse(text: str):
+        return [item_type(x) for x in text.split(",") if x != ""]
+    return parse
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="JSON file of option overrides")
+    for field in dataclasses.fields(cls):
+        name = "--" + field.name.replace("_", "-")
+        ftype = _field_type(cls, field)
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = field.metadata.get("help", "")
+        origin = typing.get_origin(ftype)
+        args = typing.get_args(ftype)
+        if origin is typing.Union and type(None) in args:  # Optional[X]
+            ftype = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(ftype), typing.get_args(ftype)
+        if ftype is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {default})")
+        elif origin is list:
+            nargs = "+" if field.metadata.get("nargs") else None
+            parse = args[0] if nargs else _parse_list(args[0])
+            parser.add_argument(name, type=parse, nargs=nargs, default=None,
+                                help=f"{help_text} (default: {default})")
+        else:
+            kwargs = {}
+            if "choices" in field.metadata:
+                kwargs["choices"] = field.metadata["choices"]
+            parser.add_argument(name, type=ftype, default=None,
+                                help=f"{help_text} (default: {default})", **kwargs)
+    return parser
+
+
+def parse_config(cls, argv=None, description: str = ""):
+    """Defaults <- --config JSON <- command-line flags; returns a validated instance."""
+    parser = build_parser(cls, description)
+    ns = parser.parse_args(argv)
+    values = {}
+    if ns.config:
+        try:
+            with open(ns.config, encoding="utf-8") as f:
+                overrides = json.load(f)
+        except (OSError, ValueError) as e:
+            die(f"cannot read --config {ns.config}: {e}")
+        if not isinstance(overrides, dict):
+            die(f"--config {ns.config} must hold a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in overrides.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                die(f"--config {ns.config}: unknown option {key!r}")
+            values[key] = value
+    for field in dataclasses.fields(cls):
+        value = getattr(ns, field.name)
+        if value is not None:
+            values[field.name] = value
+    try:
+        config = cls(**values)
+    except (TypeError, ValueError, UserError) as e:
+        die(str(e))
+    return config
+
+
+def config_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def print_config(config, title: str = "config") -> None:
+    print(f"{title}: " + json.dumps(config_dict(config), sort_keys=False))

@@ -1,0 +1,446 @@
+"""Stage 0: raw text -> clean, deduplicated, tokenized shards (`python -m data.prepare`).
+
+The order is the one the data literature converged on (C4, Gopher/MassiveText,
+RefinedWeb, FineWeb): cheap normalization first, then document filters from cheapest to
+dearest, then PII scrubbing of what survives, then deduplication, and only then the
+tokenizer, trained on the final training text so its merges fit what the model sees.
+
+  pass 1  read -> normalize -> line filters -> quality -> language -> toxicity -> PII
+          -> exact dedup (on the fly) -> MinHash signature into the LSH index
+          survivors are spilled to disk, so memory holds only hashes and signatures
+  dedup   LSH candidates -> union-find clusters -> one survivor per cluster
+  split   train/val by document (hash of the id)
+  pass 2  train the BPE tokenizer on the train documents (or load --tokenizer)
+  pass 3  encode, join documents with <|endoftext|> (or cut fixed-length chunks), write shards
+
+Every input record ends up kept or removed with a reason (report.json, removed.jsonl):
+documents.read == documents.kept + sum(documents.removed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Optional
+
+import numpy as np
+
+from cli import UserError, config_dict, die, parse_config, print_config
+from data import clean, langid, pii, quality
+from data.dedup import MinHasher, NearDedup, exact_hash, shingle_hashes
+from data.shards import ShardWriter, dtype_for_vocab, write_meta
+from data.sources import Document, Rejected, iter_records, list_files
+from data.tokenizer import Tokenizer, TokenizerError
+from data.toxicity import DEFAULT_BLOCKLIST, ToxicityFilter, load_blocklist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CORPUS = os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz")
+DEFAULT_OUT = os.path.join(REPO, "prepared", "shakespeare")
+
+
+@dataclass
+class PrepareConfig(clean.LineFilterConfig, quality.QualityConfig):
+    input: list[str] = field(default_factory=lambda: [DEFAULT_CORPUS],
+                             metadata={"help": "files or directories (.txt, .jsonl[.gz], .parquet)", "nargs": True})
+    out: str = field(default=DEFAULT_OUT, metadata={"help": "output directory"})
+    text_field: str = field(default="text", metadata={"help": "JSONL/parquet field holding the text"})
+    vocab_size: int = field(default=8192, metadata={"help": "tokenizer size incl. 256 bytes and 6 special tokens"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "reuse this tokenizer.json instead of training"})
+    workers: int = field(default=0, metadata={"help": "processes for filtering and tokenizer counting (0 = all cores, at most 8)"})
+    max_doc_bytes: int = field(default=32 << 20, metadata={"help": "longer documents/lines are removed as too_long"})
+    unicode_form: str = field(default="NFC", metadata={"choices": ["NFC", "NFKC", "none"]})
+    drop_lorem_ipsum: bool = True
+    langid: bool = True
+    languages: list[str] = field(default_factory=lambda: ["en"], metadata={"help": "languages to keep"})
+    min_lang_score: float = 0.5
+    toxicity: bool = True
+    blocklist: str = DEFAULT_BLOCKLIST
+    max_toxic_word_frac: float = 0.002
+    pii: bool = True
+    pii_kinds: list[str] = field(default_factory=lambda: list(pii.PLACEHOLDERS))
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    ngram: int = field(default=5, metadata={"help": "MinHash shingle size in words"})
+    bands: int = 14
+    rows: int = 8
+    verify_jaccard: float = field(default=0.0, metadata={"help": "if > 0, confirm LSH candidates by exact Jaccard >= this"})
+    seed: int = 1234
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents in the validation split"})
+    layout: str = field(default="stream", metadata={"choices": ["stream", "chunks"],
+                                                      "help": "stream: documents joined by <|endoftext|>; chunks: fixed-length rows"})
+    chunk_len: int = 1024
+    chunk_stride: int = field(default=512, metadata={"help": "chunks layout: step between chunk starts (512 of 1024 = 50% overlap)"})
+    min_chunk_len: int = field(default=128, metadata={"help": "chunks layout: drop a final chunk shorter than this"})
+    shard_tokens: int = 100_000_000
+
+    def __post_init__(self):
+        if not 262 <= self.vocab_size <= 1 << 32:
+            raise UserError(f"--vocab-size must be between 262 and 2^32, got {self.vocab_size}")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if self.layout == "chunks" and not (0 < self.min_chunk_len <= self.chunk_len and 0 < self.chunk_stride <= self.chunk_len):
+            raise UserError("chunks layout needs 0 < --min-chunk-len <= --chunk-len and 0 < --chunk-stride <= --chunk-len")
+        if self.bands < 1 or self.rows < 1 or self.ngram < 1:
+            raise UserError("--bands, --rows and --ngram must be positive")
+        unknown = set(self.pii_kinds) - set(pii.PLACEHOLDERS)
+        if unknown:
+            raise UserError(f"unknown --pii-kinds {sorted(unknown)}; known: {list(pii.PLACEHOLDERS)}")
+        if self.shard_tokens < 1:
+            raise UserError("--shard-tokens must be positive")
+
+
+# ----------------------------------------------------------------------------- pass 1 (per document)
+
+_W: dict = {}  # per-process state: config, toxicity filter, MinHasher
+
+
+def _init_worker(cfg: PrepareConfig, blocklist_terms: list[str]) -> None:
+    _W["cfg"] = cfg
+    _W["toxicity"] = ToxicityFilter(blocklist_terms, cfg.max_toxic_word_frac) if cfg.toxicity else None
+    _W["minhash"] = MinHasher(cfg.bands * cfg.rows, cfg.ngram, cfg.seed)
+    _W["languages"] = set(cfg.languages)
+
+
+def clean_document(text: str) -> tuple[Optional[str], str, dict]:
+    """Normalize, filter and scrub one document: (text or None, removal reason, stats)."""
+    cfg: PrepareConfig = _W["cfg"]
+    stats: dict = {}
+    text = clean.normalize(text, "" if cfg.unicode_form == "none" else cfg.unicode_form)
+    text, stats["lines_removed"] = clean.filter_lines(text, cfg)
+    if not text:
+        return None, "empty_after_cleaning", stats
+    if cfg.drop_lorem_ipsum and clean.is_lorem_ipsum(text):
+        return None, "lorem_ipsum", stats
+    for enabled, check in ((cfg.gopher_quality, quality.gopher_quality),
+                           (cfg.gopher_repetition, quality.gopher_repetition),
+                           (cfg.fineweb_quality, quality.fineweb_quality)):
+        reason = check(text, cfg) if enabled else None
+        if reason:
+            return None, reason, stats
+    if cfg.langid:
+        lang, score = langid.identify(text)
+        if lang not in _W["languages"] or score < cfg.min_lang_score:
+            stats["language"] = [lang, round(score, 3)]
+            return None, "language", stats
+    if _W["toxicity"] is not None and _W["toxicity"].is_toxic(text):
+        return None, "toxicity", stats
+    if cfg.pii:
+        text, stats["pii"] = pii.scrub(text, cfg.pii_kinds)
+    return text, "", stats
+
+
+def _process(record):
+    if isinstance(record, Rejected):
+        return record, None
+    text, reason, stats = clean_document(record.text)
+    stats["bytes_in"] = len(record.text.encode("utf-8", "surrogatepass"))
+    if text is None:
+        return Rejected(record.id, record.source, reason, json.dumps(stats.get("language", ""))), stats
+    cfg = _W["cfg"]
+    shingles = shingle_hashes(text, cfg.ngram) if cfg.near_dedup else None
+    stats["hash"] = exact_hash(text)
+    stats["signature"] = _W["minhash"].signature_of_hashes(shingles) if cfg.near_dedup else None
+    stats["shingles"] = shingles if cfg.verify_jaccard > 0 else None
+    return Document(record.id, record.source, text), stats
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class Progress:
+    """A rank-free progress line at most every `every` seconds."""
+
+    def __init__(self, label: str, every: float = 2.0):
+        self.label, self.every = label, every
+        self.start = self.last = time.time()
+
+    def update(self, done: int, total: Optional[int] = None, extra: str = "", force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(1e-9, now - self.start)
+        eta = f", eta {(total - done) / max(rate, 1e-9):.0f}s" if total else ""
+        print(f"[{self.label}] {done}{'/' + str(total) if total else ''} ({rate:.0f}/s{eta}){extra}", flush=True)
+
+
+def _val_indices(ids: list[str], survivors: list[int], fraction: float, seed: int) -> set[int]:
+    """The documents whose hashed id ranks lowest: deterministic, order-independent."""
+    if fraction <= 0 or len(survivors) < 2:
+        return set()
+    k = max(1, round(fraction * len(survivors)))
+    key = lambda i: hashlib.blake2b(f"{seed}:{ids[i]}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return set(sorted(survivors, key=key)[:k])
+
+
+def _iter_spill(path: str):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _chunk_rows(ids: list[int], cfg: PrepareConfig, pad_id: int) -> list[list[int]]:
+    """Fixed-length windows with stride; a short tail is padded or dropped."""
+    rows = []
+    start = 0
+    while start < len(ids):
+        window = ids[start:start + cfg.chunk_len]
+        if len(window) < cfg.chunk_len:
+            if len(window) < cfg.min_chunk_len or (start > 0 and start + cfg.chunk_len - cfg.chunk_stride >= len(ids)):
+                break  # too short, or wholly inside the previous window
+            window = window + [pad_id] * (cfg.chunk_len - len(window))
+        rows.append(window)
+        if start + cfg.chunk_len >= len(ids):
+            break
+        start += cfg.chunk_stride
+    return rows
+
+
+def _prepare_out_dir(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to output directory {out}: {e.strerror or e}")
+    # A previous run's shards must not be mistaken for this run's.
+    for name in os.listdir(out):
+        if name == "meta.json" or re.fullmatch(r"(train|val)_\d{4}\.bin(\.tmp)?", name):
+            os.remove(os.path.join(out, name))
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(cfg: PrepareConfig) -> dict:
+    t_start = time.time()
+    seconds: dict[str, float] = {}
+    try:
+        files = list_files(cfg.input)
+    except FileNotFoundError as e:
+        die(f"input path not found: {e.args[0]}")
+    if not files:
+        die(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(cfg.input)}")
+    blocklist_terms: list[str] = []
+    if cfg.toxicity:
+        try:
+            blocklist_terms = load_blocklist(cfg.blocklist)
+        except OSError as e:
+            die(f"cannot read --blocklist {cfg.blocklist}: {e.strerror}")
+    tokenizer = None
+    if cfg.tokenizer:
+        try:
+            tokenizer = Tokenizer.load(cfg.tokenizer)
+        except TokenizerError as e:
+            die(str(e))
+    _prepare_out_dir(cfg.out)
+    with open(os.path.join(cfg.out, "prepare_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_dict(cfg), f, indent=2)
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    print(f"prepare: {len(files)} input file(s) -> {cfg.out} ({workers} worker(s))", flush=True)
+
+    # ---- pass 1: read, clean, filter, scrub, exact dedup, signatures
+    removed: Counter = Counter()
+    pii_counts: Counter = Counter()
+    removed_log = open(os.path.join(cfg.out, "removed.jsonl"), "w", encoding="utf-8")
+
+    def remove(rec_id: str, source: str, reason: str, detail: str = "", duplicate_of: Optional[str] = None) -> None:
+        removed[reason] += 1
+        entry = {"id": rec_id, "source": source, "reason": reason}
+        if detail and detail != '""':
+            entry["detail"] = detail
+        if duplicate_of is not None:
+            entry["duplicate_of"] = duplicate_of
+        removed_log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    spill_path = os.path.join(cfg.out, ".spill.jsonl")
+    spill = open(spill_path, "w", encoding="utf-8")
+    near = NearDedup(cfg.bands, cfg.rows, cfg.verify_jaccard if cfg.verify_jaccard > 0 else None) if cfg.near_dedup else None
+    seen_hash: dict[bytes, str] = {}
+    ids: list[str] = []
+    sources: list[str] = []
+    read = lines_removed = bytes_in = 0
+    progress = Progress("filter")
+    records = iter_records(files, cfg.text_field, cfg.max_doc_bytes)
+    pool = None
+    try:
+        if workers > 1:
+            pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, blocklist_terms))
+            results = pool.imap(_process, records, chunksize=2)
+        else:
+            _init_worker(cfg, blocklist_terms)
+            results = map(_process, records)
+        for record, stats in results:
+            read += 1
+            if stats:
+                lines_removed += stats.get("lines_removed", 0)
+                bytes_in += stats.get("bytes_in", 0)
+            if isinstance(record, Rejected):
+                remove(record.id, record.source, record.reason, record.detail)
+            else:
+                pii_counts.update(stats.get("pii") or {})
+                if cfg.exact_dedup and stats["hash"] in seen_hash:
+                    remove(record.id, record.source, "exact_duplicate", duplicate_of=seen_hash[stats["hash"]])
+                else:
+                    if cfg.exact_dedup:
+                        seen_hash[stats["hash"]] = record.id
+                    if near is not None:
+                        near.add(len(ids), stats["signature"], stats["shingles"])
+                    ids.append(record.id)
+                    sources.append(record.source)
+                    spill.write(json.dumps({"id": record.id, "text": record.text}, ensure_ascii=False) + "\n")
+            progress.update(read, extra=f", {bytes_in / 1e6:.1f} MB, {len(ids)} kept so far")
+    except OSError as e:
+        die(f"reading input failed: {e}")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        spill.close()
+    progress.update(read, force=True, extra=f", {bytes_in / 1e6:.1f} MB, {len(ids)} passed filters")
+    seconds["read_filter"] = time.time() - t_start
+
+    # ---- near-duplicate clusters
+    t0 = time.time()
+    near_dups = near.duplicates() if near is not None else {}
+    for index in sorted(near_dups):
+        remove(ids[index], sources[index], "near_duplicate", duplicate_of=ids[near_dups[index]])
+    removed_log.close()
+    survivors = [i for i in range(len(ids)) if i not in near_dups]
+    seconds["dedup"] = time.time() - t0
+    kept = len(survivors)
+    report = {
+        "documents": {"read": read, "kept": kept, "removed": dict(sorted(removed.items()))},
+        "pii": {kind: pii_counts.get(kind, 0) for kind in cfg.pii_kinds} if cfg.pii else {},
+        "lines_removed": lines_removed,
+        "bytes": {"input": bytes_in},
+        "near_dedup": {"candidate_pairs": near.candidate_pairs, "rejected_by_jaccard": near.rejected_pairs} if near else {},
+    }
+    assert read == kept + sum(removed.values()), "every record must be kept or removed"
+    if kept == 0:
+        os.remove(spill_path)
+        _write_report(cfg.out, report, seconds, t_start)
+        die(f"no document survived filtering ({read} read); see {os.path.join(cfg.out, 'removed.jsonl')}", code=1)
+
+    val_set = _val_indices(ids, survivors, cfg.val_fraction, cfg.seed)
+    near_set = set(near_dups)
+
+    def texts(split: str):
+        for i, rec in enumerate(_iter_spill(spill_path)):
+            if i not in near_set and ((i in val_set) == (split == "val")):
+                yield rec["text"]
+
+    # ---- pass 2: tokenizer
+    t0 = time.time()
+    if tokenizer is None:
+        print(f"[tokenizer] training byte-level BPE, vocab {cfg.vocab_size}, on {kept - len(val_set)} train documents", flush=True)
+        tokenizer = Tokenizer.train(texts("train"), cfg.vocab_size, workers=workers)
+        if tokenizer.vocab_size < cfg.vocab_size:
+            print(f"[tokenizer] the corpus supports only {tokenizer.vocab_size} tokens (asked {cfg.vocab_size})")
+    tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
+    seconds["tokenizer"] = time.time() - t0
+
+    # ---- pass 3: encode and write shards
+    t0 = time.time()
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    writers = {s: ShardWriter(cfg.out, s, dtype, tokenizer.vocab_size, cfg.shard_tokens) for s in ("train", "val")}
+    doc_tokens = kept_bytes = 0
+    docs_per_split = Counter()
+    chunks_per_split = Counter()
+    progress = Progress("tokenize")
+    batch: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        nonlocal doc_tokens, kept_bytes
+        encoded = tokenizer.encode_batch([t for _, t in batch], num_threads=workers)
+        for (i, text), tokens in zip(batch, encoded):
+            split = "val" if i in val_set else "train"
+            docs_per_split[split] += 1
+            doc_tokens += len(tokens)
+            kept_bytes += len(text.encode("utf-8", "surrogatepass"))
+            ids_with_sep = [tokenizer.eot_id] + tokens  # every document starts after a separator
+            if cfg.layout == "stream":
+                writers[split].write(ids_with_sep)
+            else:
+                rows = _chunk_rows(ids_with_sep, cfg, tokenizer.pad_id)
+                chunks_per_split[split] += len(rows)
+                for row in rows:
+                    writers[split].write(row)
+        batch.clear()
+
+    for i, rec in enumerate(_iter_spill(spill_path)):
+        if i in near_set:
+            continue
+        batch.append((i, rec["text"]))
+        if len(batch) >= 256:
+            flush()
+            progress.update(sum(docs_per_split.values()), kept)
+    if batch:
+        flush()
+    splits = {s: w.close() for s, w in writers.items()}
+    os.remove(spill_path)
+    seconds["tokenize"] = time.time() - t0
+
+    meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "splits": splits,
+            "tokens": {s: w.total for s, w in writers.items()}, "layout": cfg.layout,
+            "eot_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id, "tokenizer": "tokenizer.json",
+            "bytes_per_token": kept_bytes / max(1, doc_tokens)}
+    if cfg.layout == "chunks":
+        meta["chunk_len"] = cfg.chunk_len
+    write_meta(cfg.out, meta)
+    report.update({
+        "tokens": {s: w.total for s, w in writers.items()},
+        "split_documents": {"train": docs_per_split["train"], "val": docs_per_split["val"]},
+        "bytes_per_token": round(kept_bytes / max(1, doc_tokens), 4),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+    })
+    report["bytes"]["kept"] = kept_bytes
+    if cfg.layout == "chunks":
+        report["chunks"] = dict(chunks_per_split)
+    _write_report(cfg.out, report, seconds, t_start)
+    return report
+
+
+def _write_report(out: str, report: dict, seconds: dict, t_start: float) -> None:
+    seconds["total"] = time.time() - t_start
+    report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    tmp = os.path.join(out, "report.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, os.path.join(out, "report.json"))
+
+
+def print_summary(report: dict) -> None:
+    docs = report["documents"]
+    print(f"documents: read {docs['read']}, kept {docs['kept']}, removed {sum(docs['removed'].values())}")
+    for reason, n in docs["removed"].items():
+        print(f"  removed {reason:28s} {n}")
+    if report.get("pii"):
+        print("pii replaced: " + ", ".join(f"{k} {v}" for k, v in report["pii"].items()))
+    if "tokens" in report:
+        print(f"tokens: train {report['tokens']['train']:,}, val {report['tokens']['val']:,} "
+              f"({report['split_documents']['train']} / {report['split_documents']['val']} documents), "
+              f"{report['bytes_per_token']:.3f} bytes/token, vocab {report['vocab_size']} ({report['dtype']})")
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(PrepareConfig, argv, description=__doc__.split("\n")[0])
+    print_config(cfg, "prepare config")
+    report = run(cfg)
+    print_summary(report)
+    print(f"wrote {cfg.out}/: meta.json, tokenizer.json, report.json, removed.jsonl and shards")
+
+
+if __name__ == "__main__":
+    main()
