@@ -10,23 +10,21 @@ candidates. With B=14, R=8 a pair of Jaccard s is caught with probability
 1 - (1 - s^8)^14: 0.93 at s=0.85, 0.05 at s=0.5. Candidates are merged with union-find
 and the first-seen member of each cluster survives.
 
-Everything per document is vectorized with numpy: words are hashed once (crc32), the
-n-gram hashes are a rolling polynomial over those, and all K permutations are one
-(n_shingles x K) modular product followed by a column minimum.
+Everything per document is vectorized with numpy: all n-gram hashes come from one
+prefix-sum polynomial hash over the bytes, and all K hash functions are one
+(n_shingles x K) multiply-add-shift followed by a column minimum.
 """
 from __future__ import annotations
 
 import hashlib
 import re
 import unicodedata
-import zlib
 
 import numpy as np
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _WORD = re.compile(r"[^\W_]+")
 _DIGITS = re.compile(r"\d")
-_NGRAM_BASE = np.uint64(0x100000001B3)  # FNV prime: odd, so the rolling sum mixes well
 
 
 def simplify_words(text: str) -> list[str]:
@@ -44,19 +42,49 @@ def exact_hash(text: str) -> bytes:
     return hashlib.blake2b(" ".join(text.split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+_HASH_BASE = np.uint64(0x100000001B3)  # odd, so it has an inverse modulo 2^64
+_HASH_BASE_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_POWERS: dict[str, np.ndarray] = {"fwd": np.ones(1, np.uint64), "inv": np.ones(1, np.uint64)}
+_POWERS_CACHE_MAX = 1 << 22
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """BASE^k and BASE^-k (mod 2^64) for k < n; cached up to 4M entries."""
+    if len(_POWERS["fwd"]) < n:
+        m = n if n > _POWERS_CACHE_MAX else max(n, min(_POWERS_CACHE_MAX, 2 * len(_POWERS["fwd"])))
+        with np.errstate(over="ignore"):
+            fwd = np.cumprod(np.concatenate([[np.uint64(1)], np.full(m - 1, _HASH_BASE)]), dtype=np.uint64)
+            inv = np.cumprod(np.concatenate([[np.uint64(1)], np.full(m - 1, _HASH_BASE_INV)]), dtype=np.uint64)
+        if m > _POWERS_CACHE_MAX:
+            return fwd, inv
+        _POWERS["fwd"], _POWERS["inv"] = fwd, inv
+    return _POWERS["fwd"], _POWERS["inv"]
+
+
 def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
-    """Unique 32-bit hashes of the word n-grams of the simplified text (uint64 array)."""
+    """Unique 32-bit hashes of the word n-grams of the simplified text (uint64 array).
+
+    The n-gram "w1 w2 w3 w4 w5" is hashed as its bytes, by a polynomial hash computed
+    for all n-grams at once from prefix sums: with P[k] = sum_{j<k} x_j B^-j, the span
+    [s, e) hashes to (P[e] - P[s]) B^(e-1) = sum_j x_j B^(e-1-j), which does not depend
+    on where the span sits. No Python loop over words or n-grams.
+    """
     words = simplify_words(text)
     if not words:
         return np.zeros(0, dtype=np.uint64)
-    word_hash = {w: zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in set(words)}
-    word_h = np.fromiter(map(word_hash.__getitem__, words), dtype=np.uint64, count=len(words))
-    n = max(1, len(words) - ngram + 1)  # a short document is one shingle of all its words
-    k = min(ngram, len(words))
-    h = np.zeros(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):  # wrap-around multiplication is the hash
-        for j in range(k):
-            h = h * _NGRAM_BASE + word_h[j:j + n]
+    data = np.frombuffer(" ".join(words).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    size = len(data)
+    fwd, inv = _powers(size)
+    is_space = data == 32
+    starts = np.flatnonzero(~is_space & np.concatenate([[True], is_space[:-1]]))
+    ends = np.flatnonzero(~is_space & np.concatenate([is_space[1:], [True]])) + 1
+    with np.errstate(over="ignore"):  # arithmetic modulo 2^64 is the hash
+        prefix = np.concatenate([[np.uint64(0)], np.cumsum((data.astype(np.uint64) + np.uint64(1)) * inv[:size],
+                                                           dtype=np.uint64)])
+        k = min(ngram, len(starts))  # a short document is one shingle of all its words
+        span_start = starts[: len(starts) - k + 1]
+        span_end = ends[k - 1:]
+        h = (prefix[span_end] - prefix[span_start]) * fwd[span_end - 1]
     h = (h ^ (h >> np.uint64(32))) & _MASK32
     return np.unique(h)
 
