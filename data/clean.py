@@ -16,7 +16,11 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\ufeff]")
+# Characters that end a line in some convention (vertical tab, form feed, file/group/
+# record separators, NEL, Unicode line/paragraph separators) become "\n", so words on
+# either side stay apart; other C0/C1 controls and invisible format characters go.
+_LINE_BREAKS = re.compile(r"\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _ODD_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
@@ -26,7 +30,7 @@ def normalize(text: str, form: str = "NFC") -> str:
     """Canonical Unicode, plain spaces and newlines, no control characters."""
     if form:
         text = unicodedata.normalize(form, text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_BREAKS.sub("\n", text)
     text = _CONTROL.sub("", text)
     text = _ODD_SPACE.sub(" ", text)
     text = _TRAILING.sub("\n", text + "\n")

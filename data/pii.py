@@ -32,9 +32,12 @@ SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?!
 # Cards: 13-19 digits, in groups of 4 (4-6-5 for Amex) separated by one space or dash, or
 # contiguous. Validated by issuer prefix and Luhn below.
 CARD = re.compile(r"(?<![\w-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -]?)\d{6}\2\d{5})(?![\w-])")
-# Phones. International: "+" or "00", a country code, then 6-14 more digits in groups
-# separated by spaces, dots or dashes (an area code may be in parentheses).
-PHONE_INTL = re.compile(r"(?<![\w+])(?:\+|00)[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?![\w-])")
+# Phones. International: "+" or "00", a country code, an optional area code in
+# parentheses, then at least two digit groups each after a space, dot or dash; or E.164
+# written without separators. Requiring separators keeps "+48.856613" (a coordinate)
+# and other signed decimals out.
+PHONE_INTL = re.compile(r"(?<![\w+])(?:(?:\+|00)[1-9]\d{0,2}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]\d{1,8}){2,6}"
+                        r"|\+[1-9]\d{7,14})(?![\w-])")
 # North American: (AAA) BBB-CCCC, AAA-BBB-CCCC, AAA.BBB.CCCC, AAA BBB CCCC; one separator style.
 PHONE_NANP = re.compile(r"(?<![\w-])(?:\([2-9]\d{2}\) ?|[2-9]\d{2}(?P<sep>[-. ]))[2-9]\d{2}(?(sep)(?P=sep)|[-. ])\d{4}(?![\w-])")
 
@@ -72,21 +75,28 @@ def _card_issuer_ok(digits: str) -> bool:
     return False
 
 
-def _is_card(match: str) -> bool:
-    digits = re.sub(r"\D", "", match)
+def _is_card(match: re.Match) -> bool:
+    digits = re.sub(r"\D", "", match.group(0))
     return 13 <= len(digits) <= 19 and _card_issuer_ok(digits) and luhn_ok(digits)
 
 
-def _is_public_ip(match: str) -> bool:
+# "Section 2.1.3.4" and "version 1.2.3.4" are numbering, not hosts.
+_NUMBERING_BEFORE = re.compile(r"(?<!\w)(?:section|sections|version|ver\.?|v|chapter|ch\.|clause|rule|step|table|figure|fig\.|§)\s*$",
+                               re.IGNORECASE)
+
+
+def _is_public_ip(match: re.Match) -> bool:
     try:
-        ip = ipaddress.ip_address(match)
+        ip = ipaddress.ip_address(match.group(0))
     except ValueError:
+        return False
+    if _NUMBERING_BEFORE.search(match.string, max(0, match.start() - 12), match.start()):
         return False
     return ip.is_global and not ip.is_multicast
 
 
-def _is_phone(match: str) -> bool:
-    digits = re.sub(r"\D", "", match)
+def _is_phone(match: re.Match) -> bool:
+    digits = re.sub(r"\D", "", match.group(0))
     return 8 <= len(digits) <= 15
 
 
@@ -112,7 +122,7 @@ def scrub(text: str, kinds=tuple(PLACEHOLDERS)) -> tuple[str, Counter]:
             continue
 
         def replace(m: re.Match, kind=kind, validate=validate) -> str:
-            if validate is not None and not validate(m.group(0)):
+            if validate is not None and not validate(m):
                 return m.group(0)
             counts[kind] += 1
             return PLACEHOLDERS[kind]
