@@ -35,6 +35,10 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assis
 _SPECIAL_ATTRS = ("eot_id", "pad_id", "system_id", "user_id", "assistant_id", "end_id")
 
 
+_SURROGATE = regex.compile(r"[\ud800-\udfff]")
+_SURROGATE_RUNS = regex.compile(r"([\ud800-\udfff]+)")
+
+
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be used (missing, malformed, inconsistent)."""
 
@@ -192,29 +196,35 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer {path} is not valid JSON: {e}") from None
         if not isinstance(state, dict) or state.get("type") != "byte_level_bpe" or "merges" not in state:
             raise TokenizerError(f"{path} is not a tokenizer file written by data.tokenizer")
-        tok = cls([tuple(m) for m in state["merges"]], state.get("pattern", GPT4_SPLIT_PATTERN))
+        merges = state["merges"]
+        if not isinstance(merges, list) or not all(
+                isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in merges):
+            raise TokenizerError(f"{path}: 'merges' must be a list of [left_id, right_id] integer pairs")
+        pattern = state.get("pattern", GPT4_SPLIT_PATTERN)
+        if not isinstance(pattern, str):
+            raise TokenizerError(f"{path}: 'pattern' must be a string")
+        tok = cls([tuple(m) for m in merges], pattern)
         if state.get("special_tokens", tok.special_tokens) != tok.special_tokens:
             raise TokenizerError(f"{path}: special tokens differ from this version's layout")
         return tok
 
     # -- encoding / decoding
     def encode(self, text: str) -> list[int]:
-        try:
-            return self._enc.encode_ordinary(text)
-        except UnicodeEncodeError:
+        # tiktoken would silently turn a lone surrogate into U+FFFD; keep it exact instead.
+        if not text.isascii() and _SURROGATE.search(text):
             return self._encode_with_surrogates(text)
+        return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        try:
-            return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
-        except UnicodeEncodeError:
+        if any(not t.isascii() and _SURROGATE.search(t) for t in texts):
             return [self.encode(t) for t in texts]
+        return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def _encode_with_surrogates(self, text: str) -> list[int]:
         # A lone surrogate has no UTF-8 form; store its 3 "surrogatepass" bytes as byte
         # tokens so decode() can restore the exact string.
         ids: list[int] = []
-        for part in regex.split(r"([\ud800-\udfff]+)", text):
+        for part in _SURROGATE_RUNS.split(text):
             if not part:
                 continue
             if "\ud800" <= part[0] <= "\udfff":
@@ -224,10 +234,12 @@ class Tokenizer:
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = [int(i) for i in ids]
         try:
-            return self._enc.decode_bytes(list(ids))
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is outside the vocabulary (size {self.vocab_size})") from None
+            return self._enc.decode_bytes(ids)
+        except (KeyError, OverflowError, ValueError):
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         data = self.decode_bytes(ids)

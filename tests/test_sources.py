@@ -241,8 +241,8 @@ def test_invalid_utf8_in_jsonl_line(tmp_path):
     ("spaces.txt", b"  \n\t\n   \r\n"),
     ("blank.jsonl", b"\n\n   \n\n"),
     ("empty.jsonl", b""),
-    ("empty.jsonl.gz", gzip.compress(b"")),
-])
+    ("empty.jsonl.gz", gzip.compress(b"", mtime=0)),
+], ids=["empty_txt", "whitespace_txt", "blank_lines_jsonl", "empty_jsonl", "empty_jsonl_gz"])
 def test_empty_inputs(tmp_path, name, content):
     bad = write(tmp_path / f"a_{name}", content)
     good = write(tmp_path / "b.txt", GOOD)
