@@ -36,14 +36,18 @@ def _parse_list(item_type):
 
 
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="JSON file of option overrides")
-    for field in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    # the script's own options first, then those it inherits from shared configs
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+    for field in fields:
         name = "--" + field.name.replace("_", "-")
         ftype = _field_type(cls, field)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        help_text = field.metadata.get("help", "")
+        # argparse %-formats help strings: escape user-visible percent signs
+        help_text = field.metadata.get("help", "").replace("%", "%%")
+        default = str(default).replace("%", "%%")
         origin = typing.get_origin(ftype)
         args = typing.get_args(ftype)
         if origin is typing.Union and type(None) in args:  # Optional[X]
@@ -80,10 +84,16 @@ def parse_config(cls, argv=None, description: str = ""):
         if not isinstance(overrides, dict):
             die(f"--config {ns.config} must hold a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         for key, value in overrides.items():
             key = key.replace("-", "_")
             if key not in known:
                 die(f"--config {ns.config}: unknown option {key!r}")
+            is_list = typing.get_origin(hints[key]) is list
+            if is_list and isinstance(value, str):
+                value = [value]  # "input": "a.jsonl" means one path, not its characters
+            elif is_list and not isinstance(value, list):
+                die(f"--config {ns.config}: {key!r} must be a list")
             values[key] = value
     for field in dataclasses.fields(cls):
         value = getattr(ns, field.name)

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -299,7 +300,7 @@ def run(cfg: PrepareConfig) -> dict:
                     sources.append(record.source)
                     spill.write(json.dumps({"id": record.id, "text": record.text}, ensure_ascii=False) + "\n")
             progress.update(read, extra=f", {bytes_in / 1e6:.1f} MB, {len(ids)} kept so far")
-    except OSError as e:
+    except (OSError, zlib.error) as e:  # the readers turn these into counted rejects; this is a last resort
         die(f"reading input failed: {e}")
     finally:
         if pool is not None:

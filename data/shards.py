@@ -24,6 +24,8 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, split: str, dtype: np.dtype, vocab_size: int, shard_tokens: int = 1 << 27):
         self.out_dir, self.split, self.dtype = out_dir, split, np.dtype(dtype).newbyteorder("<")
+        if np.iinfo(self.dtype).max < vocab_size - 1:
+            raise ValueError(f"{self.dtype.name} cannot hold token ids up to {vocab_size - 1}")
         self.vocab_size = vocab_size
         self.shard_tokens = shard_tokens
         self.files: list[str] = []

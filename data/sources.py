@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Union
 
@@ -62,7 +63,8 @@ def _kind(path: str) -> str | None:
 
 
 def list_files(paths: list[str]) -> list[str]:
-    """Expand directories (recursively, sorted); raise FileNotFoundError for a missing path."""
+    """Expand directories (a folder's files, then its subfolders, each sorted by name);
+    raise FileNotFoundError for a missing path."""
     files: list[str] = []
     for path in paths:
         if os.path.isdir(path):
@@ -155,7 +157,7 @@ def _read_jsonl(path: str, text_field: str, max_doc_bytes: int) -> Iterator[Reco
                     yield Rejected(doc_id, path, "empty")
                     continue
                 yield Document(doc_id, path, text)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt .gz
+    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt .gz (BadGzipFile is an OSError)
         any_line = True
         yield Rejected(path, path, "unreadable", str(e)[:80])
     if not any_line:
@@ -178,9 +180,17 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
         return
     columns = [text_field] + (["id"] if "id" in pf.schema_arrow.names and text_field != "id" else [])
     row = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=1024):
-        texts = batch.column(0).to_pylist()
-        ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+    batches = pf.iter_batches(columns=columns, batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+        except Exception as e:  # corrupt page or invalid UTF-8 in a string column
+            yield Rejected(f"{path}:{row}", path, "unreadable", f"rows from {row} on: {str(e)[:80]}")
+            return
         for text, doc_id in zip(texts, ids):
             rec_id = str(doc_id) if doc_id is not None else f"{path}:{row}"
             row += 1

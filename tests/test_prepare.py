@@ -632,3 +632,20 @@ def test_cli_subprocess_missing_input(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:")
     assert "MISSING" in lines[0]
+
+
+def test_shard_writer_refuses_a_dtype_too_small_for_the_vocab(tmp_path):
+    # uint16 would wrap id 65536 to 0 silently (DESIGN.md pitfall)
+    with pytest.raises(ValueError):
+        ShardWriter(str(tmp_path), "train", np.uint16, 70_000)
+    ShardWriter(str(tmp_path), "train", np.uint16, 65_536).close()  # ids up to 65535 fit
+
+
+def test_config_file_input_as_a_single_string(small_dir, tmp_path):
+    d, _ = small_dir
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"input": str(d), "vocab_size": 280, "workers": 1}))
+    out = tmp_path / "strout"
+    run_main(["--config", cfg, "--out", out])
+    assert read_json(out / "prepare_config.json")["input"] == [str(d)]
+    assert read_json(out / "report.json")["documents"]["kept"] > 0
