@@ -145,7 +145,8 @@ def _process(record):
     text, reason, stats = clean_document(record.text)
     stats["bytes_in"] = len(record.text.encode("utf-8", "surrogatepass"))
     if text is None:
-        return Rejected(record.id, record.source, reason, json.dumps(stats.get("language", ""))), stats
+        detail = json.dumps(stats["language"]) if "language" in stats else ""
+        return Rejected(record.id, record.source, reason, detail), stats
     cfg = _W["cfg"]
     shingles = shingle_hashes(text, cfg.ngram) if cfg.near_dedup else None
     stats["hash"] = exact_hash(text)
@@ -157,7 +158,7 @@ def _process(record):
 # ----------------------------------------------------------------------------- helpers
 
 class Progress:
-    """A rank-free progress line at most every `every` seconds."""
+    """A progress line printed at most every `every` seconds."""
 
     def __init__(self, label: str, every: float = 2.0):
         self.label, self.every = label, every
@@ -189,14 +190,15 @@ def _iter_spill(path: str):
 
 
 def _chunk_rows(ids: list[int], cfg: PrepareConfig, pad_id: int) -> list[list[int]]:
-    """Fixed-length windows with stride; a short tail is padded or dropped."""
+    """Fixed-length windows every `chunk_stride` tokens; a short tail is padded, or dropped
+    when shorter than `min_chunk_len`."""
     rows = []
     start = 0
-    while start < len(ids):
+    while True:
         window = ids[start:start + cfg.chunk_len]
         if len(window) < cfg.chunk_len:
-            if len(window) < cfg.min_chunk_len or (start > 0 and start + cfg.chunk_len - cfg.chunk_stride >= len(ids)):
-                break  # too short, or wholly inside the previous window
+            if len(window) < cfg.min_chunk_len:
+                break
             window = window + [pad_id] * (cfg.chunk_len - len(window))
         rows.append(window)
         if start + cfg.chunk_len >= len(ids):
@@ -257,7 +259,7 @@ def run(cfg: PrepareConfig) -> dict:
     def remove(rec_id: str, source: str, reason: str, detail: str = "", duplicate_of: Optional[str] = None) -> None:
         removed[reason] += 1
         entry = {"id": rec_id, "source": source, "reason": reason}
-        if detail and detail != '""':
+        if detail:
             entry["detail"] = detail
         if duplicate_of is not None:
             entry["duplicate_of"] = duplicate_of
