@@ -35,6 +35,7 @@ import numpy as np
 
 from cli import UserError, config_dict, die, parse_config, print_config
 from data import clean, langid, pii, quality
+from data.parallel import bounded_imap
 from data.dedup import MinHasher, NearDedup, exact_hash, shingle_hashes
 from data.shards import ShardWriter, dtype_for_vocab, write_meta
 from data.sources import Document, Rejected, iter_records, list_files
@@ -278,7 +279,7 @@ def run(cfg: PrepareConfig) -> dict:
     try:
         if workers > 1:
             pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, blocklist_terms))
-            results = pool.imap(_process, records, chunksize=2)
+            results = bounded_imap(pool, _process, records, block=8 * workers)
         else:
             _init_worker(cfg, blocklist_terms)
             results = map(_process, records)

@@ -23,6 +23,8 @@ from typing import Iterable
 import regex
 import tiktoken
 
+from data.parallel import bounded_imap
+
 # The GPT-4 (cl100k) split: contractions, letter runs with one optional leading
 # non-letter, digits in groups of at most three, punctuation runs, newlines, spaces.
 GPT4_SPLIT_PATTERN = (
@@ -59,7 +61,7 @@ def count_chunks(texts: Iterable[str], pattern: str = GPT4_SPLIT_PATTERN, worker
             counts.update(compiled.findall(text))
         return counts
     with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
-        for part in pool.imap_unordered(_count_chunks_of, ((t, pattern) for t in texts), chunksize=1):
+        for part in bounded_imap(pool, _count_chunks_of, ((t, pattern) for t in texts), block=8 * workers):
             counts.update(part)
     return counts
 
