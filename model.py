@@ -1,0 +1,447 @@
+"""The transformer every stage shares: a decoder-only language model in plain PyTorch.
+
+Llama-style by default (Touvron et al. 2023): RMSNorm before each sublayer, rotary
+position embeddings (Su et al. 2021), SwiGLU feed-forward (Shazeer 2020), grouped-query
+attention (Ainslie et al. 2023: `n_kv_head` < `n_head` K/V heads shared by groups of
+query heads), no biases. GPT-2-style flags (LayerNorm with bias, learned positions, GELU
+MLP, tied embeddings) select the other family, so either kind of published checkpoint
+maps onto this file.
+
+Also here: explicit weight init, presets, parameter and FLOP counts (for MFU), a KV
+cache, and batched `generate()` over left-padded prompts (what PPO rollouts need).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # < n_head: grouped-query attention; == n_head: multi-head
+    d_model: int = 256
+    d_ff: int = 0  # 0: derived (SwiGLU: 8/3 d rounded up to 64; GELU: 4 d)
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"  # swiglu | gelu
+    pos_emb: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    bias: bool = False
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+    attn_impl: str = "auto"  # auto | sdpa | eager | triton (auto: triton on CUDA when available, else sdpa)
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if (self.d_model // self.n_head) % 2 and self.pos_emb == "rope":
+            raise ValueError("rotary embeddings need an even head dimension")
+        for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu")),
+                              ("pos_emb", ("rope", "learned")), ("attn_impl", ("auto", "sdpa", "eager", "triton"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_ff == 0:
+            if self.mlp == "swiglu":  # same parameter count as a 4d GELU MLP, rounded for matmuls
+                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+            else:
+                self.d_ff = 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+# Sizes only; the vocabulary always comes from the tokenizer of the data.
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),  # CPU default, ~5M params
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, max_seq_len=1024),
+    "350m": dict(n_layer=24, n_head=16, n_kv_head=4, d_model=1024, max_seq_len=1024),
+}
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32 even under bf16 autocast: a sum of squares overflows bf16 precision
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim // 2), in fp32."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) by position-dependent angles. x: (B, H, T, D);
+    cos/sin: (B, 1, T, D/2) gathered at each token's position."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, filled left to right."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # slots filled (same for every row; padding is masked, not skipped)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        self.k[layer, :, :, self.length:self.length + t] = k
+        self.v[layer, :, :, self.length:self.length + t] = v
+        end = self.length + t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x, rope, mask, layer: int, cache: KVCache | None, impl: str):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.wq(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = attention(q, k, v, mask, impl)
+        return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+
+
+def attention(q, k, v, mask, impl: str):
+    """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). mask: None for plain causal attention
+    over the whole sequence, else a boolean (B, 1, Tq, Tk) tensor of allowed keys."""
+    if impl == "triton":
+        from kernels.attention import flash_attention  # noqa: the kernels issue provides it
+        if mask is not None:
+            raise NotImplementedError("the Triton path takes kv_start, not a dense mask")
+        return flash_attention(q, k, v, causal=True)
+    groups = q.shape[1] // k.shape[1]
+    if impl == "sdpa":
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if impl != "eager":
+        raise ValueError(f"unknown attention implementation {impl!r}")
+    # eager: the textbook formula, in fp32 (the reference the tests compare against)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if mask is None:
+        Tq, Tk = q.shape[2], k.shape[2]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).type_as(q)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)  # up (SwiGLU: the gate)
+        if self.swiglu:
+            self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)  # SwiGLU: the value
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)  # down
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, layer: int, cache: KVCache | None = None, impl: str = "sdpa"):
+        x = x + self.dropout(self.attn(self.norm1(x), rope, mask, layer, cache, impl))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.grad_checkpointing = False
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 L)
+        so the residual stream's variance does not grow with depth; norms 1, biases 0."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p) if name.endswith("norm1.weight") or name.endswith("norm2.weight") \
+                    or name.endswith("norm_f.weight") else nn.init.zeros_(p)
+            elif name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        self.init_rope()
+
+    @torch.no_grad()
+    def init_rope(self):
+        """(Re)compute the rotary tables: they are buffers, not weights, so a model built
+        on the meta device and then loaded from a checkpoint needs this."""
+        cos, sin = rope_tables(self.cfg, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    # -- counting
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.tok_emb.weight.numel() if not self.cfg.tie_embeddings else 0
+            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
+        6 per weight that takes part in a matmul (the lm head included, the embedding
+        lookup not), plus 12 L d T for the attention scores and their weighted sum."""
+        cfg = self.cfg
+        matmul_params = self.num_params(exclude_embedding=True)
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+    # -- forward
+    def _resolved_impl(self, device) -> str:
+        impl = self.cfg.attn_impl
+        if impl == "auto":
+            impl = "sdpa"
+            if device.type == "cuda":
+                try:
+                    import kernels.attention  # noqa: F401
+                    impl = "triton"
+                except ImportError:
+                    pass
+        return impl
+
+    def hidden_states(self, idx: torch.Tensor, kv_start: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d) for token ids idx (B, T).
+
+        kv_start (B,): number of left-padding tokens per row; those keys are masked and
+        positions count from the first real token, so a left-padded row computes exactly
+        what the unpadded row would. With a cache, idx continues the cached sequence.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        device = idx.device
+        slots = torch.arange(past, past + T, device=device)
+        impl = self._resolved_impl(device)
+        if kv_start is None:
+            positions = slots.unsqueeze(0).expand(B, T)
+            # plain causal attention needs no mask, except a query block after a cache
+            mask = None if past == 0 else (
+                torch.arange(past + T, device=device)[None, :] <= slots[:, None])[None, None].expand(B, 1, T, past + T)
+        else:
+            kv_start = kv_start.to(device)
+            positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)
+            keys = torch.arange(past + T, device=device)
+            allowed = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= kv_start[:, None, None])
+            allowed |= keys[None, None, :] == slots[None, :, None]  # a pad query sees itself: no empty softmax
+            mask = allowed[:, None]
+        if impl == "triton" and mask is not None:
+            impl = "sdpa"  # the dense-mask cases (decoding, padding) stay on PyTorch for now
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+            rope = None
+        else:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        for layer, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, layer, cache, impl, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, layer, cache, impl)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)
+
+    def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean"):
+        """Logits (B, T, V) when targets is None; else the cross-entropy loss
+        (mean over non-ignored targets, or per token with reduction="none")."""
+        h = self.hidden_states(idx, kv_start, cache)
+        if targets is None:
+            return self.lm_head(h)
+        return lm_loss(h, self.lm_head.weight, targets, reduction)
+
+    # -- generation
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Sample continuations for a batch of prompts (token id lists, any lengths).
+
+        Prompts are left-padded into one batch; the KV cache makes each step cost one
+        token per row. temperature 0 is greedy. A row stops after its first stop token
+        (included in its output); the batch stops when every row has. Under torch.distributed
+        every rank keeps stepping until all ranks are done, since each forward of a
+        sharded model is a collective (DESIGN.md: generation under FSDP).
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one non-empty prompt")
+        device = self.tok_emb.weight.device
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        total = min(T0 + max_new_tokens, self.cfg.max_seq_len)
+        if total <= T0:
+            raise ValueError(f"prompt of {T0} tokens leaves no room under max_seq_len {self.cfg.max_seq_len}")
+        idx = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        kv_start = torch.tensor([T0 - len(p) for p in prompts], dtype=torch.long, device=device)
+        dtype = self.lm_head.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        cache = KVCache(self.cfg, B, total, device, dtype)
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = torch.full((B, total - T0), pad_id, dtype=torch.long, device=device)
+        logits = self.lm_head(self.hidden_states(idx, kv_start, cache)[:, -1])
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for t in range(total - T0):
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out[:, t] = nxt
+            if len(stop):
+                done |= torch.isin(nxt, stop)
+            finished = done.all()
+            if distributed:
+                flag = (~finished).to(torch.int32)
+                torch.distributed.all_reduce(flag)  # sum of "still running" over ranks
+                finished = flag == 0
+            if bool(finished) or t == total - T0 - 1:
+                break
+            logits = self.lm_head(self.hidden_states(nxt[:, None], kv_start, cache)[:, -1])
+        results = []
+        for row in out.tolist():
+            cut = len(row)
+            for j, tok in enumerate(row):
+                if tok in stop_tokens:
+                    cut = j + 1
+                    break
+            results.append([tok for tok in row[:cut]])
+        # rows that ended on a stop token may carry pads after it; rows that did not stop are full length
+        return [r if (r and r[-1] in stop_tokens) else r[: len(r) - _trailing_pads(r, pad_id)] for r in results]
+
+
+def _trailing_pads(row: list[int], pad_id: int) -> int:
+    n = 0
+    while n < len(row) and row[len(row) - 1 - n] == pad_id:
+        n += 1
+    return n
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k then
+    nucleus (top-p) filtering of the tempered distribution."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of the lm head over hidden states h (..., d) against targets (...).
+
+    Uses the fused linear cross-entropy kernel when kernels/ provides it (no (N, V)
+    logits in memory); otherwise this plain reference: logits in fp32, then F.cross_entropy.
+    Targets of -100 are ignored; a batch with every target ignored gives 0, not NaN.
+    """
+    try:
+        from kernels.cross_entropy import fused_linear_cross_entropy
+    except ImportError:
+        fused_linear_cross_entropy = None
+    x = h.reshape(-1, h.shape[-1])
+    t = targets.reshape(-1)
+    if fused_linear_cross_entropy is not None:
+        out = fused_linear_cross_entropy(x, weight, t, ignore_index=-100, reduction=reduction)
+    else:
+        per_token = F.cross_entropy((x @ weight.t()).float(), t, ignore_index=-100, reduction="none")
+        if reduction == "none":
+            out = per_token
+        elif reduction == "sum":
+            out = per_token.sum()
+        else:
+            out = per_token.sum() / (t != -100).sum().clamp(min=1)
+    return out.view(targets.shape) if reduction == "none" else out

@@ -1,0 +1,461 @@
+"""What every training stage does the same way, so each train_*.py can tell only its algorithm.
+
+- process groups from torchrun's environment (nccl on CUDA, gloo on CPU); a plain
+  single process without torchrun
+- FSDP2 (`fully_shard` per block, then the root) when the world has more than one rank;
+  bf16 parameters for compute with fp32 gradient reduction on CUDA
+- AdamW (fused on CUDA; weight decay on matrices only) and the LR schedule (linear
+  warmup, then cosine or warmup-stable-decay)
+- checkpoints in the layout of DESIGN.md: safetensors weights, JSON configs, resume state;
+  every file written under a temporary name and renamed
+- rank-0 printing, the progress line, metrics.jsonl, optional wandb
+- SIGTERM/SIGINT: finish the step, save, exit cleanly
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import ModelConfig, Transformer
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Env:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_ENV: Env | None = None
+
+
+def setup(device: str = "auto") -> Env:
+    """Join torchrun's process group if there is one; pick the device."""
+    global _ENV
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    _ENV = Env(rank, local_rank, world, dev)
+    return _ENV
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if _ENV is None or _ENV.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is true on any rank (keeps ranks in lockstep)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- precision and sharding
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA (where supported), fp32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def autocast(env: Env, dtype: torch.dtype):
+    """bf16 autocast for a single process; under FSDP the mixed-precision policy casts."""
+    if dtype == torch.float32 or env.distributed:
+        return contextlib.nullcontext()
+    return torch.autocast(env.device.type, dtype=dtype)
+
+
+def prepare_model(model: Transformer, env: Env, dtype: torch.dtype, compile: bool = False,
+                  grad_checkpointing: bool = False) -> Transformer:
+    """Move to the device, shard with FSDP2 when distributed, optionally compile."""
+    model.to(env.device)
+    model.grad_checkpointing = grad_checkpointing
+    if env.distributed:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    if compile:
+        for block in model.blocks:  # per block: state-dict keys stay clean, graphs stay small
+            block.compile()
+    return model
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW; decay only on matrices (norm gains and biases are not shrunk toward 0)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1, decay_frac: float = 0.2) -> float:
+    """LR for optimizer step `step` (0-based) of `total`.
+
+    cosine: linear warmup, then half a cosine down to min_lr_ratio * base_lr.
+    wsd: linear warmup, constant, then a linear decay over the last decay_frac of training
+    (warmup-stable-decay, Hu et al. 2024 "MiniCPM").
+    """
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    min_lr = base_lr * min_lr_ratio
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "wsd":
+        decay_start = int(total * (1 - decay_frac))
+        if step < decay_start:
+            return base_lr
+        return base_lr + (min_lr - base_lr) * (step - decay_start) / max(1, total - decay_start)
+    if schedule == "constant":
+        return base_lr
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used: missing, truncated, inconsistent, incompatible."""
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """Unsharded fp32 weights on CPU (collective under FSDP: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out: str, model: torch.nn.Module, optimizer, env: Env, *, stage: str, step: int,
+                    train_config: dict, trainer_state: dict, tokenizer_path: str, extra_config: dict | None = None) -> None:
+    """Write the DESIGN.md checkpoint layout into `out` (all ranks call; rank 0 writes)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = full_state_dict(model)
+    optim_state = None
+    if optimizer is not None:
+        optim_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state_dir = os.path.join(out, "state")
+    if env.is_main:
+        os.makedirs(state_dir, exist_ok=True)
+    barrier()
+    # every rank's RNG goes into the state: a resumed run must draw the same numbers
+    write_json(os.path.join(state_dir, f"rng_rank{env.rank}.json"), _rng_state())
+    if env.is_main:
+        if optim_state is not None:
+            tmp = os.path.join(state_dir, f"optimizer.pt.tmp{os.getpid()}")
+            torch.save(optim_state, tmp)
+            os.replace(tmp, os.path.join(state_dir, "optimizer.pt"))
+        write_json(os.path.join(state_dir, "trainer.json"), {**trainer_state, "step": step, "world_size": env.world_size})
+        # tied weights share storage, which safetensors refuses: store each tensor once
+        tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in weights.items()}
+        tmp = os.path.join(out, f"model.safetensors.tmp{os.getpid()}")
+        save_file(tensors, tmp, metadata={"step": str(step), "stage": stage})
+        os.replace(tmp, os.path.join(out, "model.safetensors"))
+        if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out, "tokenizer.json")):
+            shutil.copyfile(tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
+            os.replace(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
+        write_json(os.path.join(out, "train_config.json"), train_config)
+        # config.json last: it names the step the weights belong to
+        write_json(os.path.join(out, "config.json"),
+                   {"model": model_config_of(model).to_dict(), "stage": stage, "step": step, **(extra_config or {})})
+    barrier()
+
+
+def model_config_of(model: torch.nn.Module) -> ModelConfig:
+    return getattr(model, "cfg")
+
+
+def read_checkpoint_config(ckpt: str) -> dict:
+    path = os.path.join(ckpt, "config.json")
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"checkpoint directory {ckpt} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} is not a checkpoint (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable or not JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path} has no model config")
+    try:
+        ModelConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model config: {e}") from None
+    return config
+
+
+def load_weights(ckpt: str) -> tuple[dict, dict]:
+    """(state dict, safetensors metadata) from DIR/model.safetensors, never unpickling."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+    path = os.path.join(ckpt, "model.safetensors")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt} has no model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt: {e}") from None
+
+
+def load_model(ckpt: str, device="cpu", **overrides) -> tuple[Transformer, dict]:
+    """A Transformer with the checkpoint's weights (for --init, sample.py and evaluation)."""
+    config = read_checkpoint_config(ckpt)
+    model_cfg = ModelConfig.from_dict({**config["model"], **overrides})
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model.to_empty(device=device)
+    weights, _ = load_weights(ckpt)
+    if model_cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    try:
+        model.load_state_dict(weights, strict=not model_cfg.tie_embeddings)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt}: weights do not match its model config: {str(e).splitlines()[0]}") from None
+    model.init_rope()
+    return model, config
+
+
+def load_training_state(out: str, model, optimizer, env: Env) -> dict:
+    """Restore weights, optimizer and RNG from `out` (all ranks call). Returns trainer.json."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state_dir = os.path.join(out, "state")
+    try:
+        with open(os.path.join(state_dir, "trainer.json"), encoding="utf-8") as f:
+            trainer = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume: nothing to resume in {out} (no state/trainer.json)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{state_dir}/trainer.json is unreadable: {e}") from None
+    config = read_checkpoint_config(out)
+    weights, metadata = load_weights(out)
+    if str(trainer.get("step")) != metadata.get("step") or config.get("step") != trainer.get("step"):
+        raise CheckpointError(f"{out}: weights (step {metadata.get('step')}), config.json (step {config.get('step')}) "
+                              f"and state (step {trainer.get('step')}) disagree; the last save was interrupted")
+    if config["model"] != model_config_of(model).to_dict():
+        raise CheckpointError(f"{out}: checkpoint model config differs from this run's model config")
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    try:
+        set_model_state_dict(model, weights if env.is_main else {}, options=opts)
+        optim_path = os.path.join(state_dir, "optimizer.pt")
+        optim_state = torch.load(optim_path, map_location="cpu", weights_only=True) if env.is_main else {}
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=opts)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{out}: missing {e.filename}") from None
+    except (RuntimeError, KeyError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{out}: cannot restore training state: {str(e).splitlines()[0]}") from None
+    rng_path = os.path.join(state_dir, f"rng_rank{env.rank}.json")
+    if trainer.get("world_size") == env.world_size and os.path.exists(rng_path):
+        with open(rng_path, encoding="utf-8") as f:
+            _set_rng_state(json.load(f))
+    return trainer
+
+
+# ----------------------------------------------------------------------------- logging
+
+class MetricsLogger:
+    """metrics.jsonl on rank 0 (always), wandb when asked (imported only then)."""
+
+    def __init__(self, out: str, env: Env, wandb_mode: str = "off", project: str = "pipeline",
+                 run_name: str | None = None, config: dict | None = None, resume: bool = False):
+        self.env = env
+        self.path = os.path.join(out, "metrics.jsonl")
+        self.wandb = None
+        if not env.is_main:
+            return
+        os.makedirs(out, exist_ok=True)
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        if wandb_mode != "off":
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=project, name=run_name, config=config, mode=wandb_mode,
+                                    dir=out, resume="allow" if resume else None)
+
+    def log(self, record: dict) -> None:
+        if not self.env.is_main:
+            return
+        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# Dense bf16 peak FLOP/s for MFU, by device name (NVIDIA datasheets).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """The rank-0 progress line: step/total, loss, lr, tokens/s, ETA, MFU on CUDA."""
+
+    def __init__(self, total_steps: int, flops_per_token: float, env: Env):
+        self.total = total_steps
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(env.device)
+        self.world = env.world_size
+        self.t_last = time.time()
+        self.steps_timed = 0
+        self.seconds = 0.0
+
+    def line(self, step: int, loss: float, lr: float, tokens: int, dt: float) -> tuple[str, dict]:
+        tok_s = tokens / max(dt, 1e-9)
+        self.steps_timed += 1
+        self.seconds += dt
+        eta = (self.total - step) * self.seconds / self.steps_timed
+        parts = [f"step {step}/{self.total}", f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tok_s:,.0f} tok/s",
+                 f"eta {format_seconds(eta)}"]
+        stats = {"tokens_per_s": tok_s}
+        if self.peak:
+            mfu = tok_s * self.flops_per_token / (self.peak * self.world)
+            parts.append(f"mfu {100 * mfu:.1f}%")
+            stats["mfu"] = mfu
+        return " | ".join(parts), stats
+
+
+# ----------------------------------------------------------------------------- signals
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C means now
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nreceived signal {signum}: saving a checkpoint at the end of this step", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,65 @@
+"""Generate text from any checkpoint directory (pretrain, SFT, RM trunk, PPO).
+
+    python sample.py --ckpt runs/pretrain --prompt "ROMEO." --num-samples 3
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import runtime
+from cli import UserError, die, parse_config
+from data.tokenizer import Tokenizer, TokenizerError
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = field(default=os.path.join(REPO, "runs", "pretrain"), metadata={"help": "checkpoint directory"})
+    prompt: str = field(default="", metadata={"help": "text to continue (a document start is added before it)"})
+    num_samples: int = 3
+    max_new_tokens: int = 200
+    temperature: float = field(default=0.8, metadata={"help": "0 = greedy"})
+    top_k: int = field(default=50, metadata={"help": "0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0 = off)"})
+    seed: int = 1337
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise UserError("--num-samples and --max-new-tokens must be positive")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
+    try:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if cfg.device == "auto" else cfg.device))
+        model, config = runtime.load_model(cfg.ckpt, device=device)
+        tok = Tokenizer.load(os.path.join(cfg.ckpt, "tokenizer.json"))
+    except (runtime.CheckpointError, TokenizerError, ValueError, RuntimeError) as e:
+        die(str(e))
+    if tok.vocab_size != model.cfg.vocab_size:
+        die(f"{cfg.ckpt}: tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
+    model.eval()
+    prompt_ids = [tok.eot_id] + tok.encode(cfg.prompt)
+    if len(prompt_ids) >= model.cfg.max_seq_len:
+        die(f"the prompt is {len(prompt_ids)} tokens; this model's context is {model.cfg.max_seq_len}")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    outputs = model.generate([prompt_ids] * cfg.num_samples, cfg.max_new_tokens, pad_id=tok.pad_id,
+                             temperature=cfg.temperature, top_k=cfg.top_k or None,
+                             top_p=cfg.top_p if cfg.top_p < 1 else None, stop_tokens=[tok.eot_id],
+                             generator=generator)
+    print(f"# {cfg.ckpt} (stage {config.get('stage', '?')}, step {config.get('step', '?')})")
+    for i, ids in enumerate(outputs):
+        text = tok.decode([t for t in ids if t != tok.eot_id])
+        print(f"--- sample {i + 1}\n{cfg.prompt}{text}")
+
+
+if __name__ == "__main__":
+    main()

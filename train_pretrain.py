@@ -1,0 +1,316 @@
+"""Stage 1: causal language-model pretraining (next-token prediction) on prepared shards.
+
+The recipe of GPT-2/nanoGPT and Llama: sample windows of seq_len tokens from the data
+mixture, predict every next token with cross-entropy, AdamW with warmup and cosine (or
+warmup-stable-decay) learning rate, gradient accumulation up to a global batch given in
+tokens, gradient clipping. Evaluation reports validation loss and bits per byte (loss in
+bits divided by the UTF-8 bytes the tokens stand for: comparable across tokenizers), and
+prints a sample.
+
+    python train_pretrain.py                       # tiny preset on the embedded corpus, CPU, minutes
+    python train_pretrain.py --preset gpt2-124m --data prepared/web --global-batch-tokens 524288
+    torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset 350m ...
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+import runtime
+from cli import UserError, config_dict, die, parse_config, print_config
+from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, parse_mixture
+from data.shards import DataDirError
+from data.tokenizer import Tokenizer, TokenizerError
+from model import PRESETS, ModelConfig, Transformer
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(REPO, "prepared", "shakespeare")
+
+
+@dataclass
+class PretrainConfig:
+    out: str = field(default=os.path.join(REPO, "runs", "pretrain"), metadata={"help": "checkpoint directory"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "prepared dir, or a mixture name=DIR:weight,name2=DIR2:weight"})
+    init: Optional[str] = field(default=None, metadata={"help": "start from this checkpoint's weights"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest state in --out"})
+    preset: str = field(default="tiny", metadata={"choices": sorted(PRESETS)})
+    n_layer: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
+    d_model: int = 0
+    n_head: int = 0
+    n_kv_head: int = 0
+    seq_len: int = field(default=0, metadata={"help": "0 = the preset's max_seq_len"})
+    attn_impl: str = field(default="auto", metadata={"choices": ["auto", "sdpa", "eager", "triton"]})
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass on each rank"})
+    global_batch_tokens: int = field(default=0, metadata={"help": "tokens per optimizer step over all ranks (0 = one forward per rank)"})
+    max_steps: int = 300
+    lr: float = 2e-3
+    schedule: str = field(default="cosine", metadata={"choices": ["cosine", "wsd", "constant"]})
+    schedule_steps: int = field(default=0, metadata={"help": "length of the LR schedule (0 = max_steps)"})
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_nonfinite: int = field(default=5, metadata={"help": "stop after this many non-finite losses in a row"})
+    eval_every: int = 100
+    eval_windows: int = field(default=64, metadata={"help": "validation sequences per source"})
+    sample_tokens: int = 64
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 1337
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"]})
+    compile: bool = False
+    grad_checkpointing: bool = False
+    wandb: str = field(default="off", metadata={"choices": ["off", "offline", "online"]})
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_steps", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("n_layer", "d_model", "n_head", "n_kv_head", "seq_len", "global_batch_tokens", "schedule_steps",
+                     "warmup_steps", "eval_windows", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    sizes = dict(PRESETS[cfg.preset])
+    for name in ("n_layer", "d_model", "n_head", "n_kv_head"):
+        if getattr(cfg, name):
+            sizes[name] = getattr(cfg, name)
+    if cfg.n_head and not cfg.n_kv_head:
+        sizes["n_kv_head"] = min(sizes["n_kv_head"], cfg.n_head) if cfg.n_head % sizes["n_kv_head"] == 0 else cfg.n_head
+    if cfg.seq_len:
+        sizes["max_seq_len"] = cfg.seq_len
+    return ModelConfig(vocab_size=vocab_size, attn_impl=cfg.attn_impl, tie_embeddings=cfg.tie_embeddings,
+                       dropout=cfg.dropout, **sizes)
+
+
+def token_byte_lengths(tok: Tokenizer, device) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (special tokens: 0), for bits per byte."""
+    lengths = [len(b) for b in tok.token_bytes] + [0] * (tok.vocab_size - len(tok.token_bytes))
+    return torch.tensor(lengths, dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def evaluate(model, val_sources, byte_lengths, cfg, env, dtype) -> dict:
+    """Mean validation loss and bits per byte, per source and pooled over all of them."""
+    model.eval()
+    results = {}
+    total_nats = total_bytes = total_tokens = 0.0
+    for name, source in val_sources:
+        windows = eval_windows(source, cfg.eval_windows, env.rank, env.world_size)
+        nats = torch.zeros((), dtype=torch.float64, device=env.device)
+        nbytes = torch.zeros((), dtype=torch.float64, device=env.device)
+        ntok = torch.zeros((), dtype=torch.float64, device=env.device)
+        for i in range(0, len(windows), cfg.batch_size):
+            batch = torch.from_numpy(np.stack(windows[i:i + cfg.batch_size])).to(env.device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            with runtime.autocast(env, dtype):
+                per_token = model(x, y, reduction="none").double()
+            bytes_of = byte_lengths[y]
+            # special tokens stand for no bytes: count neither their loss nor their length
+            nats += (per_token * (bytes_of > 0)).sum()
+            nbytes += bytes_of.sum()
+            ntok += (bytes_of > 0).sum()
+        stats = torch.stack([nats, nbytes, ntok])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        nats, nbytes, ntok = stats.tolist()
+        results[name] = {"val_loss": nats / max(ntok, 1), "val_bpb": nats / math.log(2) / max(nbytes, 1)}
+        total_nats, total_bytes, total_tokens = total_nats + nats, total_bytes + nbytes, total_tokens + ntok
+    model.train()
+    results["all"] = {"val_loss": total_nats / max(total_tokens, 1), "val_bpb": total_nats / math.log(2) / max(total_bytes, 1)}
+    return results
+
+
+def sample_text(model, tok: Tokenizer, cfg: PretrainConfig, env, dtype, prompt: str = "") -> str:
+    """A continuation of <|endoftext|> + prompt at temperature 0.8 (same seed every time)."""
+    model.eval()
+    gen = torch.Generator(device=env.device).manual_seed(cfg.seed)
+    with runtime.autocast(env, dtype):
+        out = model.generate([[tok.eot_id] + tok.encode(prompt)], cfg.sample_tokens, pad_id=tok.pad_id,
+                             temperature=0.8, top_k=50, stop_tokens=[tok.eot_id], generator=gen)[0]
+    model.train()
+    return prompt + tok.decode([t for t in out if t < len(tok.token_bytes)])
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(PretrainConfig, argv, description=__doc__.split("\n")[0])
+    try:
+        env = runtime.setup(cfg.device)
+    except ValueError as e:
+        die(str(e))
+    try:
+        train(cfg, env)
+    except (UserError, DataDirError, TokenizerError, runtime.CheckpointError, ValueError) as e:
+        die(str(e))
+    finally:
+        runtime.teardown()
+
+
+def train(cfg: PretrainConfig, env: runtime.Env) -> None:
+    print_config(cfg, "pretrain config") if env.is_main else None
+    dtype = runtime.compute_dtype(cfg.dtype, env.device)
+
+    # ---- data (the embedded corpus is prepared on first use)
+    sources = parse_mixture(cfg.data)
+    if cfg.data == DEFAULT_DATA and not default_data_ready(DEFAULT_DATA):
+        if env.is_main:
+            print(f"{DEFAULT_DATA} is missing: running data.prepare on the embedded corpus first")
+            from data.prepare import PrepareConfig, print_summary, run as prepare
+            print_summary(prepare(PrepareConfig(out=DEFAULT_DATA)))
+        runtime.barrier()
+    for name, path, _ in sources:
+        if not os.path.isdir(path):
+            raise UserError(f"--data {name}: {path} does not exist (make it with python -m data.prepare --out {path})")
+    tokenizer_path = os.path.join(sources[0][1], "tokenizer.json")
+    tok = Tokenizer.load(tokenizer_path)
+
+    # ---- model
+    if cfg.init:
+        model, init_config = runtime.load_model(cfg.init, attn_impl=cfg.attn_impl)
+        if model.cfg.vocab_size != tok.vocab_size:
+            raise UserError(f"--init {cfg.init} has vocab {model.cfg.vocab_size}, the data's tokenizer {tok.vocab_size}")
+    else:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = Transformer(build_model_config(cfg, tok.vocab_size))
+    model_cfg = model.cfg
+    seq_len = model_cfg.max_seq_len
+    world_rows = cfg.batch_size * env.world_size
+    global_tokens = cfg.global_batch_tokens or world_rows * seq_len
+    if global_tokens % (world_rows * seq_len):
+        raise UserError(f"--global-batch-tokens {global_tokens} must be a multiple of batch_size x seq_len x world "
+                        f"= {cfg.batch_size} x {seq_len} x {env.world_size} = {world_rows * seq_len}")
+    accum = global_tokens // (world_rows * seq_len)
+    runtime.seed_everything(cfg.seed, env.rank)
+    model = runtime.prepare_model(model, env, dtype, cfg.compile, cfg.grad_checkpointing)
+    optimizer = runtime.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
+    loader = MixtureLoader(sources, seq_len, global_tokens // seq_len, env.rank, env.world_size, cfg.seed)
+    val_sources = [(name, TokenSource(path, "val", seq_len)) for name, path, _ in sources
+                   if runtime_has_val(path)]
+    byte_lengths = token_byte_lengths(tok, env.device)
+
+    start_step = 0
+    if cfg.resume:
+        trainer_state = runtime.load_training_state(cfg.out, model, optimizer, env)
+        loader.load_state_dict(trainer_state["data"])
+        start_step = trainer_state["step"]
+        if start_step >= cfg.max_steps:
+            raise UserError(f"--resume: {cfg.out} is already at step {start_step} >= --max-steps {cfg.max_steps}")
+        runtime.print0(f"resumed from {cfg.out} at step {start_step}")
+    elif env.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+    train_config = config_dict(cfg)
+    logger = runtime.MetricsLogger(cfg.out, env, cfg.wandb, "pretrain", config=train_config, resume=cfg.resume)
+    flops_per_token = model_cfg and Transformer.flops_per_token(model, seq_len)
+    progress = runtime.Progress(cfg.max_steps, flops_per_token, env)
+    runtime.print0(f"model: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {model_cfg.n_head} heads "
+                   f"({model_cfg.n_kv_head} kv), seq {seq_len}, vocab {model_cfg.vocab_size}: "
+                   f"{sum(p.numel() for p in model.parameters()) * (env.world_size if env.distributed else 1) / 1e6:.2f}M "
+                   f"parameters; {global_tokens:,} tokens per step ({accum} accumulation x {env.world_size} ranks "
+                   f"x {cfg.batch_size} x {seq_len}); {dtype}; device {env.device}")
+
+    def save(step: int) -> None:
+        runtime.save_checkpoint(cfg.out, model, optimizer, env, stage="pretrain", step=step, train_config=train_config,
+                                trainer_state={"data": loader.state_dict()}, tokenizer_path=tokenizer_path)
+        runtime.print0(f"saved checkpoint at step {step} to {cfg.out}")
+
+    stop = runtime.StopSignal()
+    schedule_steps = cfg.schedule_steps or cfg.max_steps
+    nonfinite_streak = 0
+    model.train()
+    step = start_step
+    t_last = time.time()
+    tokens_since = 0
+    try:
+        while step < cfg.max_steps:
+            lr = runtime.lr_at(step, schedule_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x_all, y_all = loader.next_batch()
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(accum):
+                rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+                x = torch.from_numpy(x_all[rows]).to(env.device, non_blocking=True)
+                y = torch.from_numpy(y_all[rows]).to(env.device, non_blocking=True)
+                if env.distributed:  # reduce gradients across ranks only on the last micro-batch
+                    model.set_requires_gradient_sync(micro == accum - 1)
+                with runtime.autocast(env, dtype):
+                    loss = model(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            loss_mean = runtime.all_reduce_mean(loss_sum / accum)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)  # skip the update; the data moves on
+                nonfinite_streak += 1
+                runtime.print0(f"step {step + 1}: non-finite loss or gradient, update skipped ({nonfinite_streak} in a row)")
+                if nonfinite_streak >= cfg.max_nonfinite:
+                    raise UserError(f"{nonfinite_streak} non-finite steps in a row: stopping (lower --lr?)")
+                step += 1
+                continue
+            nonfinite_streak = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_since += global_tokens
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.time()
+                line, speed = progress.line(step, loss_mean.item(), lr, tokens_since, now - t_last)
+                runtime.print0(line)
+                logger.log({"step": step, "loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                            "tokens": step * global_tokens, **speed})
+                t_last, tokens_since = now, 0
+            if val_sources and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                results = evaluate(model, val_sources, byte_lengths, cfg, env, dtype)
+                pooled = results["all"]
+                runtime.print0(f"eval step {step}: val loss {pooled['val_loss']:.4f}, val bpb {pooled['val_bpb']:.4f}"
+                               + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in results.items()
+                                         if n != "all" and len(results) > 2))
+                record = {"step": step, **pooled}
+                for name, r in results.items():
+                    if name != "all" and len(results) > 2:
+                        record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})
+                logger.log(record)
+                if cfg.sample_tokens:
+                    text = sample_text(model, tok, cfg, env, dtype)
+                    runtime.print0("sample: " + text.replace("\n", "\n        ")[:600])
+                t_last = time.time()  # evaluation time is not training throughput
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save(step)
+                t_last = time.time()
+            if runtime.any_rank(stop.requested, env.device):
+                if step % cfg.save_every and step != cfg.max_steps:
+                    save(step)
+                runtime.print0(f"stopped by signal at step {step}; continue with --resume")
+                break
+    finally:
+        stop.restore()
+        logger.close()
+
+
+def runtime_has_val(path: str) -> bool:
+    from data.shards import read_meta
+    return bool(read_meta(path)["splits"].get("val"))
+
+
+if __name__ == "__main__":
+    main()
