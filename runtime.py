@@ -341,7 +341,7 @@ def load_training_state(out: str, model, optimizer, env: Env) -> dict:
                               f"and state (step {trainer.get('step')}) disagree; the last save was interrupted")
     if config["model"] != model_config_of(model).to_dict():
         raise CheckpointError(f"{out}: checkpoint model config differs from this run's model config")
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed)
     try:
         set_model_state_dict(model, weights if env.is_main else {}, options=opts)
         optim_path = os.path.join(state_dir, "optimizer.pt")
