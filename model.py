@@ -41,6 +41,9 @@ class ModelConfig:
     attn_impl: str = "auto"  # auto | sdpa | eager | triton (auto: triton on CUDA when available, else sdpa)
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -83,6 +86,11 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- layers
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 so reference tests stay exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -91,7 +99,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # statistics in fp32 even under bf16 autocast: a sum of squares overflows bf16 precision
-        xf = x.float()
+        xf = upcast(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -112,7 +120,7 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[i], x[i + D/2]) by position-dependent angles. x: (B, H, T, D);
     cos/sin: (B, 1, T, D/2) gathered at each token's position."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = upcast(x).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -177,12 +185,12 @@ def attention(q, k, v, mask, impl: str):
     # eager: the textbook formula, in fp32 (the reference the tests compare against)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    scores = (upcast(q) @ upcast(k).transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if mask is None:
         Tq, Tk = q.shape[2], k.shape[2]
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).type_as(q)
+    return (scores.softmax(dim=-1) @ upcast(v)).type_as(q)
 
 
 class MLP(nn.Module):
@@ -384,21 +392,12 @@ class Transformer(nn.Module):
             logits = self.lm_head(self.hidden_states(nxt[:, None], kv_start, cache)[:, -1])
         results = []
         for row in out.tolist():
-            cut = len(row)
             for j, tok in enumerate(row):
-                if tok in stop_tokens:
-                    cut = j + 1
+                if tok in stop_tokens:  # what follows a stop token is padding
+                    row = row[: j + 1]
                     break
-            results.append([tok for tok in row[:cut]])
-        # rows that ended on a stop token may carry pads after it; rows that did not stop are full length
-        return [r if (r and r[-1] in stop_tokens) else r[: len(r) - _trailing_pads(r, pad_id)] for r in results]
-
-
-def _trailing_pads(row: list[int], pad_id: int) -> int:
-    n = 0
-    while n < len(row) and row[len(row) - 1 - n] == pad_id:
-        n += 1
-    return n
+            results.append(row)
+        return results
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -437,7 +436,7 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
     if fused_linear_cross_entropy is not None:
         out = fused_linear_cross_entropy(x, weight, t, ignore_index=-100, reduction=reduction)
     else:
-        per_token = F.cross_entropy((x @ weight.t()).float(), t, ignore_index=-100, reduction="none")
+        per_token = F.cross_entropy(upcast(x @ weight.t()), t, ignore_index=-100, reduction="none")
         if reduction == "none":
             out = per_token
         elif reduction == "sum":
