@@ -419,15 +419,15 @@ class Progress:
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(env.device)
         self.world = env.world_size
-        self.t_last = time.time()
         self.steps_timed = 0
         self.seconds = 0.0
 
-    def line(self, step: int, loss: float, lr: float, tokens: int, dt: float) -> tuple[str, dict]:
+    def line(self, step: int, loss: float, lr: float, tokens: int, dt: float, steps: int) -> tuple[str, dict]:
+        """`tokens` processed in `steps` optimizer steps over `dt` seconds since the last line."""
         tok_s = tokens / max(dt, 1e-9)
-        self.steps_timed += 1
+        self.steps_timed += steps
         self.seconds += dt
-        eta = (self.total - step) * self.seconds / self.steps_timed
+        eta = (self.total - step) * self.seconds / max(1, self.steps_timed)
         parts = [f"step {step}/{self.total}", f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tok_s:,.0f} tok/s",
                  f"eta {format_seconds(eta)}"]
         stats = {"tokens_per_s": tok_s}

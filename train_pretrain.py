@@ -48,13 +48,13 @@ class PretrainConfig:
     attn_impl: str = field(default="auto", metadata={"choices": ["auto", "sdpa", "eager", "triton"]})
     tie_embeddings: bool = False
     dropout: float = 0.0
-    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass on each rank"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per forward pass on each rank"})
     global_batch_tokens: int = field(default=0, metadata={"help": "tokens per optimizer step over all ranks (0 = one forward per rank)"})
-    max_steps: int = 300
+    max_steps: int = 500
     lr: float = 2e-3
     schedule: str = field(default="cosine", metadata={"choices": ["cosine", "wsd", "constant"]})
     schedule_steps: int = field(default=0, metadata={"help": "length of the LR schedule (0 = max_steps)"})
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -138,6 +138,25 @@ def evaluate(model, val_sources, byte_lengths, cfg, env, dtype) -> dict:
     return results
 
 
+def unigram_baseline(train_sources, val_sources, vocab_size: int, num_windows: int, num_special: int,
+                     max_tokens: int = 10_000_000) -> float:
+    """Validation loss of the best context-free model: token frequencies of the training
+    data (add-one smoothed). A language model must beat this to have learned anything
+    beyond which tokens are common."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for source in train_sources:
+        seen = 0
+        for arr in source.arrays:
+            part = np.asarray(arr[: max(0, max_tokens - seen)])
+            counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
+            seen += len(part)
+    logp = np.log(counts / counts.sum())
+    # the same targets evaluate() scores: the validation windows, special tokens left out
+    val = np.concatenate([np.stack(eval_windows(s, num_windows, 0, 1))[:, 1:].ravel() for _, s in val_sources])
+    val = val[val < vocab_size - num_special]
+    return float(-logp[val].mean())
+
+
 def sample_text(model, tok: Tokenizer, cfg: PretrainConfig, env, dtype, prompt: str = "") -> str:
     """A continuation of <|endoftext|> + prompt at temperature 0.8 (same seed every time)."""
     model.eval()
@@ -197,6 +216,7 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
         raise UserError(f"--global-batch-tokens {global_tokens} must be a multiple of batch_size x seq_len x world "
                         f"= {cfg.batch_size} x {seq_len} x {env.world_size} = {world_rows * seq_len}")
     accum = global_tokens // (world_rows * seq_len)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(seq_len)  # before sharding
     runtime.seed_everything(cfg.seed, env.rank)
     model = runtime.prepare_model(model, env, dtype, cfg.compile, cfg.grad_checkpointing)
     optimizer = runtime.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
@@ -204,6 +224,8 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
     val_sources = [(name, TokenSource(path, "val", seq_len)) for name, path, _ in sources
                    if runtime_has_val(path)]
     byte_lengths = token_byte_lengths(tok, env.device)
+    baseline = (unigram_baseline(loader.sources, val_sources, tok.vocab_size, cfg.eval_windows,
+                                 tok.vocab_size - len(tok.token_bytes)) if val_sources else float("nan"))
 
     start_step = 0
     if cfg.resume:
@@ -217,12 +239,10 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
         os.makedirs(cfg.out, exist_ok=True)
     train_config = config_dict(cfg)
     logger = runtime.MetricsLogger(cfg.out, env, cfg.wandb, "pretrain", config=train_config, resume=cfg.resume)
-    flops_per_token = model_cfg and Transformer.flops_per_token(model, seq_len)
     progress = runtime.Progress(cfg.max_steps, flops_per_token, env)
     runtime.print0(f"model: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {model_cfg.n_head} heads "
                    f"({model_cfg.n_kv_head} kv), seq {seq_len}, vocab {model_cfg.vocab_size}: "
-                   f"{sum(p.numel() for p in model.parameters()) * (env.world_size if env.distributed else 1) / 1e6:.2f}M "
-                   f"parameters; {global_tokens:,} tokens per step ({accum} accumulation x {env.world_size} ranks "
+                   f"{n_params / 1e6:.2f}M parameters; {global_tokens:,} tokens per step ({accum} accumulation x {env.world_size} ranks "
                    f"x {cfg.batch_size} x {seq_len}); {dtype}; device {env.device}")
 
     def save(step: int) -> None:
@@ -274,7 +294,8 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.time()
-                line, speed = progress.line(step, loss_mean.item(), lr, tokens_since, now - t_last)
+                line, speed = progress.line(step, loss_mean.item(), lr, tokens_since, now - t_last,
+                                            tokens_since // global_tokens)
                 runtime.print0(line)
                 logger.log({"step": step, "loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(),
                             "tokens": step * global_tokens, **speed})
@@ -282,10 +303,11 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
             if val_sources and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 results = evaluate(model, val_sources, byte_lengths, cfg, env, dtype)
                 pooled = results["all"]
-                runtime.print0(f"eval step {step}: val loss {pooled['val_loss']:.4f}, val bpb {pooled['val_bpb']:.4f}"
+                runtime.print0(f"eval step {step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
+                               f"val bpb {pooled['val_bpb']:.4f}"
                                + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in results.items()
                                          if n != "all" and len(results) > 2))
-                record = {"step": step, **pooled}
+                record = {"step": step, **pooled, "unigram_val_loss": baseline}
                 for name, r in results.items():
                     if name != "all" and len(results) > 2:
                         record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})

@@ -225,3 +225,26 @@ def test_sample_cli(data_dirs, tmp_path, capsys):
     sample.main(["--ckpt", str(out), "--prompt", "ROMEO.", "--num-samples", "1", "--max-new-tokens", "5",
                  "--temperature", "0", "--device", "cpu", "--seed", "9"])
     assert capsys.readouterr().out == first  # greedy does not depend on the seed
+
+
+def test_activation_checkpointing_gives_the_same_losses(data_dirs, tmp_path):
+    args = ["--data", data_dirs[0], "--max-steps", 3, "--log-every", 1, "--eval-every", 100, *TINY]
+    run(["--out", tmp_path / "plain", *args])
+    run(["--out", tmp_path / "ckpt", "--grad-checkpointing", *args])
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")
+    for step in (1, 2, 3):
+        assert b[step] == pytest.approx(a[step], abs=1e-6)
+
+
+def test_wandb_offline_needs_no_network_or_account(data_dirs, tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"WANDB_SILENT": "true", "HOME": str(tmp_path)})  # no ~/.netrc login to fall back on
+    proc = subprocess.run([sys.executable, "train_pretrain.py", "--data", data_dirs[0], "--out", str(out),
+                           "--max-steps", "2", "--log-every", "1", "--eval-every", "100", "--wandb", "offline", *TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert len(metrics(out)) == 2  # metrics.jsonl is written whatever wandb does
