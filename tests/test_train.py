@@ -248,3 +248,43 @@ def test_wandb_offline_needs_no_network_or_account(data_dirs, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert len(metrics(out)) == 2  # metrics.jsonl is written whatever wandb does
+
+
+def test_nonfinite_losses_skip_the_update_then_stop(data_dirs, tmp_path, monkeypatch, capsys):
+    import model as model_module
+    real_forward = model_module.Transformer.forward
+    calls = {"n": 0}
+
+    def flaky_forward(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        calls["n"] += 1
+        if targets is not None and self.training and calls["n"] in (2, 3):
+            return out * float("nan")  # steps 2 and 3 blow up
+        return out
+
+    monkeypatch.setattr(model_module.Transformer, "forward", flaky_forward)
+    out = tmp_path / "run"
+    run(["--data", data_dirs[0], "--out", out, "--max-steps", 5, "--log-every", 1, "--eval-every", 100, *TINY])
+    text = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, update skipped (1 in a row)" in text
+    assert "step 3: non-finite loss or gradient, update skipped (2 in a row)" in text
+    assert sorted(metrics(out)) == [1, 4, 5]  # the skipped steps log nothing, training went on
+
+    def always_nan(self, idx, targets=None, **kw):
+        return real_forward(self, idx, targets, **kw) * float("nan")
+
+    monkeypatch.setattr(model_module.Transformer, "forward", always_nan)
+    with pytest.raises(SystemExit) as e:
+        run(["--data", data_dirs[0], "--out", tmp_path / "nan", "--max-steps", 10, "--max-nonfinite", 3, *TINY])
+    assert "3 non-finite steps in a row" in assert_clean_error(capsys, e)
+
+
+def test_init_starts_from_the_checkpoint_weights(data_dirs, tmp_path):
+    first = tmp_path / "first"
+    run(["--data", data_dirs[0], "--out", first, "--max-steps", 30, "--lr", 3e-3, "--log-every", 1,
+         "--eval-every", 100, *TINY])
+    second = tmp_path / "second"
+    run(["--data", data_dirs[0], "--out", second, "--init", first, "--max-steps", 1, "--log-every", 1,
+         "--eval-every", 100, *TINY])
+    # the first step of the --init run starts where the first run ended, far below log(vocab)
+    assert metrics(second)[1] < metrics(first)[1] - 0.3
