@@ -364,15 +364,21 @@ class MetricsLogger:
     """metrics.jsonl on rank 0 (always), wandb when asked (imported only then)."""
 
     def __init__(self, out: str, env: Env, wandb_mode: str = "off", project: str = "pipeline",
-                 run_name: str | None = None, config: dict | None = None, resume: bool = False):
+                 run_name: str | None = None, config: dict | None = None, resume_step: int | None = None):
+        """A fresh run starts a new metrics.jsonl; a resumed one keeps the records up to
+        `resume_step` (those logged after the last checkpoint are logged again)."""
         self.env = env
         self.path = os.path.join(out, "metrics.jsonl")
         self.wandb = None
         if not env.is_main:
             return
         os.makedirs(out, exist_ok=True)
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        _atomic_write_text(self.path, "".join(kept))
+        resume = resume_step is not None
         if wandb_mode != "off":
             try:
                 import wandb

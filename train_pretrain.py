@@ -24,7 +24,7 @@ import torch
 
 import runtime
 from cli import UserError, config_dict, die, parse_config, print_config
-from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, parse_mixture
+from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, has_split, parse_mixture
 from data.shards import DataDirError
 from data.tokenizer import Tokenizer, TokenizerError
 from model import PRESETS, ModelConfig, Transformer
@@ -183,7 +183,8 @@ def main(argv=None) -> None:
 
 
 def train(cfg: PretrainConfig, env: runtime.Env) -> None:
-    print_config(cfg, "pretrain config") if env.is_main else None
+    if env.is_main:
+        print_config(cfg, "pretrain config")
     dtype = runtime.compute_dtype(cfg.dtype, env.device)
 
     # ---- data (the embedded corpus is prepared on first use)
@@ -202,7 +203,7 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
 
     # ---- model
     if cfg.init:
-        model, init_config = runtime.load_model(cfg.init, attn_impl=cfg.attn_impl)
+        model, _ = runtime.load_model(cfg.init, attn_impl=cfg.attn_impl)
         if model.cfg.vocab_size != tok.vocab_size:
             raise UserError(f"--init {cfg.init} has vocab {model.cfg.vocab_size}, the data's tokenizer {tok.vocab_size}")
     else:
@@ -221,8 +222,7 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
     model = runtime.prepare_model(model, env, dtype, cfg.compile, cfg.grad_checkpointing)
     optimizer = runtime.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
     loader = MixtureLoader(sources, seq_len, global_tokens // seq_len, env.rank, env.world_size, cfg.seed)
-    val_sources = [(name, TokenSource(path, "val", seq_len)) for name, path, _ in sources
-                   if runtime_has_val(path)]
+    val_sources = [(name, TokenSource(path, "val", seq_len)) for name, path, _ in sources if has_split(path, "val")]
     byte_lengths = token_byte_lengths(tok, env.device)
     baseline = (unigram_baseline(loader.sources, val_sources, tok.vocab_size, cfg.eval_windows,
                                  tok.vocab_size - len(tok.token_bytes)) if val_sources else float("nan"))
@@ -238,7 +238,8 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
     elif env.is_main:
         os.makedirs(cfg.out, exist_ok=True)
     train_config = config_dict(cfg)
-    logger = runtime.MetricsLogger(cfg.out, env, cfg.wandb, "pretrain", config=train_config, resume=cfg.resume)
+    logger = runtime.MetricsLogger(cfg.out, env, cfg.wandb, "pretrain", config=train_config,
+                                   resume_step=start_step if cfg.resume else None)
     progress = runtime.Progress(cfg.max_steps, flops_per_token, env)
     runtime.print0(f"model: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {model_cfg.n_head} heads "
                    f"({model_cfg.n_kv_head} kv), seq {seq_len}, vocab {model_cfg.vocab_size}: "
@@ -327,11 +328,6 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
     finally:
         stop.restore()
         logger.close()
-
-
-def runtime_has_val(path: str) -> bool:
-    from data.shards import read_meta
-    return bool(read_meta(path)["splits"].get("val"))
 
 
 if __name__ == "__main__":

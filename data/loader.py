@@ -136,5 +136,9 @@ def eval_windows(source: TokenSource, max_windows: int, rank: int, world: int) -
     return [source.window(int(w)) for w in ids[rank::world]]
 
 
+def has_split(data_dir: str, split: str) -> bool:
+    return bool(read_meta(data_dir)["splits"].get(split))
+
+
 def default_data_ready(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "meta.json"))
