@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 
 
@@ -38,7 +39,7 @@ def _parse_list(item_type):
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="JSON file of option overrides")
-    own = cls.__dict__.get("__annotations__", {})
+    own = {n for n, t in cls.__dict__.get("__annotations__", {}).items() if "ClassVar" not in str(t)}
     # the script's own options first, then those it inherits from shared configs
     fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
     for field in fields:
@@ -46,11 +47,11 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
         ftype = _field_type(cls, field)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         # argparse %-formats help strings: escape user-visible percent signs
-        help_text = field.metadata.get("help", "").replace("%", "%%")
+        help_text = (field.metadata.get("help") or getattr(cls, "help_texts", {}).get(field.name, "")).replace("%", "%%")
         default = str(default).replace("%", "%%")
         origin = typing.get_origin(ftype)
         args = typing.get_args(ftype)
-        if origin is typing.Union and type(None) in args:  # Optional[X]
+        if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X] / X | None
             ftype = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(ftype), typing.get_args(ftype)
         if ftype is bool:

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -465,3 +466,214 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+@dataclass
+class TrainConfig:
+    """The options every train script has (DESIGN.md); a stage subclasses it, adds its own
+    fields and may re-declare a field to change its default."""
+    out: str = "runs/out"
+    init: str | None = None
+    resume: bool = False
+    max_steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    schedule_steps: int = 0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_nonfinite: int = 5
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    wandb: str = "off"
+
+    help_texts: ClassVar[dict] = {
+        "out": "checkpoint directory", "init": "start from this checkpoint", "resume": "continue from the state in --out",
+        "batch_size": "sequences per forward pass on each rank", "schedule_steps": "length of the LR schedule (0 = max_steps)",
+        "max_nonfinite": "stop after this many non-finite losses in a row", "wandb": "off | offline | online",
+        "dtype": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", "device": "auto | cpu | cuda",
+        "schedule": "cosine | wsd (warmup-stable-decay) | constant", "compile": "torch.compile each block",
+        "grad_checkpointing": "recompute activations in backward to save memory",
+    }
+
+    def __post_init__(self):
+        from cli import UserError
+        for name in ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "max_nonfinite"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("schedule_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise UserError("need --lr > 0, --grad-clip > 0 and --weight-decay >= 0")
+        choices = {"schedule": ("cosine", "wsd", "constant"), "device": ("auto", "cpu", "cuda"),
+                   "dtype": ("auto", "float32", "bfloat16"), "wandb": ("off", "offline", "online")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+
+class Trainer:
+    """The bookkeeping around a stage's loss: precision, sharding, optimizer, LR schedule,
+    gradient sync and clipping, the non-finite guard, logging, checkpoints, resume, signals.
+
+    A stage's loop reads:
+        while trainer.step < cfg.max_steps:
+            trainer.set_lr()
+            for micro in range(accum):
+                with trainer.autocast():
+                    loss = <the stage's loss>
+                trainer.backward(loss, micro, accum)
+            if not trainer.optimizer_step(mean_loss, tokens):
+                continue
+            if trainer.due(cfg.eval_every): <evaluate>
+            trainer.maybe_save()
+            if trainer.stop_requested(): break
+    """
+
+    def __init__(self, cfg: TrainConfig, env: Env, model: Transformer, *, stage: str, tokenizer_path: str,
+                 data_state=lambda: {}, extra_config: dict | None = None, optimizer_params=None):
+        from cli import config_dict
+        self.cfg, self.env, self.stage = cfg, env, stage
+        self.dtype = compute_dtype(cfg.dtype, env.device)
+        self.n_params = model.num_params()
+        self.model_cfg = model.cfg
+        self.model = prepare_model(model, env, self.dtype, cfg.compile, cfg.grad_checkpointing)
+        self.optimizer = make_optimizer(self.model if optimizer_params is None else optimizer_params,
+                                        cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
+        self.tokenizer_path = tokenizer_path
+        self.data_state = data_state
+        self.extra_config = extra_config or {}
+        self.train_config = config_dict(cfg)
+        self.step = 0
+        self.lr = 0.0
+        self.nonfinite_streak = 0
+        self.logger = None
+        self.stop = StopSignal()
+
+    # -- setup
+    def resume(self) -> dict:
+        """Restore weights, optimizer, RNG and step from --out; returns the saved trainer state."""
+        from cli import UserError
+        state = load_training_state(self.cfg.out, self.model, self.optimizer, self.env)
+        self.step = state["step"]
+        if self.step >= self.cfg.max_steps:
+            raise UserError(f"--resume: {self.cfg.out} is already at step {self.step} >= --max-steps {self.cfg.max_steps}")
+        print0(f"resumed from {self.cfg.out} at step {self.step}")
+        return state
+
+    def start(self, flops_per_token: float = 0.0, project: str | None = None) -> None:
+        if self.env.is_main:
+            os.makedirs(self.cfg.out, exist_ok=True)
+        self.logger = MetricsLogger(self.cfg.out, self.env, self.cfg.wandb, project or self.stage,
+                                    config=self.train_config, resume_step=self.step if self.cfg.resume else None)
+        self.progress = Progress(self.cfg.max_steps, flops_per_token, self.env)
+        self.t_last = time.time()
+        self.tokens_since = 0
+        self.steps_since = 0
+
+    # -- the step
+    def autocast(self):
+        return autocast(self.env, self.dtype)
+
+    def set_lr(self) -> float:
+        cfg = self.cfg
+        self.lr = lr_at(self.step, cfg.schedule_steps or cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule,
+                        cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        return self.lr
+
+    def backward(self, loss: torch.Tensor, micro: int, accum: int) -> None:
+        if self.env.distributed:  # reduce gradients across ranks only on the last micro-batch
+            self.model.set_requires_gradient_sync(micro == accum - 1)
+        (loss / accum).backward()
+
+    def optimizer_step(self, loss: torch.Tensor, tokens: int, extra: dict | None = None) -> bool:
+        """Average the loss over ranks, clip, and step unless the loss or gradient is not
+        finite (then skip the update, and give up after max_nonfinite in a row). Counts
+        the step either way; logs every log_every steps. Returns whether it updated."""
+        from cli import UserError
+        loss = all_reduce_mean(loss.detach())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.step += 1
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # the data moves on; the weights do not
+            self.nonfinite_streak += 1
+            print0(f"step {self.step}: non-finite loss or gradient, update skipped ({self.nonfinite_streak} in a row)")
+            if self.nonfinite_streak >= self.cfg.max_nonfinite:
+                raise UserError(f"{self.nonfinite_streak} non-finite steps in a row: stopping (lower --lr?)")
+            return False
+        self.nonfinite_streak = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_since += tokens
+        self.steps_since += 1
+        if self.due(self.cfg.log_every):
+            if self.env.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.time()
+            line, speed = self.progress.line(self.step, loss.item(), self.lr, self.tokens_since, now - self.t_last,
+                                             self.steps_since)
+            print0(line)
+            self.log({"step": self.step, "loss": loss.item(), "lr": self.lr, "grad_norm": grad_norm.item(),
+                      **(extra or {}), **speed})
+            self.t_last, self.tokens_since, self.steps_since = now, 0, 0
+        return True
+
+    # -- bookkeeping
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.max_steps
+
+    def log(self, record: dict) -> None:
+        self.logger.log(record)
+
+    def pause_clock(self) -> None:
+        """Call after evaluation or saving: that time is not training throughput."""
+        self.t_last = time.time()
+
+    def save(self) -> None:
+        save_checkpoint(self.cfg.out, self.model, self.optimizer, self.env, stage=self.stage, step=self.step,
+                        train_config=self.train_config, trainer_state={"data": self.data_state()},
+                        tokenizer_path=self.tokenizer_path, extra_config=self.extra_config)
+        print0(f"saved checkpoint at step {self.step} to {self.cfg.out}")
+        self.pause_clock()
+
+    def maybe_save(self) -> None:
+        if self.due(self.cfg.save_every):
+            self.save()
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGINT; saves first."""
+        if not any_rank(self.stop.requested, self.env.device):
+            return False
+        if not self.due(self.cfg.save_every):
+            self.save()
+        print0(f"stopped by signal at step {self.step}; continue with --resume")
+        return True
+
+    def close(self) -> None:
+        self.stop.restore()
+        if self.logger is not None:
+            self.logger.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 import runtime
-from cli import UserError, config_dict, die, parse_config, print_config
+from cli import UserError, die, parse_config, print_config
 from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, has_split, parse_mixture
 from data.shards import DataDirError
 from data.tokenizer import Tokenizer, TokenizerError
@@ -34,11 +33,9 @@ DEFAULT_DATA = os.path.join(REPO, "prepared", "shakespeare")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(runtime.TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "pretrain"), metadata={"help": "checkpoint directory"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "prepared dir, or a mixture name=DIR:weight,name2=DIR2:weight"})
-    init: Optional[str] = field(default=None, metadata={"help": "start from this checkpoint's weights"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest state in --out"})
     preset: str = field(default="tiny", metadata={"choices": sorted(PRESETS)})
     n_layer: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
     d_model: int = 0
@@ -48,41 +45,20 @@ class PretrainConfig:
     attn_impl: str = field(default="auto", metadata={"choices": ["auto", "sdpa", "eager", "triton"]})
     tie_embeddings: bool = False
     dropout: float = 0.0
-    batch_size: int = field(default=4, metadata={"help": "sequences per forward pass on each rank"})
+    batch_size: int = 4
     global_batch_tokens: int = field(default=0, metadata={"help": "tokens per optimizer step over all ranks (0 = one forward per rank)"})
     max_steps: int = 500
     lr: float = 2e-3
-    schedule: str = field(default="cosine", metadata={"choices": ["cosine", "wsd", "constant"]})
-    schedule_steps: int = field(default=0, metadata={"help": "length of the LR schedule (0 = max_steps)"})
     warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    max_nonfinite: int = field(default=5, metadata={"help": "stop after this many non-finite losses in a row"})
-    eval_every: int = 100
     eval_windows: int = field(default=64, metadata={"help": "validation sequences per source"})
     sample_tokens: int = 64
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 1337
-    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"]})
-    compile: bool = False
-    grad_checkpointing: bool = False
-    wandb: str = field(default="off", metadata={"choices": ["off", "offline", "online"]})
 
     def __post_init__(self):
-        for name in ("batch_size", "max_steps", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("n_layer", "d_model", "n_head", "n_kv_head", "seq_len", "global_batch_tokens", "schedule_steps",
-                     "warmup_steps", "eval_windows", "sample_tokens"):
+        super().__post_init__()
+        for name in ("n_layer", "d_model", "n_head", "n_kv_head", "seq_len", "global_batch_tokens", "eval_windows",
+                     "sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
 
@@ -185,7 +161,6 @@ def main(argv=None) -> None:
 def train(cfg: PretrainConfig, env: runtime.Env) -> None:
     if env.is_main:
         print_config(cfg, "pretrain config")
-    dtype = runtime.compute_dtype(cfg.dtype, env.device)
 
     # ---- data (the embedded corpus is prepared on first use)
     sources = parse_mixture(cfg.data)
@@ -217,117 +192,59 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
         raise UserError(f"--global-batch-tokens {global_tokens} must be a multiple of batch_size x seq_len x world "
                         f"= {cfg.batch_size} x {seq_len} x {env.world_size} = {world_rows * seq_len}")
     accum = global_tokens // (world_rows * seq_len)
-    n_params, flops_per_token = model.num_params(), model.flops_per_token(seq_len)  # before sharding
+    flops_per_token = model.flops_per_token(seq_len)
     runtime.seed_everything(cfg.seed, env.rank)
-    model = runtime.prepare_model(model, env, dtype, cfg.compile, cfg.grad_checkpointing)
-    optimizer = runtime.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
     loader = MixtureLoader(sources, seq_len, global_tokens // seq_len, env.rank, env.world_size, cfg.seed)
+    trainer = runtime.Trainer(cfg, env, model, stage="pretrain", tokenizer_path=tokenizer_path,
+                              data_state=loader.state_dict)
+    model = trainer.model  # sharded / compiled
     val_sources = [(name, TokenSource(path, "val", seq_len)) for name, path, _ in sources if has_split(path, "val")]
     byte_lengths = token_byte_lengths(tok, env.device)
     baseline = (unigram_baseline(loader.sources, val_sources, tok.vocab_size, cfg.eval_windows,
                                  tok.vocab_size - len(tok.token_bytes)) if val_sources else float("nan"))
-
-    start_step = 0
     if cfg.resume:
-        trainer_state = runtime.load_training_state(cfg.out, model, optimizer, env)
-        loader.load_state_dict(trainer_state["data"])
-        start_step = trainer_state["step"]
-        if start_step >= cfg.max_steps:
-            raise UserError(f"--resume: {cfg.out} is already at step {start_step} >= --max-steps {cfg.max_steps}")
-        runtime.print0(f"resumed from {cfg.out} at step {start_step}")
-    elif env.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-    train_config = config_dict(cfg)
-    logger = runtime.MetricsLogger(cfg.out, env, cfg.wandb, "pretrain", config=train_config,
-                                   resume_step=start_step if cfg.resume else None)
-    progress = runtime.Progress(cfg.max_steps, flops_per_token, env)
+        loader.load_state_dict(trainer.resume()["data"])
+    trainer.start(flops_per_token)
     runtime.print0(f"model: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {model_cfg.n_head} heads "
                    f"({model_cfg.n_kv_head} kv), seq {seq_len}, vocab {model_cfg.vocab_size}: "
-                   f"{n_params / 1e6:.2f}M parameters; {global_tokens:,} tokens per step ({accum} accumulation x {env.world_size} ranks "
-                   f"x {cfg.batch_size} x {seq_len}); {dtype}; device {env.device}")
+                   f"{trainer.n_params / 1e6:.2f}M parameters; {global_tokens:,} tokens per step ({accum} accumulation "
+                   f"x {env.world_size} ranks x {cfg.batch_size} x {seq_len}); {trainer.dtype}; device {env.device}")
 
-    def save(step: int) -> None:
-        runtime.save_checkpoint(cfg.out, model, optimizer, env, stage="pretrain", step=step, train_config=train_config,
-                                trainer_state={"data": loader.state_dict()}, tokenizer_path=tokenizer_path)
-        runtime.print0(f"saved checkpoint at step {step} to {cfg.out}")
-
-    stop = runtime.StopSignal()
-    schedule_steps = cfg.schedule_steps or cfg.max_steps
-    nonfinite_streak = 0
-    model.train()
-    step = start_step
-    t_last = time.time()
-    tokens_since = 0
-    try:
-        while step < cfg.max_steps:
-            lr = runtime.lr_at(step, schedule_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    with trainer:
+        while trainer.step < cfg.max_steps:
+            trainer.set_lr()
             x_all, y_all = loader.next_batch()
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(accum):
                 rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
                 x = torch.from_numpy(x_all[rows]).to(env.device, non_blocking=True)
                 y = torch.from_numpy(y_all[rows]).to(env.device, non_blocking=True)
-                if env.distributed:  # reduce gradients across ranks only on the last micro-batch
-                    model.set_requires_gradient_sync(micro == accum - 1)
-                with runtime.autocast(env, dtype):
-                    loss = model(x, y)
-                (loss / accum).backward()
+                with trainer.autocast():
+                    loss = model(x, y)  # mean next-token cross-entropy
+                trainer.backward(loss, micro, accum)
                 loss_sum += loss.detach()
-            loss_mean = runtime.all_reduce_mean(loss_sum / accum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)  # skip the update; the data moves on
-                nonfinite_streak += 1
-                runtime.print0(f"step {step + 1}: non-finite loss or gradient, update skipped ({nonfinite_streak} in a row)")
-                if nonfinite_streak >= cfg.max_nonfinite:
-                    raise UserError(f"{nonfinite_streak} non-finite steps in a row: stopping (lower --lr?)")
-                step += 1
+            if not trainer.optimizer_step(loss_sum / accum, tokens=global_tokens,
+                                          extra={"tokens": (trainer.step + 1) * global_tokens}):
                 continue
-            nonfinite_streak = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_since += global_tokens
-
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.time()
-                line, speed = progress.line(step, loss_mean.item(), lr, tokens_since, now - t_last,
-                                            tokens_since // global_tokens)
-                runtime.print0(line)
-                logger.log({"step": step, "loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens": step * global_tokens, **speed})
-                t_last, tokens_since = now, 0
-            if val_sources and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                results = evaluate(model, val_sources, byte_lengths, cfg, env, dtype)
+            step = trainer.step
+            if val_sources and trainer.due(cfg.eval_every):
+                results = evaluate(model, val_sources, byte_lengths, cfg, env, trainer.dtype)
                 pooled = results["all"]
+                per_source = {n: r for n, r in results.items() if n != "all" and len(results) > 2}
                 runtime.print0(f"eval step {step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
                                f"val bpb {pooled['val_bpb']:.4f}"
-                               + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in results.items()
-                                         if n != "all" and len(results) > 2))
+                               + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in per_source.items()))
                 record = {"step": step, **pooled, "unigram_val_loss": baseline}
-                for name, r in results.items():
-                    if name != "all" and len(results) > 2:
-                        record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})
-                logger.log(record)
+                for name, r in per_source.items():
+                    record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})
+                trainer.log(record)
                 if cfg.sample_tokens:
-                    text = sample_text(model, tok, cfg, env, dtype)
+                    text = sample_text(model, tok, cfg, env, trainer.dtype)
                     runtime.print0("sample: " + text.replace("\n", "\n        ")[:600])
-                t_last = time.time()  # evaluation time is not training throughput
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save(step)
-                t_last = time.time()
-            if runtime.any_rank(stop.requested, env.device):
-                if step % cfg.save_every and step != cfg.max_steps:
-                    save(step)
-                runtime.print0(f"stopped by signal at step {step}; continue with --resume")
+                trainer.pause_clock()
+            trainer.maybe_save()
+            if trainer.stop_requested():
                 break
-    finally:
-        stop.restore()
-        logger.close()
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ def run(cfg: PrepareConfig) -> dict:
     pool = None
     try:
         if workers > 1:
-            pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, blocklist_terms))
+            pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, blocklist_terms))
             results = bounded_imap(pool, _process, records, block=8 * workers)
         else:
             _init_worker(cfg, blocklist_terms)

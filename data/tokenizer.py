@@ -60,7 +60,9 @@ def count_chunks(texts: Iterable[str], pattern: str = GPT4_SPLIT_PATTERN, worker
         for text in texts:
             counts.update(compiled.findall(text))
         return counts
-    with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+    # spawn, not fork: a forked child of a process that already runs threads (torch, tiktoken)
+    # can inherit a held lock and hang
+    with get_context("spawn").Pool(workers) as pool:
         for part in bounded_imap(pool, _count_chunks_of, ((t, pattern) for t in texts), block=8 * workers):
             counts.update(part)
     return counts
