@@ -1,6 +1,7 @@
 """Generate text from any checkpoint directory (pretrain, SFT, RM trunk, PPO).
 
     python sample.py --ckpt runs/pretrain --prompt "ROMEO." --num-samples 3
+    python sample.py --ckpt runs/sft --chat --prompt "What is 7 + 5?" --temperature 0
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 import runtime
 from cli import UserError, die, parse_config
+from data.chat import encode_prompt
 from data.tokenizer import Tokenizer, TokenizerError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -20,6 +22,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 class SampleConfig:
     ckpt: str = field(default=os.path.join(REPO, "runs", "pretrain"), metadata={"help": "checkpoint directory"})
     prompt: str = field(default="", metadata={"help": "text to continue (a document start is added before it)"})
+    chat: bool = field(default=False, metadata={"help": "wrap --prompt as a user turn of the chat template; stop at <|end|>"})
+    system: str = field(default="", metadata={"help": "with --chat: a system message"})
     num_samples: int = 3
     max_new_tokens: int = 200
     temperature: float = field(default=0.8, metadata={"help": "0 = greedy"})
@@ -47,18 +51,26 @@ def main(argv=None) -> None:
     if tok.vocab_size != model.cfg.vocab_size:
         die(f"{cfg.ckpt}: tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
     model.eval()
-    prompt_ids = [tok.eot_id] + tok.encode(cfg.prompt)
+    if cfg.chat:
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
+            [{"role": "user", "content": cfg.prompt}]
+        prompt_ids, stop, shown_prompt = encode_prompt(tok, messages), [tok.end_id], ""
+    else:
+        prompt_ids, stop, shown_prompt = [tok.eot_id] + tok.encode(cfg.prompt), [tok.eot_id], cfg.prompt
     if len(prompt_ids) >= model.cfg.max_seq_len:
         die(f"the prompt is {len(prompt_ids)} tokens; this model's context is {model.cfg.max_seq_len}")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     outputs = model.generate([prompt_ids] * cfg.num_samples, cfg.max_new_tokens, pad_id=tok.pad_id,
                              temperature=cfg.temperature, top_k=cfg.top_k or None,
-                             top_p=cfg.top_p if cfg.top_p < 1 else None, stop_tokens=[tok.eot_id],
+                             top_p=cfg.top_p if cfg.top_p < 1 else None, stop_tokens=stop,
                              generator=generator)
     print(f"# {cfg.ckpt} (stage {config.get('stage', '?')}, step {config.get('step', '?')})")
     for i, ids in enumerate(outputs):
-        text = tok.decode([t for t in ids if t != tok.eot_id])
-        print(f"--- sample {i + 1}\n{cfg.prompt}{text}")
+        text = tok.decode([t for t in ids if t < len(tok.token_bytes)])  # special tokens are not text
+        if cfg.chat:
+            print(f"--- sample {i + 1}\nuser: {cfg.prompt}\nassistant: {text}")
+        else:
+            print(f"--- sample {i + 1}\n{shown_prompt}{text}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 gradient accumulation equals a big batch, checkpoints and bad input fail clearly."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -18,30 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import train_pretrain  # noqa: E402
-from data import prepare  # noqa: E402
 from data.loader import MixtureLoader, parse_mixture  # noqa: E402
 
-TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--n-kv-head", "1", "--seq-len", "32",
-        "--batch-size", "4", "--eval-windows", "8", "--sample-tokens", "8", "--device", "cpu", "--dtype", "float32",
-        "--warmup-steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    """Two small prepared sources sharing one tokenizer: a few plays, and a few others."""
-    root = tmp_path_factory.mktemp("data")
-    with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
-        works = [json.loads(line) for line in f]
-    comedies = root / "comedies.jsonl"
-    comedies.write_text("".join(json.dumps(w) + "\n" for w in works[:4]))
-    histories = root / "histories.jsonl"
-    histories.write_text("".join(json.dumps(w) + "\n" for w in works[7:10]))
-    a, b = root / "a", root / "b"
-    prepare.main(["--input", str(comedies), "--out", str(a), "--vocab-size", "512", "--workers", "1",
-                  "--val-fraction", "0.25"])
-    prepare.main(["--input", str(histories), "--out", str(b), "--tokenizer", str(a / "tokenizer.json"),
-                  "--workers", "1", "--val-fraction", "0.34"])
-    return str(a), str(b)
+from conftest import TINY  # noqa: E402
 
 
 def run(args, capsys=None):

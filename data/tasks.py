@@ -1,0 +1,259 @@
+"""A suite of instruction tasks whose answers can be checked exactly.
+
+Eight procedurally generated families — arithmetic, reversing a word, sorting numbers,
+counting a letter, the next letter of the alphabet, changing case, comparing numbers,
+repeating a phrase — each with several phrasings, deterministic by seed. Because every
+answer is known, "the model got better" is a measured number at every stage: SFT trains
+on `sft.jsonl`, the reward model on `prefs.jsonl` (a correct answer against a plausible
+mistake: a near miss, the wrong format, or rambling), PPO samples `prompts.jsonl`, and
+every stage is scored on the held-out `eval.jsonl` by `grade()`.
+
+Held-out prompts never occur in the training files: a prompt's split is decided by a
+hash of its text.
+
+    python -m data.tasks --out prepared/tasks
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import string
+import sys
+
+WORDS = ("apple banana cherry garden window river castle forest silver golden market candle pencil "
+         "rabbit turtle dragon planet rocket summer winter spring autumn yellow purple orange bridge "
+         "island jacket kitten lemon mirror needle ocean pepper puzzle ribbon saddle tomato velvet wagon "
+         "anchor basket button carpet dinner engine feather guitar hammer insect jungle ladder meadow "
+         "napkin orchid parrot quiet riddle shadow thunder valley walnut zipper honey music paper stone "
+         "cloud light night sound heart bread water house horse queen knight sword crown table chair "
+         "green brown black white happy sunny early later quick brave").split()
+PHRASES = ("good night", "thank you", "well done", "see you soon", "hello there", "all is well", "to be or not",
+           "once more", "fair play", "so it goes", "good morning", "not yet", "come again", "how are you",
+           "no way", "try again", "sweet dreams", "take care", "red and blue", "up and down")
+
+FAMILIES = ("arithmetic", "reverse", "sort", "count", "next_letter", "case", "compare", "repeat")
+TEMPLATES = {
+    "arithmetic": ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "{a} {op} {b} = ?"],
+    "reverse": ["Reverse the word '{w}'.", "Write '{w}' backwards.", "Spell '{w}' in reverse.",
+                "What is '{w}' reversed?"],
+    "sort": ["Sort these numbers from smallest to largest: {xs}.", "Put in ascending order: {xs}.",
+             "Order these from lowest to highest: {xs}."],
+    "count": ["How many times does the letter '{c}' appear in '{w}'?", "Count the letter '{c}' in the word '{w}'.",
+              "In '{w}', how many '{c}' are there?"],
+    "next_letter": ["What letter comes after '{c}' in the alphabet?", "Which letter follows '{c}'?",
+                    "Name the letter after '{c}'.", "What is the next letter after '{c}'?",
+                    "In the alphabet, which letter comes right after '{c}'?"],
+    "case": ["Write '{p}' in {case} letters.", "Convert '{p}' to {case}.", "Rewrite '{p}' using only {case} letters."],
+    "compare": ["Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?", "Pick the larger number: {a}, {b}."],
+    "repeat": ["Repeat '{p}' {n} times.", "Say '{p}' {n} times, separated by spaces.", "Write the phrase '{p}' {n} times."],
+}
+ANSWER_TYPE = {"arithmetic": "int", "reverse": "text", "sort": "list", "count": "int", "next_letter": "text",
+               "case": "exact", "compare": "int", "repeat": "words"}
+
+
+def make_task(family: str, rng: random.Random) -> tuple[str, str]:
+    """(prompt, answer) for one random instance of a family."""
+    template = rng.choice(TEMPLATES[family])
+    if family == "arithmetic":
+        op = rng.choice("+-*")
+        if op == "*":
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+        else:
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+        answer = a + b if op == "+" else a - b if op == "-" else a * b
+        return template.format(a=a, b=b, op=op), str(answer)
+    if family == "reverse":
+        w = rng.choice(WORDS)
+        return template.format(w=w), w[::-1]
+    if family == "sort":
+        xs = rng.sample(range(1, 100), rng.randint(3, 5))
+        return template.format(xs=", ".join(map(str, xs))), ", ".join(map(str, sorted(xs)))
+    if family == "count":
+        w = rng.choice(WORDS)
+        c = rng.choice(w) if rng.random() < 0.8 else rng.choice(string.ascii_lowercase)
+        return template.format(c=c, w=w), str(w.count(c))
+    if family == "next_letter":
+        c = rng.choice(string.ascii_lowercase[:-1])
+        c = c.upper() if rng.random() < 0.5 else c
+        nxt = chr(ord(c) + 1)
+        return template.format(c=c), nxt
+    if family == "case":
+        p = " ".join(rng.sample(WORDS, rng.randint(1, 2)))
+        p = p.capitalize() if rng.random() < 0.5 else p
+        upper = rng.random() < 0.5
+        if not upper:
+            p = p.upper() if rng.random() < 0.5 else p.title()
+        return template.format(p=p, case="uppercase" if upper else "lowercase"), p.upper() if upper else p.lower()
+    if family == "compare":
+        a, b = rng.sample(range(1, 1000), 2)
+        return template.format(a=a, b=b), str(max(a, b))
+    if family == "repeat":
+        p, n = rng.choice(PHRASES), rng.randint(2, 4)
+        return template.format(p=p, n=n), " ".join([p] * n)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def split_of(prompt: str, eval_fraction: float = 0.2) -> str:
+    h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "little")
+    return "eval" if h / 2**64 < eval_fraction else "train"
+
+
+# ----------------------------------------------------------------------------- grading
+
+_WRAPPER = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*|(?:the\s+)?(?:letter|word|number|result)\s+(?:is\s+)?)",
+                      re.IGNORECASE)
+_STRIP = " \t\n\"'`*_.!"
+
+
+def extract_answer(response: str) -> str:
+    """The answer a response gives: its first line, without 'The answer is', quotes,
+    emphasis or a final period. A response that says more than that is left as it is
+    (and so will not match): rambling around the answer does not count."""
+    text = response.strip().split("\n")[0].strip() if response.strip() else ""
+    text = text.strip(_STRIP)
+    text = _WRAPPER.sub("", text).strip(_STRIP)
+    return text
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def grade(record: dict, response: str) -> float:
+    """1.0 if the response gives the record's answer (in any accepted surface form), else 0.0."""
+    expected, kind = record["answer"], record.get("answer_type") or ANSWER_TYPE[record["family"]]
+    got = extract_answer(response)
+    if kind == "int":
+        return float(re.fullmatch(r"[+-]?\d[\d,]*", got) is not None and int(got.replace(",", "")) == int(expected))
+    if kind == "list":
+        return float(re.fullmatch(r"[\[\(]?\s*[\d\s,;]+[\]\)]?", got) is not None and
+                     re.findall(r"\d+", got) == re.findall(r"\d+", expected))
+    if kind == "words":
+        return float(_words(got) == _words(expected))
+    if kind == "exact":
+        return float(got == expected)
+    return float(got.lower() == expected.lower())  # text
+
+
+# ----------------------------------------------------------------------------- mistakes for preferences
+
+RAMBLES = ("Well, that is an interesting question, and there are many ways to look at it. Let me think about "
+           "it for a while before I say anything definite.",
+           "Questions like this one remind me of school, where we spent long afternoons on exercises. I "
+           "always preferred reading stories to doing exercises, to be honest.",
+           "There is no simple way to put it. Some people would say one thing and others another, and in "
+           "the end it depends on how you look at the problem.")
+
+
+def make_mistake(family: str, prompt: str, answer: str, kind: str, rng: random.Random) -> str:
+    """A plausible wrong response of the given kind (near_miss, wrong_format, rambling)."""
+    if kind == "rambling":
+        return rng.choice(RAMBLES)
+    if kind == "wrong_format":
+        return rng.choice([f"Hmm, I think it could be {answer}, but I am really not sure about that.",
+                           f"{answer}? Or maybe not. It is hard to say.",
+                           f"Sure! Here you go: {answer} - hope this helps, let me know if you need more!"])
+    # near miss: almost the answer
+    t = ANSWER_TYPE[family]
+    if t == "int":
+        return str(int(answer) + rng.choice([-1, 1] if family != "compare" else [0]) if family != "compare"
+                   else min(int(x) for x in re.findall(r"\d+", prompt)))
+    if family == "reverse" or family == "next_letter":
+        if family == "next_letter":
+            return chr(ord(answer) + 1) if answer.lower() != "z" else chr(ord(answer) - 2)
+        w = list(answer)
+        i = rng.randrange(len(w) - 1)
+        w[i], w[i + 1] = w[i + 1], w[i]
+        return "".join(w) if "".join(w) != answer else answer[::-1]
+    if family == "sort":
+        xs = answer.split(", ")
+        i = rng.randrange(len(xs) - 1)
+        xs[i], xs[i + 1] = xs[i + 1], xs[i]
+        return ", ".join(xs)
+    if family == "case":
+        return answer.capitalize() if answer.isupper() else answer.title() if answer.islower() and answer.title() != answer \
+            else answer.swapcase()
+    if family == "repeat":
+        parts = answer.split(" ")
+        n = len(re.findall(re.escape(parts[0]) + r"\b", answer))
+        phrase = " ".join(parts[: len(parts) // n])
+        return " ".join([phrase] * (n + 1))
+    raise ValueError(family)
+
+
+MISTAKE_KINDS = ("near_miss", "wrong_format", "rambling")
+
+
+# ----------------------------------------------------------------------------- files
+
+def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150, prompts_per_family: int = 250,
+          eval_per_family: int = 50, eval_fraction: float = 0.2) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": [], "eval": []}
+    for fi, family in enumerate(FAMILIES):
+        rng = random.Random(f"{seed}:{family}")
+        train, evals, seen_eval = [], [], set()
+        need_train = sft_per_family + prefs_per_family + prompts_per_family
+        for _ in range(200_000):
+            if len(train) >= need_train and len(evals) >= eval_per_family:
+                break
+            prompt, answer = make_task(family, rng)
+            if split_of(prompt, eval_fraction) == "eval":
+                if prompt not in seen_eval and len(evals) < eval_per_family:
+                    seen_eval.add(prompt)
+                    evals.append((prompt, answer))
+            elif len(train) < need_train:
+                train.append((prompt, answer))
+        base = {"family": family, "answer_type": ANSWER_TYPE[family]}
+        for i, (prompt, answer) in enumerate(train[:sft_per_family]):
+            out["sft"].append({**base, "id": f"{family}/sft/{i}", "answer": answer,
+                               "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+        for i, (prompt, answer) in enumerate(train[sft_per_family:sft_per_family + prefs_per_family]):
+            kind = MISTAKE_KINDS[i % len(MISTAKE_KINDS)]
+            out["prefs"].append({**base, "id": f"{family}/prefs/{i}", "prompt": prompt, "answer": answer, "chosen": answer,
+                                 "rejected": make_mistake(family, prompt, answer, kind, rng), "kind": kind})
+        for i, (prompt, answer) in enumerate(train[sft_per_family + prefs_per_family:]):
+            out["prompts"].append({**base, "id": f"{family}/prompts/{i}", "prompt": prompt, "answer": answer})
+        for i, (prompt, answer) in enumerate(evals):
+            out["eval"].append({**base, "id": f"{family}/eval/{i}", "prompt": prompt, "answer": answer,
+                                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return out
+
+
+def write(out_dir: str, **kwargs) -> dict[str, int]:
+    os.makedirs(out_dir, exist_ok=True)
+    sets = build(**kwargs)
+    for name, records in sets.items():
+        tmp = os.path.join(out_dir, f"{name}.jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, os.path.join(out_dir, f"{name}.jsonl"))
+    return {name: len(records) for name, records in sets.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="write the verifiable task suite (sft, prefs, prompts, eval JSONL)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      "prepared", "tasks"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft-per-family", type=int, default=600)
+    parser.add_argument("--prefs-per-family", type=int, default=150)
+    parser.add_argument("--prompts-per-family", type=int, default=250)
+    parser.add_argument("--eval-per-family", type=int, default=50)
+    args = parser.parse_args(argv)
+    try:
+        counts = write(args.out, seed=args.seed, sft_per_family=args.sft_per_family,
+                       prefs_per_family=args.prefs_per_family, prompts_per_family=args.prompts_per_family,
+                       eval_per_family=args.eval_per_family)
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Held-out evaluation on the task suite, shared by SFT, PPO and the pipeline report:
+greedy answers to chat prompts, graded exactly, overall and per task family."""
+from __future__ import annotations
+
+import torch
+
+from data.chat import encode_prompt
+from data.tasks import grade
+
+
+@torch.no_grad()
+def chat_responses(model, tok, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 64,
+                   temperature: float = 0.0, generator=None) -> list[str]:
+    """The model's reply to each conversation (its last turn is the user's), stopping at <|end|>."""
+    was_training = model.training
+    model.eval()
+    replies = []
+    for i in range(0, len(conversations), batch_size):
+        prompts = [encode_prompt(tok, conv) for conv in conversations[i:i + batch_size]]
+        room = model.cfg.max_seq_len - max(len(p) for p in prompts)
+        outs = model.generate(prompts, max(1, min(max_new_tokens, room)), pad_id=tok.pad_id, temperature=temperature,
+                              stop_tokens=[tok.end_id], generator=generator)
+        replies += [tok.decode([t for t in out if t != tok.end_id and t < len(tok.token_bytes)]) for out in outs]
+    model.train(was_training)
+    return replies
+
+
+def task_accuracy(model, tok, records: list[dict], rank: int = 0, world: int = 1, max_new_tokens: int = 32,
+                  batch_size: int = 64) -> dict:
+    """Greedy accuracy on task records ({"prompt", "answer", "family", ...}).
+
+    Under torch.distributed each rank answers a slice, padded so every rank runs the same
+    number of generate() calls (a sharded forward is a collective), and the counts are summed.
+    Returns {"accuracy": float, "per_family": {family: accuracy}, "samples": [(prompt, reply, score)]}.
+    """
+    n = len(records)
+    per_rank = -(-n // world)
+    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+    conversations = [[{"role": "user", "content": records[i]["prompt"]}] for i in padded]
+    replies = chat_responses(model, tok, conversations, max_new_tokens, batch_size)
+    families = sorted({r["family"] for r in records})
+    counts = torch.zeros(len(families), 2, dtype=torch.float64)  # (correct, total) per family
+    samples = []
+    for i, reply in zip(mine, replies):
+        score = grade(records[i], reply)
+        counts[families.index(records[i]["family"])] += torch.tensor([score, 1.0], dtype=torch.float64)
+        samples.append((records[i]["prompt"], reply, score))
+    if torch.distributed.is_initialized():
+        device = next(model.parameters()).device
+        counts = counts.to(device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu()
+    per_family = {f: float(c / t) if t else 0.0 for f, (c, t) in zip(families, counts.tolist())}
+    total = counts.sum(0)
+    return {"accuracy": float(total[0] / max(total[1], 1)), "per_family": per_family, "samples": samples}
+
+
+def format_accuracy(result: dict) -> str:
+    return f"{100 * result['accuracy']:.1f}% (" + ", ".join(
+        f"{f} {100 * a:.0f}" for f, a in result["per_family"].items()) + ")"
+

@@ -1,0 +1,60 @@
+"""Shared fixtures: two small prepared corpora (one tokenizer) and a tiny pretrained model."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# A model small enough that a training step takes milliseconds on a CPU.
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--n-kv-head", "1", "--seq-len", "32",
+        "--batch-size", "4", "--eval-windows", "8", "--sample-tokens", "8", "--device", "cpu", "--dtype", "float32",
+        "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def data_dirs(tmp_path_factory):
+    """Two small prepared sources sharing one tokenizer: a few plays, and a few others."""
+    root = tmp_path_factory.mktemp("data")
+    with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
+        works = [json.loads(line) for line in f]
+    comedies = root / "comedies.jsonl"
+    comedies.write_text("".join(json.dumps(w) + "\n" for w in works[:4]))
+    histories = root / "histories.jsonl"
+    histories.write_text("".join(json.dumps(w) + "\n" for w in works[7:10]))
+    a, b = root / "a", root / "b"
+    from data import prepare
+    prepare.main(["--input", str(comedies), "--out", str(a), "--vocab-size", "512", "--workers", "1",
+                  "--val-fraction", "0.25"])
+    prepare.main(["--input", str(histories), "--out", str(b), "--tokenizer", str(a / "tokenizer.json"),
+                  "--workers", "1", "--val-fraction", "0.34"])
+    return str(a), str(b)
+
+
+
+def tiny(**overrides) -> list[str]:
+    """TINY with some options changed, e.g. tiny(seq_len=96)."""
+    args = list(TINY)
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(data_dirs, tmp_path_factory):
+    """A 1-layer model pretrained for 30 steps, with a 96-token context for chat tasks."""
+    import train_pretrain
+    out = tmp_path_factory.mktemp("pretrained") / "ckpt"
+    args = tiny(seq_len=96)
+    train_pretrain.main(["--data", data_dirs[0], "--out", str(out), "--max-steps", "30", "--lr", "3e-3",
+                         "--eval-every", "100", *args])
+    return str(out)
