@@ -170,7 +170,7 @@ def load_chat_jsonl(paths: list[str], tok, max_len: int, truncation: str = "trun
                 if not raw.strip():
                     continue
                 try:
-                    rec = json.loads(raw.decode("utf-8"))
+                    rec = json.loads(raw.decode("utf-8-sig"))  # -sig: a leading BOM is not an error
                     messages = to_messages(rec)
                 except RecordError as e:
                     skipped[e.reason] += 1
@@ -178,7 +178,7 @@ def load_chat_jsonl(paths: list[str], tok, max_len: int, truncation: str = "trun
                 except UnicodeDecodeError:
                     skipped["invalid_utf8"] += 1
                     continue
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
                     skipped["invalid_json"] += 1
                     continue
                 ids, mask = encode_chat(tok, messages)

@@ -133,11 +133,11 @@ def _read_jsonl(path: str, text_field: str, max_doc_bytes: int) -> Iterator[Reco
                     continue  # blank lines are not records
                 any_line = True
                 try:
-                    obj = json.loads(line.decode("utf-8"))
+                    obj = json.loads(line.decode("utf-8-sig"))  # -sig: a leading BOM is not an error
                 except UnicodeDecodeError as e:
                     yield Rejected(rec_id, path, "invalid_utf8", f"byte {e.start}")
                     continue
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
                     yield Rejected(rec_id, path, "malformed_json", str(e)[:80])
                     continue
                 if not isinstance(obj, dict):

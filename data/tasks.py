@@ -104,7 +104,7 @@ def split_of(prompt: str, eval_fraction: float = 0.2) -> str:
 
 # ----------------------------------------------------------------------------- grading
 
-_WRAPPER = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*|(?:the\s+)?(?:letter|word|number|result)\s+(?:is\s+)?)",
+_WRAPPER = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is\s*:?|:)\s*|(?:the\s+)?(?:letter|word|number|result)\s+(?:is\s+)?)",
                       re.IGNORECASE)
 _STRIP = " \t\n\"'`*_.!"
 
@@ -128,7 +128,9 @@ def grade(record: dict, response: str) -> float:
     expected, kind = record["answer"], record.get("answer_type") or ANSWER_TYPE[record["family"]]
     got = extract_answer(response)
     if kind == "int":
-        return float(re.fullmatch(r"[+-]?\d[\d,]*", got) is not None and int(got.replace(",", "")) == int(expected))
+        # digits, optionally grouped in thousands ("1,234"); "4,2" is not a number
+        return float(re.fullmatch(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)", got) is not None
+                     and int(got.replace(",", "")) == int(expected))
     if kind == "list":
         return float(re.fullmatch(r"[\[\(]?\s*[\d\s,;]+[\]\)]?", got) is not None and
                      re.findall(r"\d+", got) == re.findall(r"\d+", expected))

@@ -199,6 +199,15 @@ def test_malformed_and_non_object_json_lines(tmp_path):
     assert recs[3].text == "still read"
 
 
+def test_deeply_nested_json_and_bom(tmp_path):
+    # json.loads raises RecursionError (not ValueError) on absurd nesting; a BOM is fine
+    p = tmp_path / "n.jsonl"
+    p.write_bytes(b"[" * 100_000 + b"\n" + b"\xef\xbb\xbf" + json.dumps({"text": "after"}).encode() + b"\n")
+    recs = records([str(p)])
+    assert [r.reason for r in recs[:1]] == ["malformed_json"]
+    assert isinstance(recs[1], Document) and recs[1].text == "after"
+
+
 def test_missing_and_non_string_text_field(tmp_path):
     p = write(tmp_path / "a.jsonl", jsonl(
         {"id": "a", "body": "no text key"},
