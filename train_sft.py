@@ -41,11 +41,12 @@ class SFTConfig(runtime.TrainConfig):
     val_fraction: float = field(default=0.05, metadata={"help": "held-out share of --data for the loss, when no eval records have messages"})
     truncation: str = field(default="truncate", metadata={"choices": ["truncate", "drop"],
                             "help": "too-long conversations: cut from the prompt side, or drop"})
-    max_steps: int = 300
-    batch_size: int = 16
+    max_steps: int = 1200
+    batch_size: int = 32
     lr: float = 1e-3
-    warmup_steps: int = 10
-    eval_every: int = 100
+    warmup_steps: int = 20
+    eval_every: int = 300
+    save_every: int = 300
     eval_max_new_tokens: int = 32
     dropout: float = 0.0
 
