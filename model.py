@@ -125,16 +125,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for a batch, filled left to right."""
+    """Keys and values of every layer for a batch, filled left to right. The buffers are
+    allocated at the first write, in the dtype the keys are computed in (bf16 under
+    autocast or FSDP mixed precision, whatever the parameters' dtype)."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device):
+        self.shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.device = device
+        self.k = self.v = None
         self.length = 0  # slots filled (same for every row; padding is masked, not skipped)
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
         t = k.shape[2]
         self.k[layer, :, :, self.length:self.length + t] = k
         self.v[layer, :, :, self.length:self.length + t] = v
@@ -367,10 +372,7 @@ class Transformer(nn.Module):
         for i, p in enumerate(prompts):
             idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         kv_start = torch.tensor([T0 - len(p) for p in prompts], dtype=torch.long, device=device)
-        dtype = self.lm_head.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        cache = KVCache(self.cfg, B, total, device, dtype)
+        cache = KVCache(self.cfg, B, total, device)
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = torch.full((B, total - T0), pad_id, dtype=torch.long, device=device)

@@ -562,7 +562,7 @@ class Trainer:
         self.lr = 0.0
         self.nonfinite_streak = 0
         self.logger = None
-        self.stop = StopSignal()
+        self.stop = None
 
     # -- setup
     def resume(self) -> dict:
@@ -581,6 +581,7 @@ class Trainer:
         self.logger = MetricsLogger(self.cfg.out, self.env, self.cfg.wandb, project or self.stage,
                                     config=self.train_config, resume_step=self.step if self.cfg.resume else None)
         self.progress = Progress(self.cfg.max_steps, flops_per_token, self.env)
+        self.stop = StopSignal()  # installed only now, and restored by close()
         self.t_last = time.time()
         self.tokens_since = 0
         self.steps_since = 0
@@ -659,7 +660,7 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGINT; saves first."""
-        if not any_rank(self.stop.requested, self.env.device):
+        if not any_rank(self.stop is not None and self.stop.requested, self.env.device):
             return False
         if not self.due(self.cfg.save_every):
             self.save()
@@ -667,7 +668,8 @@ class Trainer:
         return True
 
     def close(self) -> None:
-        self.stop.restore()
+        if self.stop is not None:
+            self.stop.restore()
         if self.logger is not None:
             self.logger.close()
 

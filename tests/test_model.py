@@ -196,7 +196,7 @@ def test_kv_cache_matches_full_forward_both_impls(variant, padded):
     full = {impl: logits_with(m, impl, idx, kv_start=kv_start) for impl in ("eager", "sdpa")}
     torch.testing.assert_close(full["eager"], full["sdpa"], atol=1e-5, rtol=1e-5)
     for impl in ("eager", "sdpa"):
-        cache = KVCache(m.cfg, B, m.cfg.max_seq_len, "cpu", torch.float32)
+        cache = KVCache(m.cfg, B, m.cfg.max_seq_len, "cpu")
         pieces, start = [], 0
         for end in (10, 11, 12, 15, 16):
             pieces.append(logits_with(m, impl, idx[:, start:end], kv_start=kv_start, cache=cache))
@@ -791,14 +791,14 @@ def test_sequence_longer_than_max_seq_len_raises():
 
 def test_kv_cache_past_max_seq_len_raises():
     m = make_model()
-    cache = KVCache(m.cfg, 1, m.cfg.max_seq_len, "cpu", torch.float32)
+    cache = KVCache(m.cfg, 1, m.cfg.max_seq_len, "cpu")
     with torch.no_grad():
         m(torch.zeros(1, 60, dtype=torch.long), cache=cache)
         m(torch.zeros(1, 4, dtype=torch.long), cache=cache)  # exactly 64
         assert cache.length == 64
         with pytest.raises(ValueError):
             m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
-    cache = KVCache(m.cfg, 1, m.cfg.max_seq_len, "cpu", torch.float32)
+    cache = KVCache(m.cfg, 1, m.cfg.max_seq_len, "cpu")
     with torch.no_grad():
         m(torch.zeros(1, 62, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError):
@@ -820,3 +820,17 @@ def test_causality(variant, impl, padded):
     b = logits_with(m, impl, changed, kv_start=kv)
     torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-6, rtol=0)
     assert (a[:, 12:] - b[:, 12:]).abs().amax(dim=(1, 2)).min() > 1e-3  # the change does reach later positions
+
+
+def test_kv_cache_takes_the_dtype_of_the_keys():
+    # under autocast or FSDP mixed precision the keys are bf16 while the weights are fp32
+    cfg = ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=1, d_model=16, max_seq_len=16)
+    cache = KVCache(cfg, 1, 16, "cpu")
+    k = torch.randn(1, 1, 3, 8, dtype=torch.bfloat16)
+    keys, values = cache.update(0, k, k)
+    assert cache.k.dtype == torch.bfloat16 and keys.dtype == torch.bfloat16
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate([[1, 2, 3]], 4, pad_id=0, temperature=0)
+    assert len(out[0]) == 4
