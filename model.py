@@ -446,3 +446,32 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
         else:
             out = per_token.sum() / (t != -100).sum().clamp(min=1)
     return out.view(targets.shape) if reduction == "none" else out
+
+
+class ScalarHeadModel(Transformer):
+    """The transformer plus a scalar head: the reward model (and PPO's critic).
+
+    The score of a sequence is the head applied to the final hidden state of one token,
+    the last of the response (its <|end|>), so it has read the prompt and the whole
+    response. The language-model head is kept (unused) so the weights stay a complete
+    checkpoint of the trunk; the state dict is the Transformer's plus `score_head.*`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.score_head = nn.Linear(cfg.d_model, 1)
+        self.init_score_head()
+
+    @torch.no_grad()
+    def init_score_head(self):
+        # small, as in the InstructGPT/TRL reward models: scores start near 0 for every input
+        nn.init.normal_(self.score_head.weight, 0.0, 1.0 / math.sqrt(self.cfg.d_model + 1))
+        nn.init.zeros_(self.score_head.bias)
+
+    def score(self, idx: torch.Tensor, last_index: torch.Tensor, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B,) read at position last_index[b] of each row of idx (B, T).
+        Right padding: last_index = length - 1. Left padding: last_index = T - 1 and
+        kv_start = the number of pad tokens, so padding never changes a score."""
+        h = self.hidden_states(idx, kv_start)
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        return self.score_head(h[rows, last_index.to(idx.device)]).squeeze(-1).float()

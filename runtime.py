@@ -305,20 +305,32 @@ def load_weights(ckpt: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is truncated or corrupt: {e}") from None
 
 
-def load_model(ckpt: str, device="cpu", **overrides) -> tuple[Transformer, dict]:
-    """A Transformer with the checkpoint's weights (for --init, sample.py and evaluation)."""
+def load_model(ckpt: str, device="cpu", model_class=Transformer, **overrides) -> tuple[Transformer, dict]:
+    """A model with the checkpoint's weights (for --init, sample.py, scoring and evaluation).
+
+    model_class=ScalarHeadModel loads a reward/critic checkpoint, or starts one from a
+    language-model checkpoint with a fresh score head; a reward checkpoint loads as a
+    plain Transformer by leaving its score head out."""
     config = read_checkpoint_config(ckpt)
     model_cfg = ModelConfig.from_dict({**config["model"], **overrides})
     with torch.device("meta"):
-        model = Transformer(model_cfg)
+        model = model_class(model_cfg)
     model.to_empty(device=device)
     weights, _ = load_weights(ckpt)
     if model_cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)
     try:
-        model.load_state_dict(weights, strict=not model_cfg.tie_embeddings)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt}: weights do not match its model config: {str(e).splitlines()[0]}") from None
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"{ckpt}: weights do not match its model config: {str(e).splitlines()[1:2]}") from None
+    optional = {"score_head.weight", "score_head.bias"}
+    missing = set(result.missing_keys) - optional - ({"lm_head.weight"} if model_cfg.tie_embeddings else set())
+    unexpected = set(result.unexpected_keys) - optional
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match its model config "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if "score_head.weight" in result.missing_keys:
+        model.init_score_head()
     model.init_rope()
     return model, config
 
