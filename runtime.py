@@ -482,6 +482,22 @@ class StopSignal:
 
 # ----------------------------------------------------------------------------- the shared loop
 
+def run_main(config_class, train_fn, argv=None, description: str = "") -> None:
+    """Parse the config, join the process group, run train_fn(cfg, env); a user mistake
+    (bad option, file, checkpoint or data) ends as one error line and a non-zero exit."""
+    from cli import UserError, die, parse_config
+    from data.shards import DataDirError
+    from data.tokenizer import TokenizerError
+    cfg = parse_config(config_class, argv, description=description)
+    try:
+        env = setup(cfg.device)
+        train_fn(cfg, env)
+    except (UserError, DataDirError, TokenizerError, CheckpointError, ValueError, OSError) as e:
+        die(str(e))
+    finally:
+        teardown()
+
+
 @dataclass
 class TrainConfig:
     """The options every train script has (DESIGN.md); a stage subclasses it, adds its own

@@ -16,16 +16,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
 
 import runtime
-from cli import UserError, die, parse_config, print_config
+from cli import UserError, print_config
 from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, has_split, parse_mixture
-from data.shards import DataDirError
-from data.tokenizer import Tokenizer, TokenizerError
+from data.tokenizer import Tokenizer
 from model import PRESETS, ModelConfig, Transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -145,17 +143,7 @@ def sample_text(model, tok: Tokenizer, cfg: PretrainConfig, env, dtype, prompt: 
 
 
 def main(argv=None) -> None:
-    cfg = parse_config(PretrainConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        env = runtime.setup(cfg.device)
-    except ValueError as e:
-        die(str(e))
-    try:
-        train(cfg, env)
-    except (UserError, DataDirError, TokenizerError, runtime.CheckpointError, ValueError) as e:
-        die(str(e))
-    finally:
-        runtime.teardown()
+    runtime.run_main(PretrainConfig, train, argv, description=__doc__.split("\n")[0])
 
 
 def train(cfg: PretrainConfig, env: runtime.Env) -> None:

@@ -21,18 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import runtime
-from cli import UserError, die, parse_config, print_config
+from cli import UserError, print_config
 from data import tasks
 from data.chat import encode_chat, prompt_messages
 from data.prefs import load_pairs
-from data.tokenizer import Tokenizer, TokenizerError
+from data.tokenizer import Tokenizer
 from model import ScalarHeadModel
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -182,23 +181,15 @@ def split_pairs(pairs, fraction: float):
 
 
 def main(argv=None) -> None:
-    cfg = parse_config(RMConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        env = runtime.setup(cfg.device)
-        train(cfg, env)
-    except (UserError, TokenizerError, runtime.CheckpointError, ValueError, OSError) as e:
-        die(str(e))
-    finally:
-        runtime.teardown()
+    runtime.run_main(RMConfig, train, argv, description=__doc__.split("\n")[0])
 
 
 def train(cfg: RMConfig, env: runtime.Env) -> None:
     if env.is_main:
         print_config(cfg, "rm config")
     if not cfg.data:
-        if env.is_main and not os.path.exists(os.path.join(TASKS_DIR, "prefs.jsonl")):
-            print(f"writing the task suite to {TASKS_DIR}")
-            tasks.write(TASKS_DIR)
+        if env.is_main:
+            tasks.ensure_written(TASKS_DIR)
         runtime.barrier()
     data_files = cfg.data or [os.path.join(TASKS_DIR, "prefs.jsonl")]
     for path in data_files:

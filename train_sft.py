@@ -17,14 +17,13 @@ import os
 import random
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 import runtime
-from cli import UserError, die, parse_config, print_config
+from cli import UserError, print_config
 from data import tasks
 from data.chat import load_chat_jsonl
-from data.tokenizer import Tokenizer, TokenizerError
+from data.tokenizer import Tokenizer
 from evals import format_accuracy, task_accuracy
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -137,14 +136,7 @@ def load_records(path: str) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    cfg = parse_config(SFTConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        env = runtime.setup(cfg.device)
-        train(cfg, env)
-    except (UserError, TokenizerError, runtime.CheckpointError, ValueError, OSError) as e:
-        die(str(e))
-    finally:
-        runtime.teardown()
+    runtime.run_main(SFTConfig, train, argv, description=__doc__.split("\n")[0])
 
 
 def train(cfg: SFTConfig, env: runtime.Env) -> None:
@@ -152,9 +144,8 @@ def train(cfg: SFTConfig, env: runtime.Env) -> None:
         print_config(cfg, "sft config")
     # ---- data: the task suite is written on first use
     if not cfg.data or not cfg.eval_data:
-        if env.is_main and not os.path.exists(os.path.join(TASKS_DIR, "eval.jsonl")):
-            print(f"writing the task suite to {TASKS_DIR}")
-            tasks.write(TASKS_DIR)
+        if env.is_main:
+            tasks.ensure_written(TASKS_DIR)
         runtime.barrier()
     data_files = cfg.data or [os.path.join(TASKS_DIR, "sft.jsonl")]
     eval_file = cfg.eval_data or os.path.join(TASKS_DIR, "eval.jsonl")

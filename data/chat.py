@@ -160,10 +160,10 @@ class ChatExample:
     meta: dict
 
 
-def load_chat_jsonl(paths: list[str], tok, max_len: int, truncation: str = "truncate"):
-    """Read every record; return (examples, skipped reasons Counter, number truncated).
-    Missing files raise FileNotFoundError; bad records are skipped and counted."""
-    examples, skipped, truncated = [], Counter(), 0
+def iter_jsonl(paths: list[str], parse, skipped: Counter):
+    """(record, parse(record)) for every good line of JSONL files; a bad line is counted in
+    `skipped` by reason (invalid_utf8, invalid_json, or the RecordError's) and passed over.
+    Missing files raise FileNotFoundError."""
     for path in paths:
         with open(path, "rb") as f:
             for raw in f:
@@ -171,22 +171,27 @@ def load_chat_jsonl(paths: list[str], tok, max_len: int, truncation: str = "trun
                     continue
                 try:
                     rec = json.loads(raw.decode("utf-8-sig"))  # -sig: a leading BOM is not an error
-                    messages = to_messages(rec)
+                    parsed = parse(rec)
                 except RecordError as e:
                     skipped[e.reason] += 1
-                    continue
                 except UnicodeDecodeError:
                     skipped["invalid_utf8"] += 1
-                    continue
                 except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
                     skipped["invalid_json"] += 1
-                    continue
-                ids, mask = encode_chat(tok, messages)
-                fitted = truncate(ids, mask, max_len, truncation)
-                if fitted is None:
-                    skipped["too_long"] += 1
-                    continue
-                truncated += len(fitted[0]) < len(ids)
-                meta = {k: rec[k] for k in ("family", "answer", "id", "answer_type") if k in rec}
-                examples.append(ChatExample(fitted[0], fitted[1], meta))
+                else:
+                    yield rec, parsed
+
+
+def load_chat_jsonl(paths: list[str], tok, max_len: int, truncation: str = "truncate"):
+    """Read every record; return (examples, skipped reasons Counter, number truncated)."""
+    examples, skipped, truncated = [], Counter(), 0
+    for rec, messages in iter_jsonl(paths, to_messages, skipped):
+        ids, mask = encode_chat(tok, messages)
+        fitted = truncate(ids, mask, max_len, truncation)
+        if fitted is None:
+            skipped["too_long"] += 1
+            continue
+        truncated += len(fitted[0]) < len(ids)
+        meta = {k: rec[k] for k in ("family", "answer", "id", "answer_type") if k in rec}
+        examples.append(ChatExample(fitted[0], fitted[1], meta))
     return examples, skipped, truncated

@@ -11,12 +11,11 @@ final assistant turn: that is where the reward model reads its score.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 
-from data.chat import RecordError, encode_chat, to_messages, truncate
+from data.chat import RecordError, encode_chat, iter_jsonl, to_messages, truncate
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):", re.IGNORECASE)
 
@@ -94,30 +93,10 @@ class Pair:
 def load_pairs(paths: list[str], tok, max_len: int, truncation: str = "truncate"):
     """Encode every record; return (pairs, skipped reasons Counter)."""
     pairs, skipped = [], Counter()
-    for path in paths:
-        with open(path, "rb") as f:
-            for raw in f:
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw.decode("utf-8-sig"))
-                    chosen, rejected, margin = pair_messages(rec)
-                except RecordError as e:
-                    skipped[e.reason] += 1
-                    continue
-                except UnicodeDecodeError:
-                    skipped["invalid_utf8"] += 1
-                    continue
-                except (ValueError, RecursionError):
-                    skipped["invalid_json"] += 1
-                    continue
-                sides = []
-                for conv in (chosen, rejected):
-                    fitted = truncate(*encode_chat(tok, conv), max_len, truncation)
-                    sides.append(fitted[0] if fitted else None)
-                if None in sides:
-                    skipped["too_long"] += 1
-                    continue
-                prompt = [m for m in chosen[:-1]]
-                pairs.append(Pair(sides[0], sides[1], margin, str(rec.get("kind", "all")), prompt))
+    for rec, (chosen, rejected, margin) in iter_jsonl(paths, pair_messages, skipped):
+        sides = [truncate(*encode_chat(tok, conv), max_len, truncation) for conv in (chosen, rejected)]
+        if None in sides:
+            skipped["too_long"] += 1
+            continue
+        pairs.append(Pair(sides[0][0], sides[1][0], margin, str(rec.get("kind", "all")), chosen[:-1]))
     return pairs, skipped

@@ -18,12 +18,10 @@ documents.read == documents.kept + sum(documents.removed).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import re
-import sys
 import time
 import zlib
 from collections import Counter
@@ -31,7 +29,6 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Optional
 
-import numpy as np
 
 from cli import UserError, config_dict, die, parse_config, print_config
 from data import clean, langid, pii, quality

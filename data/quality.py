@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np

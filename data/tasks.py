@@ -237,6 +237,13 @@ def write(out_dir: str, **kwargs) -> dict[str, int]:
     return {name: len(records) for name, records in sets.items()}
 
 
+def ensure_written(out_dir: str) -> None:
+    """Write the default suite to out_dir unless it is already there (first use)."""
+    if not all(os.path.exists(os.path.join(out_dir, f"{name}.jsonl")) for name in ("sft", "prefs", "prompts", "eval")):
+        print(f"writing the task suite to {out_dir}")
+        write(out_dir)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="write the verifiable task suite (sft, prefs, prompts, eval JSONL)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
