@@ -340,13 +340,15 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm_f(x)
 
-    def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean"):
-        """Logits (B, T, V) when targets is None; else the cross-entropy loss
-        (mean over non-ignored targets, or per token with reduction="none")."""
+    def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean", last_only: bool = False):
+        """Logits (B, T, V) when targets is None (only the last position's (B, V) with
+        last_only); else the cross-entropy loss (mean over non-ignored targets, or per
+        token with reduction="none"). Everything goes through forward(): under FSDP it is
+        the call that gathers the sharded weights."""
         h = self.hidden_states(idx, kv_start, cache)
-        if targets is None:
-            return self.lm_head(h)
-        return lm_loss(h, self.lm_head.weight, targets, reduction)
+        if targets is not None:
+            return lm_loss(h, self.lm_head.weight, targets, reduction)
+        return self.lm_head(h[:, -1] if last_only else h)
 
     # -- generation
     @torch.no_grad()
@@ -376,7 +378,7 @@ class Transformer(nn.Module):
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = torch.full((B, total - T0), pad_id, dtype=torch.long, device=device)
-        logits = self.lm_head(self.hidden_states(idx, kv_start, cache)[:, -1])
+        logits = self(idx, kv_start=kv_start, cache=cache, last_only=True)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for t in range(total - T0):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
@@ -391,7 +393,7 @@ class Transformer(nn.Module):
                 finished = flag == 0
             if bool(finished) or t == total - T0 - 1:
                 break
-            logits = self.lm_head(self.hidden_states(nxt[:, None], kv_start, cache)[:, -1])
+            logits = self(nxt[:, None], kv_start=kv_start, cache=cache, last_only=True)
         results = []
         for row in out.tolist():
             for j, tok in enumerate(row):
@@ -468,10 +470,17 @@ class ScalarHeadModel(Transformer):
         nn.init.normal_(self.score_head.weight, 0.0, 1.0 / math.sqrt(self.cfg.d_model + 1))
         nn.init.zeros_(self.score_head.bias)
 
+    def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean", last_only: bool = False,
+                last_index: torch.Tensor | None = None):
+        """With last_index: scores (B,); otherwise the language-model forward."""
+        if last_index is None:
+            return super().forward(idx, targets, kv_start, cache, reduction, last_only)
+        h = self.hidden_states(idx, kv_start)
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        return self.score_head(h[rows, last_index.to(idx.device)]).squeeze(-1).float()
+
     def score(self, idx: torch.Tensor, last_index: torch.Tensor, kv_start: torch.Tensor | None = None) -> torch.Tensor:
         """Scores (B,) read at position last_index[b] of each row of idx (B, T).
         Right padding: last_index = length - 1. Left padding: last_index = T - 1 and
         kv_start = the number of pad tokens, so padding never changes a score."""
-        h = self.hidden_states(idx, kv_start)
-        rows = torch.arange(idx.shape[0], device=idx.device)
-        return self.score_head(h[rows, last_index.to(idx.device)]).squeeze(-1).float()
+        return self(idx, kv_start=kv_start, last_index=last_index)

@@ -144,3 +144,31 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     train_rm.main(["--eval-only", "--init", str(out), "--data", str(data / "prefs.jsonl"), "--device", "cpu"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary["by_kind"]) == {"near_miss", "wrong_format", "rambling"}
+
+
+def test_rm_under_torchrun_matches_one_process(tiny_pretrained, tmp_path):
+    """FSDP2 over gloo: the score head and the trunk are gathered through forward()."""
+    import os
+    import subprocess
+    import sys
+    from data import tasks
+    data = tmp_path / "tasks"
+    tasks.write(str(data), sft_per_family=2, prefs_per_family=12, prompts_per_family=2, eval_per_family=2)
+    common = ["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--max-steps", "3", "--eval-every", "3",
+              "--log-every", "1", "--device", "cpu", "--dtype", "float32", "--lr", "1e-3"]
+    train_rm.main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_rm.py", *common, "--out", str(tmp_path / "two"), "--batch-size", "4"],
+                          cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def rows(out):
+        return [json.loads(line) for line in open(out / "metrics.jsonl")]
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    losses = lambda rs: [r["loss"] for r in rs if "loss" in r]  # noqa: E731
+    assert len(losses(one)) == 3
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    val = lambda rs: [r["val_accuracy"] for r in rs if "val_accuracy" in r]  # noqa: E731
+    assert val(two) == pytest.approx(val(one))
