@@ -12,6 +12,8 @@ cache, and batched `generate()` over left-padded prompts (what PPO rollouts need
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -174,7 +176,9 @@ def attention(q, k, v, mask, impl: str):
     """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). mask: None for plain causal attention
     over the whole sequence, else a boolean (B, 1, Tq, Tk) tensor of allowed keys."""
     if impl == "triton":
-        from kernels.attention import flash_attention  # noqa: the kernels issue provides it
+        flash_attention = _kernel("attention", "flash_attention")
+        if flash_attention is None:
+            raise ValueError("attn_impl='triton' needs kernels/attention.py (the kernels issue)")
         if mask is not None:
             raise NotImplementedError("the Triton path takes kv_start, not a dense mask")
         return flash_attention(q, k, v, causal=True)
@@ -287,13 +291,7 @@ class Transformer(nn.Module):
     def _resolved_impl(self, device) -> str:
         impl = self.cfg.attn_impl
         if impl == "auto":
-            impl = "sdpa"
-            if device.type == "cuda":
-                try:
-                    import kernels.attention  # noqa: F401
-                    impl = "triton"
-                except ImportError:
-                    pass
+            impl = "triton" if device.type == "cuda" and _kernel("attention", "flash_attention") else "sdpa"
         return impl
 
     def hidden_states(self, idx: torch.Tensor, kv_start: torch.Tensor | None = None,
@@ -424,6 +422,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(module: str, name: str):
+    """kernels.<module>.<name> if the kernels package provides it, else None. Looked up
+    once: a failed import retried on every forward would cost a file-system search."""
+    try:
+        return getattr(importlib.import_module(f"kernels.{module}"), name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
     """Cross-entropy of the lm head over hidden states h (..., d) against targets (...).
 
@@ -431,10 +439,7 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
     logits in memory); otherwise this plain reference: logits in fp32, then F.cross_entropy.
     Targets of -100 are ignored; a batch with every target ignored gives 0, not NaN.
     """
-    try:
-        from kernels.cross_entropy import fused_linear_cross_entropy
-    except ImportError:
-        fused_linear_cross_entropy = None
+    fused_linear_cross_entropy = _kernel("cross_entropy", "fused_linear_cross_entropy")
     x = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1)
     if fused_linear_cross_entropy is not None:

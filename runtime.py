@@ -573,15 +573,14 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, env: Env, model: Transformer, *, stage: str, tokenizer_path: str,
-                 data_state=lambda: {}, extra_config: dict | None = None, optimizer_params=None):
+                 data_state=lambda: {}, extra_config: dict | None = None):
         from cli import config_dict
         self.cfg, self.env, self.stage = cfg, env, stage
         self.dtype = compute_dtype(cfg.dtype, env.device)
         self.n_params = model.num_params()
         self.model_cfg = model.cfg
         self.model = prepare_model(model, env, self.dtype, cfg.compile, cfg.grad_checkpointing)
-        self.optimizer = make_optimizer(self.model if optimizer_params is None else optimizer_params,
-                                        cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
         self.tokenizer_path = tokenizer_path
         self.data_state = data_state
         self.extra_config = extra_config or {}
