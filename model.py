@@ -338,14 +338,17 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm_f(x)
 
-    def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean", last_only: bool = False):
+    def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean", last_only: bool = False,
+                temperature: float = 1.0, return_entropy: bool = False):
         """Logits (B, T, V) when targets is None (only the last position's (B, V) with
         last_only); else the cross-entropy loss (mean over non-ignored targets, or per
-        token with reduction="none"). Everything goes through forward(): under FSDP it is
-        the call that gathers the sharded weights."""
+        token with reduction="none": minus the log-probs RM and PPO need). temperature
+        divides the logits first, as sampling does; return_entropy adds the per-token
+        entropy of that distribution (no gradient). Everything goes through forward():
+        under FSDP it is the call that gathers the sharded weights."""
         h = self.hidden_states(idx, kv_start, cache)
         if targets is not None:
-            return lm_loss(h, self.lm_head.weight, targets, reduction)
+            return lm_loss(h, self.lm_head.weight, targets, reduction, temperature, return_entropy)
         return self.lm_head(h[:, -1] if last_only else h)
 
     # -- generation
@@ -432,27 +435,44 @@ def _kernel(module: str, name: str):
         return None
 
 
-def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+            temperature: float = 1.0, return_entropy: bool = False):
     """Cross-entropy of the lm head over hidden states h (..., d) against targets (...).
 
     Uses the fused linear cross-entropy kernel when kernels/ provides it (no (N, V)
-    logits in memory); otherwise this plain reference: logits in fp32, then F.cross_entropy.
+    logits in memory); otherwise this plain reference: logits in fp32, then the loss.
     Targets of -100 are ignored; a batch with every target ignored gives 0, not NaN.
+    Logits are divided by temperature (scaling h is the same thing). With return_entropy
+    the result is (loss, entropy) where entropy (...) is per token and carries no gradient.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     fused_linear_cross_entropy = _kernel("cross_entropy", "fused_linear_cross_entropy")
     x = h.reshape(-1, h.shape[-1])
+    if temperature != 1.0:
+        x = x / temperature
     t = targets.reshape(-1)
     if fused_linear_cross_entropy is not None:
-        out = fused_linear_cross_entropy(x, weight, t, ignore_index=-100, reduction=reduction)
+        out = fused_linear_cross_entropy(x, weight, t, ignore_index=-100, reduction=reduction,
+                                         return_entropy=return_entropy)
+        out, entropy = out if return_entropy else (out, None)
     else:
-        per_token = F.cross_entropy(upcast(x @ weight.t()), t, ignore_index=-100, reduction="none")
+        logits = upcast(x @ weight.t())
+        per_token = F.cross_entropy(logits, t, ignore_index=-100, reduction="none")
+        entropy = None
+        if return_entropy:
+            with torch.no_grad():
+                logp = logits.log_softmax(dim=-1)
+                entropy = -(logp.exp() * logp).sum(dim=-1)
         if reduction == "none":
             out = per_token
         elif reduction == "sum":
             out = per_token.sum()
         else:
             out = per_token.sum() / (t != -100).sum().clamp(min=1)
-    return out.view(targets.shape) if reduction == "none" else out
+    if reduction == "none":
+        out = out.view(targets.shape)
+    return (out, entropy.view(targets.shape)) if return_entropy else out
 
 
 class ScalarHeadModel(Transformer):
@@ -476,8 +496,11 @@ class ScalarHeadModel(Transformer):
         nn.init.zeros_(self.score_head.bias)
 
     def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean", last_only: bool = False,
-                last_index: torch.Tensor | None = None):
-        """With last_index: scores (B,); otherwise the language-model forward."""
+                last_index: torch.Tensor | None = None, all_scores: bool = False):
+        """With last_index: scores (B,); with all_scores: the head at every position
+        (B, T), PPO's per-token values; otherwise the language-model forward."""
+        if all_scores:
+            return self.score_head(self.hidden_states(idx, kv_start)).squeeze(-1).float()
         if last_index is None:
             return super().forward(idx, targets, kv_start, cache, reduction, last_only)
         h = self.hidden_states(idx, kv_start)
