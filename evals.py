@@ -2,10 +2,22 @@
 greedy answers to chat prompts, graded exactly, overall and per task family."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-from data.chat import encode_prompt
+from data.chat import RecordError, encode_prompt, iter_jsonl
 from data.tasks import grade
+
+
+def load_task_records(path: str) -> list[dict]:
+    """The gradable records ({"prompt": str, "answer", "family"}) of a JSONL file; other
+    lines (no answer, malformed) are passed over: they cannot be graded."""
+    def gradable(rec):
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and "answer" in rec and "family" in rec):
+            raise RecordError("not_gradable")
+        return rec
+    return [rec for rec, _ in iter_jsonl([path], gradable, Counter())]
 
 
 @torch.no_grad()

@@ -174,14 +174,18 @@ class Attention(nn.Module):
 
 def attention(q, k, v, mask, impl: str):
     """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). mask: None for plain causal attention
-    over the whole sequence, else a boolean (B, 1, Tq, Tk) tensor of allowed keys."""
+    over the whole sequence, else a boolean (B, 1, Tq, Tk) tensor of allowed keys; for
+    impl 'triton' it may instead be an integer (B,) tensor, kv_start: causal attention
+    with the keys before kv_start[b] masked (left padding), which the kernel applies
+    itself. A pad query (before kv_start) gets zeros from the kernel; under a dense mask
+    it attends to itself. Either way the real queries see the same keys."""
     if impl == "triton":
         flash_attention = _kernel("attention", "flash_attention")
         if flash_attention is None:
-            raise ValueError("attn_impl='triton' needs kernels/attention.py (the kernels issue)")
-        if mask is not None:
-            raise NotImplementedError("the Triton path takes kv_start, not a dense mask")
-        return flash_attention(q, k, v, causal=True)
+            raise ValueError("attn_impl='triton' needs kernels/attention.py")
+        if mask is not None and mask.dtype == torch.bool:
+            raise ValueError("the Triton attention takes kv_start (an integer (B,) tensor), not a dense mask")
+        return flash_attention(q, k, v, causal=True, kv_start=mask)
     groups = q.shape[1] // k.shape[1]
     if impl == "sdpa":
         if groups > 1:
@@ -291,7 +295,8 @@ class Transformer(nn.Module):
     def _resolved_impl(self, device) -> str:
         impl = self.cfg.attn_impl
         if impl == "auto":
-            impl = "triton" if device.type == "cuda" and _kernel("attention", "flash_attention") else "sdpa"
+            usable = _kernel("attention", "triton_usable")  # triton installed and a CUDA device
+            impl = "triton" if usable is not None and usable(device) else "sdpa"
         return impl
 
     def hidden_states(self, idx: torch.Tensor, kv_start: torch.Tensor | None = None,
@@ -317,12 +322,15 @@ class Transformer(nn.Module):
         else:
             kv_start = kv_start.to(device)
             positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)
-            keys = torch.arange(past + T, device=device)
-            allowed = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= kv_start[:, None, None])
-            allowed |= keys[None, None, :] == slots[None, :, None]  # a pad query sees itself: no empty softmax
-            mask = allowed[:, None]
-        if impl == "triton" and mask is not None:
-            impl = "sdpa"  # the dense-mask cases (decoding, padding) stay on PyTorch for now
+            if impl == "triton" and past == 0:
+                mask = kv_start  # the kernel masks the padding itself: no (B, T, T) mask
+            else:
+                keys = torch.arange(past + T, device=device)
+                allowed = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= kv_start[:, None, None])
+                allowed |= keys[None, None, :] == slots[None, :, None]  # a pad query sees itself: no empty softmax
+                mask = allowed[:, None]
+        if impl == "triton" and mask is not None and mask.dtype == torch.bool:
+            impl = "sdpa"  # decoding after a cache (a query block offset into the keys) stays on PyTorch
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -355,7 +363,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator=None, min_width: int = 0) -> list[list[int]]:
         """Sample continuations for a batch of prompts (token id lists, any lengths).
 
         Prompts are left-padded into one batch; the KV cache makes each step cost one
@@ -363,11 +371,14 @@ class Transformer(nn.Module):
         (included in its output); the batch stops when every row has. Under torch.distributed
         every rank keeps stepping until all ranks are done, since each forward of a
         sharded model is a collective (DESIGN.md: generation under FSDP).
+        generator: one torch.Generator for the batch, or a list with one per row (then a
+        row's sample depends only on its own generator, not on which rows share its batch).
+        min_width: left-pad prompts to at least this many tokens (PPO pads every rank alike).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
         device = self.tok_emb.weight.device
-        B, T0 = len(prompts), max(len(p) for p in prompts)
+        B, T0 = len(prompts), max(min_width, max(len(p) for p in prompts))
         total = min(T0 + max_new_tokens, self.cfg.max_seq_len)
         if total <= T0:
             raise ValueError(f"prompt of {T0} tokens leaves no room under max_seq_len {self.cfg.max_seq_len}")
@@ -406,9 +417,10 @@ class Transformer(nn.Module):
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator=None) -> torch.Tensor:
     """One token per row from logits (B, V): greedy at temperature 0, else top-k then
-    nucleus (top-p) filtering of the tempered distribution."""
+    nucleus (top-p) filtering of the tempered distribution. generator: one for the
+    batch, or a list of one per row."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -422,6 +434,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != len(probs):
+            raise ValueError(f"{len(generator)} generators for {len(probs)} rows")
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -488,6 +504,8 @@ class ScalarHeadModel(Transformer):
         super().__init__(cfg)
         self.score_head = nn.Linear(cfg.d_model, 1)
         self.init_score_head()
+        if not cfg.tie_embeddings:  # unused here: frozen, so the optimizer holds no (empty) state for it
+            self.lm_head.weight.requires_grad_(False)
 
     @torch.no_grad()
     def init_score_head(self):

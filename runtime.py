@@ -109,6 +109,24 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int, device) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor concatenated along dim 0, in rank order, on every rank (the
+    tensors must have the same shape on each rank)."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 # ----------------------------------------------------------------------------- precision and sharding
 
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -573,7 +591,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, env: Env, model: Transformer, *, stage: str, tokenizer_path: str,
-                 data_state=lambda: {}, extra_config: dict | None = None):
+                 data_state=lambda: {}, extra_config: dict | None = None, before_save=None):
         from cli import config_dict
         self.cfg, self.env, self.stage = cfg, env, stage
         self.dtype = compute_dtype(cfg.dtype, env.device)
@@ -584,6 +602,7 @@ class Trainer:
         self.tokenizer_path = tokenizer_path
         self.data_state = data_state
         self.extra_config = extra_config or {}
+        self.before_save = before_save  # e.g. PPO saves its critic before the policy
         self.train_config = config_dict(cfg)
         self.step = 0
         self.lr = 0.0
@@ -634,34 +653,49 @@ class Trainer:
         """Average the loss over ranks, clip, and step unless the loss or gradient is not
         finite (then skip the update, and give up after max_nonfinite in a row). Counts
         the step either way; logs every log_every steps. Returns whether it updated."""
-        from cli import UserError
         loss = all_reduce_mean(loss.detach())
+        grad_norm = self.apply_gradients(bool(torch.isfinite(loss)))
+        if grad_norm is None:
+            self.step += 1
+            return False
+        self.end_step(loss.item(), tokens, {"grad_norm": grad_norm, **(extra or {})})
+        return True
+
+    def apply_gradients(self, loss_is_finite: bool = True) -> float | None:
+        """Clip and apply the accumulated gradients; the gradient norm, or None when the
+        loss or the gradient is not finite and the update was skipped. Stages with several
+        updates per step (PPO's minibatches) call this, then end_step() once."""
+        from cli import UserError
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        self.step += 1
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        if not (loss_is_finite and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # the data moves on; the weights do not
             self.nonfinite_streak += 1
-            print0(f"step {self.step}: non-finite loss or gradient, update skipped ({self.nonfinite_streak} in a row)")
+            print0(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
+                   f"({self.nonfinite_streak} in a row)")
             if self.nonfinite_streak >= self.cfg.max_nonfinite:
                 raise UserError(f"{self.nonfinite_streak} non-finite steps in a row: stopping (lower --lr?)")
-            return False
+            return None
         self.nonfinite_streak = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def end_step(self, loss: float, tokens: int, extra: dict | None = None, suffix: str = "") -> None:
+        """Count a finished step; every log_every steps print the progress line (plus
+        `suffix`) and log loss, lr, speed and `extra` to metrics.jsonl."""
+        self.step += 1
         self.tokens_since += tokens
         self.steps_since += 1
         if self.due(self.cfg.log_every):
             if self.env.device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.time()
-            line, speed = self.progress.line(self.step, loss.item(), self.lr, self.tokens_since, now - self.t_last,
+            line, speed = self.progress.line(self.step, loss, self.lr, self.tokens_since, now - self.t_last,
                                              self.steps_since)
-            print0(line)
-            self.log({"step": self.step, "loss": loss.item(), "lr": self.lr, "grad_norm": grad_norm.item(),
-                      **(extra or {}), **speed})
+            print0(line + suffix)
+            self.log({"step": self.step, "loss": loss, "lr": self.lr, **(extra or {}), **speed})
             self.t_last, self.tokens_since, self.steps_since = now, 0, 0
-        return True
 
     # -- bookkeeping
     def due(self, every: int) -> bool:
@@ -675,6 +709,8 @@ class Trainer:
         self.t_last = time.time()
 
     def save(self) -> None:
+        if self.before_save is not None:
+            self.before_save()
         save_checkpoint(self.cfg.out, self.model, self.optimizer, self.env, stage=self.stage, step=self.step,
                         train_config=self.train_config, trainer_state={"data": self.data_state()},
                         tokenizer_path=self.tokenizer_path, extra_config=self.extra_config)

@@ -12,7 +12,6 @@ loss on the assistant tokens and task accuracy by greedy generation, per task fa
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from cli import UserError, print_config
 from data import tasks
 from data.chat import load_chat_jsonl
 from data.tokenizer import Tokenizer
-from evals import format_accuracy, task_accuracy
+from evals import format_accuracy, load_task_records, task_accuracy
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(REPO, "prepared", "tasks")
@@ -130,11 +129,6 @@ def heldout_loss(model, examples, pad_id: int, trainer, env, batch_size: int) ->
     return float(total[0] / total[1].clamp(min=1))
 
 
-def load_records(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main(argv=None) -> None:
     runtime.run_main(SFTConfig, train, argv, description=__doc__.split("\n")[0])
 
@@ -166,7 +160,7 @@ def train(cfg: SFTConfig, env: runtime.Env) -> None:
                    f"truncated {truncated}")
     if not examples:
         raise UserError(f"no usable records in {' '.join(data_files)}")
-    eval_records = [r for r in load_records(eval_file) if "prompt" in r and "answer" in r and "family" in r]
+    eval_records = load_task_records(eval_file)
     eval_examples, _, _ = load_chat_jsonl([eval_file], tok, max_len, "drop")
     if not eval_examples:  # no held-out conversations: hold out a slice of the training data
         rng = random.Random(cfg.seed)

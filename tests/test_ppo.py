@@ -1,0 +1,308 @@
+"""Stage 3b: PPO's pieces against hand computations (GAE, the KL controller, the losses),
+log-prob reconstruction (ratio exactly 1 with padding and temperature), padding that never
+counts, the missing-stop penalty, and end to end: KL 0 before the first update, exact
+resume, torchrun equal to one process, a loadable checkpoint, and clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_ppo
+from data import tasks
+from data.chat import encode_prompt
+from data.tokenizer import Tokenizer
+from runtime import load_model
+from train_ppo import (adaptive_kl_coef, combine_scores, gae, masked_whiten, pack, ppo_losses, response_logprobs,
+                       token_rewards)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- the algorithm's pieces
+
+def test_gae_and_returns_match_a_hand_computed_example():
+    # one row of 3 tokens, gamma 1, lambda 0.5:
+    #   t=2: delta = 1 + 0 - 0.4 = 0.6             A2 = 0.6
+    #   t=1: delta = 0 + 0.4 - 0.2 = 0.2           A1 = 0.2 + 0.5 * 0.6 = 0.5
+    #   t=0: delta = 0 + 0.2 - 0.5 = -0.3          A0 = -0.3 + 0.5 * 0.5 = -0.05
+    rewards = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.2, 0.4]], dtype=torch.float64)
+    adv, ret = gae(rewards, values, torch.ones(1, 3, dtype=torch.float64), gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([-0.05, 0.5, 0.6])
+    assert ret[0].tolist() == pytest.approx([0.45, 0.7, 1.0])
+    # gamma discounts the next value: gamma 0.5, lambda 1 -> A2 = 0.6, A1 = 0 + 0.5*0.4 - 0.2 + 0.5*0.6 = 0.3,
+    # A0 = 0 + 0.5*0.2 - 0.5 + 0.5*0.3 = -0.25
+    adv, _ = gae(rewards, values, torch.ones(1, 3, dtype=torch.float64), gamma=0.5, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([-0.25, 0.3, 0.6])
+    # the same row right-padded with garbage, next to a longer row: same numbers, zeros on padding
+    rewards2 = torch.tensor([[0.0, 0.0, 1.0, 9.0, 9.0], [1.0, 2.0, 3.0, 4.0, 5.0]], dtype=torch.float64)
+    values2 = torch.tensor([[0.5, 0.2, 0.4, 7.0, 7.0], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask2 = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
+    adv, ret = gae(rewards2, values2, mask2, gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([-0.05, 0.5, 0.6, 0.0, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.45, 0.7, 1.0, 0.0, 0.0])
+    # lambda 1, gamma 1, values 0: the advantage is the sum of the rewards still to come
+    assert adv[1].tolist() == pytest.approx([1 + 0.5 * (2 + 0.5 * (3 + 0.5 * (4 + 0.5 * 5))),
+                                             2 + 0.5 * (3 + 0.5 * (4 + 0.5 * 5)), 3 + 0.5 * (4 + 0.5 * 5),
+                                             4 + 0.5 * 5, 5])
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-0.5, 5.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards, kl = token_rewards(logp, ref, torch.tensor([2.0, -1.0]), mask, beta=0.1)
+    assert kl.flatten().tolist() == pytest.approx([0.5, 0.0, -1.0, -0.5, 0.0, 0.0])
+    assert rewards.flatten().tolist() == pytest.approx([-0.05, 0.0, 0.1 + 2.0, 0.05 - 1.0, 0.0, 0.0])
+
+
+def test_adaptive_kl_controller_follows_its_formula():
+    # beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon
+    assert adaptive_kl_coef(0.1, kl=6.6, target=6.0, horizon=100, n=10) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert adaptive_kl_coef(0.1, kl=60.0, target=6.0, horizon=100, n=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert adaptive_kl_coef(0.1, kl=0.0, target=6.0, horizon=100, n=10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    assert adaptive_kl_coef(0.1, kl=6.0, target=6.0, horizon=100, n=10) == pytest.approx(0.1)
+
+
+def test_missing_stop_penalty_and_score_mixing():
+    eos = torch.tensor([True, False, True])
+    rm = torch.tensor([0.5, 0.5, -1.0])
+    graded = torch.tensor([1.0, 1.0, 0.0])
+    assert combine_scores(rm, None, eos, 2.0, 1.5).tolist() == pytest.approx([0.5, -1.0, -1.0])
+    assert combine_scores(None, graded, eos, 2.0, 1.5).tolist() == pytest.approx([1.0, -0.5, 0.0])
+    assert combine_scores(rm, graded, eos, 2.0, 1.5).tolist() == pytest.approx([2.5, 1.0, -1.0])
+
+
+def test_padding_never_changes_whitening_or_losses():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    garbage = x.clone()
+    garbage[mask == 0] = 1e3
+    real = x[mask == 1]
+    expected = (real - real.mean()) / real.var(unbiased=False).sqrt()
+    for version in (x, garbage):
+        white = masked_whiten(version, mask)
+        assert white[mask == 1].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+        assert (white[mask == 0] == 0).all()
+
+    def losses(fill):
+        tensors = [torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+        tensors = [torch.where(mask == 1, t, torch.full_like(t, fill)) for t in tensors]
+        logp = tensors[0].clone().requires_grad_(True)
+        values = tensors[3].clone().requires_grad_(True)
+        pg, vf, _ = ppo_losses(logp, tensors[1], tensors[2], values, tensors[4], tensors[2], mask, 0.2, 0.2,
+                               float(mask.sum()))
+        (pg + vf).backward()
+        return pg.item(), vf.item(), logp.grad, values.grad
+    a, b = losses(0.0), losses(123.0)
+    assert a[0] == pytest.approx(b[0]) and a[1] == pytest.approx(b[1])
+    for ga, gb in zip(a[2:], b[2:]):
+        assert torch.allclose(ga, gb) and (ga[mask == 0] == 0).all()
+
+
+def test_clipped_surrogate_matches_a_hand_example():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1 against old log-prob 0
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, -1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    values, old_values, returns = torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1, 3), torch.tensor([[2.0, 0.0, 0.0]])
+    pg, vf, stats = ppo_losses(logp, old, adv, values, old_values, returns, mask, 0.2, 0.5, 3.0)
+    # max(-A r, -A clip(r)): 1.5 -> max(-1.5, -1.2) = -1.2; 0.5 with A<0 -> max(0.5, 0.8) = 0.8; 1.1 -> 2.2
+    assert pg.item() == pytest.approx((-1.2 + 0.8 + 2.2) / 3)
+    # value 1.0 clipped to 0.5 around 0: max((1-2)^2, (0.5-2)^2) = 2.25
+    assert vf.item() == pytest.approx(0.5 * 2.25 / 3)
+    assert stats["policy/clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["val/clipfrac"].item() == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------- log-probs of a real model
+
+@pytest.fixture(scope="module")
+def policy_and_tok(tiny_pretrained):
+    model, _ = load_model(tiny_pretrained)
+    return model, Tokenizer.load(os.path.join(tiny_pretrained, "tokenizer.json"))
+
+
+def test_logprobs_are_reconstructed_exactly_with_padding_and_temperature(policy_and_tok):
+    model, tok = policy_and_tok
+    temperature = 0.7
+    prompts = [encode_prompt(tok, [{"role": "user", "content": text}]) for text in
+               ("What is 3 + 4?", "Reverse the word candle, please, and say nothing else.", "Hi")]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    responses = model.generate(prompts, 12, tok.pad_id, temperature, stop_tokens=[tok.end_id], generator=generators)
+    assert len({len(r) for r in responses} | {len(p) for p in prompts}) > 2  # real padding on both sides
+    width_p, width_r = max(map(len, prompts)), max(map(len, responses))
+    ids, kv_start, mask = pack(prompts, responses, width_p, width_r, tok.pad_id)
+    assert (ids[:, width_p:][mask == 0] == tok.pad_id).all()  # padded with <|pad|>, never the stop token
+    model.eval()
+    with torch.no_grad():
+        old = response_logprobs(model, ids, kv_start, mask, width_p, temperature)
+    # reference: each sequence alone, unpadded, logits / T, log-softmax
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = model(seq[:, :-1]).double() / temperature
+        expected = logits.log_softmax(-1)[0, len(p) - 1:].gather(-1, torch.tensor(r)[:, None])[:, 0]
+        assert old[i, :len(r)].double().tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+        assert (old[i, len(r):] == 0).all()
+    # the first minibatch of the first epoch (a subset, in train mode, with gradients): ratio 1
+    model.train()
+    rows = torch.tensor([2, 0])
+    new = response_logprobs(model, ids[rows], kv_start[rows], mask[rows], width_p, temperature)
+    ratio = torch.exp(new - old[rows])[mask[rows] == 1]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), ratio
+    # an other temperature would not reconstruct them
+    other = response_logprobs(model, ids[rows], kv_start[rows], mask[rows], width_p, 1.0)
+    assert not torch.allclose(other, old[rows], atol=1e-3)
+
+
+def test_kl_is_zero_when_policy_equals_reference(policy_and_tok, tiny_pretrained):
+    model, tok = policy_and_tok
+    reference, _ = load_model(tiny_pretrained)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("Count to three.", "Sort 3, 1, 2.")]
+    responses = model.generate(prompts, 8, tok.pad_id, 1.0, stop_tokens=[tok.end_id],
+                               generator=torch.Generator().manual_seed(0))
+    ids, kv_start, mask = pack(prompts, responses, max(map(len, prompts)), max(map(len, responses)), tok.pad_id)
+    with torch.no_grad():
+        logp = response_logprobs(model, ids, kv_start, mask, max(map(len, prompts)), 1.0)
+        ref = response_logprobs(reference, ids, kv_start, mask, max(map(len, prompts)), 1.0)
+    _, kl = token_rewards(logp, ref, torch.zeros(2), mask, 0.1)
+    assert (kl == 0).all()
+
+
+def test_per_row_generators_make_samples_independent_of_the_batch(policy_and_tok):
+    model, tok = policy_and_tok
+    prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("Say hello.", "A much longer prompt here.")]
+    both = model.generate(prompts, 8, tok.pad_id, 1.0, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    alone = model.generate(prompts[1:], 8, tok.pad_id, 1.0, generator=[torch.Generator().manual_seed(6)])
+    assert both[1] == alone[0]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def setup(tiny_pretrained, tmp_path_factory):
+    """Task files, and a reward model trained for a few steps from the tiny pretrained model."""
+    import train_rm
+    root = tmp_path_factory.mktemp("ppo")
+    data = root / "tasks"
+    tasks.write(str(data), sft_per_family=2, prefs_per_family=8, prompts_per_family=4, eval_per_family=2)
+    rm = root / "rm"
+    train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(rm), "--max-steps", "4",
+                   "--eval-every", "4", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--dtype", "float32"])
+    return {"sft": tiny_pretrained, "rm": str(rm), "prompts": str(data / "prompts.jsonl"),
+            "eval": str(data / "eval.jsonl"), "root": root}
+
+
+def ppo_args(setup, out, **overrides):
+    options = {"init": setup["sft"], "reward-model": setup["rm"], "prompts": setup["prompts"],
+               "eval-data": setup["eval"], "out": str(out), "max-steps": 2, "batch-size": 8, "minibatch-size": 4,
+               "max-new-tokens": 8, "eval-every": 100, "log-every": 1, "lr": 1e-3, "device": "cpu",
+               "dtype": "float32", "eval-max-new-tokens": 4, **overrides}
+    return [str(x) for k, v in options.items() for x in (f"--{k}", v)]
+
+
+def metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if "objective/kl" in line]
+
+
+def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(setup, tmp_path, capsys):
+    full = tmp_path / "full"
+    train_ppo.main(ppo_args(setup, full, **{"max-steps": 4, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20}))
+    rows = metrics(full)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    names = ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "objective/kl_coef",
+             "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/ratio", "val/clipfrac",
+             "val/var_explained", "tokens/response_len", "eos_fraction", "time/generation", "time/training"]
+    assert all(name in rows[0] for name in names)
+    assert rows[0]["objective/kl"] == 0.0  # the first rollout comes from the unchanged policy
+    assert rows[1]["objective/kl"] != 0.0  # then the policy has moved
+    for prev, cur in zip(rows, rows[1:]):  # the adaptive controller, with n = 8 rollouts per step
+        assert cur["objective/kl_coef"] == pytest.approx(adaptive_kl_coef(prev["objective/kl_coef"],
+                                                                           prev["objective/kl"], 0.5, 20, 8), abs=2e-6)
+    config = json.loads((full / "config.json").read_text())
+    assert config["stage"] == "ppo" and "eval_start" in config
+    assert json.loads((full / "critic" / "config.json").read_text())["stage"] == "critic"
+    import sample
+    capsys.readouterr()
+    sample.main(["--ckpt", str(full), "--chat", "--prompt", "What is 2 + 2?", "--max-new-tokens", "4", "--device", "cpu"])
+    assert capsys.readouterr().out.strip()
+
+    # resume: 2 steps, then 2 more from the checkpoint == 4 steps in one go
+    part = tmp_path / "part"
+    train_ppo.main(ppo_args(setup, part, **{"max-steps": 2, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20}))
+    train_ppo.main(ppo_args(setup, part, **{"max-steps": 4, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20})
+                   + ["--resume"])
+    resumed = metrics(part)
+    for key in ("loss", "objective/kl", "objective/scores", "objective/kl_coef"):
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in rows], abs=1e-6)
+    a, b = load_model(str(full))[0].state_dict(), load_model(str(part))[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_ppo_under_torchrun_matches_one_process(setup, tmp_path):
+    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 4}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_ppo.py", *ppo_args(setup, tmp_path / "two", **{"batch-size": 4, "minibatch-size": 2})],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("loss", "objective/kl", "objective/scores", "tokens/response_len", "loss/value", "val/ratio"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+    a, b = load_model(str(tmp_path / "one"))[0].state_dict(), load_model(str(tmp_path / "two"))[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def assert_clean_error(capsys, excinfo) -> str:
+    assert excinfo.value.code not in (0, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dirs):
+    # a reward model with another tokenizer
+    other = tmp_path / "other_rm"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((open(os.path.join(setup["rm"], name), "rb")).read())
+    Tokenizer.train(["a completely different tokenizer " * 50], vocab_size=300).save(str(other / "tokenizer.json"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text("".join(json.dumps({"prompt": "word " * 200}) + "\n" for _ in range(3)))
+    cases = {
+        "different tokenizer": {"reward-model": str(other)},
+        "0 usable prompts": {"prompts": str(empty)},
+        "skipped 3": {"prompts": str(long_prompts)},
+        "not a reward model": {"reward-model": setup["sft"]},
+        "must divide": {"minibatch-size": 3},
+    }
+    for expected, overrides in cases.items():
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            train_ppo.main(ppo_args(setup, tmp_path / "x", **overrides))
+        out = capsys.readouterr()
+        err = out.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        assert expected in err[0] or expected in out.out, (expected, err[0])
+    # too-long prompts mixed with good ones are skipped and counted, and the run goes on
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(open(setup["prompts"]).read() + long_prompts.read_text() + "not json\n")
+    capsys.readouterr()
+    train_ppo.main(ppo_args(setup, tmp_path / "mixed", **{"prompts": str(mixed), "max-steps": 1}))
+    assert "skipped 4 (invalid_json 1, too_long 3)" in capsys.readouterr().out
+    # --reward task needs answers: prompts without one are counted
+    capsys.readouterr()
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text(open(setup["prompts"]).read() + json.dumps({"prompt": "Tell me a story."}) + "\n")
+    train_ppo.main(ppo_args(setup, tmp_path / "task", **{"prompts": str(no_answer), "max-steps": 1, "reward": "task"}))
+    assert "skipped 1 (no_answer 1)" in capsys.readouterr().out
