@@ -1,0 +1,76 @@
+"""The main job in miniature: every stage runs, leaves a loadable checkpoint, and the
+report has its contract; a second start skips the finished stages and runs the rest."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+
+import pipeline
+from model import ScalarHeadModel
+from runtime import load_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_report(tmp_path, capsys):
+    with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
+        works = [json.loads(line) for _, line in zip(range(3), f)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(w) + "\n" for w in works))
+    args = ["--preset", "mini", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "prepared"),
+            "--corpus", str(corpus), "--device", "cpu"]
+
+    # the job stops after SFT (as if interrupted there) ...
+    pipeline.main(args + ["--stages", "prepare", "tasks", "pretrain", "sft"])
+    first = capsys.readouterr().out
+    assert "=== stage sft done" in first and "=== stage rm" not in first
+    assert "python train_pretrain.py --data" in first  # each stage's command is printed
+    # ... and starting it again runs only what is left
+    pipeline.main(args)
+    second = capsys.readouterr().out
+    for stage in ("prepare", "tasks", "pretrain", "sft"):
+        assert f"=== stage {stage}: already complete, skipped" in second
+    for stage in ("rm", "ppo", "eval"):
+        assert f"=== stage {stage} done" in second
+
+    runs = tmp_path / "runs"
+    report = json.loads((runs / "report.json").read_text())
+    stages = report["stages"]
+    for key in ("gold_accuracy", "per_family"):
+        assert key in stages["sft"] and key in stages["ppo"]
+    assert 0.0 <= stages["sft"]["gold_accuracy"] <= 1.0 and 0.0 <= stages["ppo"]["gold_accuracy"] <= 1.0
+    assert isinstance(stages["ppo"]["kl"], float) and isinstance(stages["pretrain"]["val_loss"], float)
+    assert 0.0 <= stages["rm"]["accuracy"] <= 1.0
+    assert set(stages["rm"]["by_kind"]) == {"near_miss", "wrong_format", "rambling"}
+    assert stages["prepare"]["documents"]["read"] == 3
+    assert set(report["seconds"]) == set(pipeline.STAGES) and all(s >= 0 for s in report["seconds"].values())
+    assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
+    for plot in report["plots"]:
+        assert (runs / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (runs / "report.md").read_text()
+    assert "| ppo |" in text and "Held-out gold accuracy by task family" in text
+    for stage in ("pretrain", "sft", "ppo"):
+        model, config = load_model(str(runs / stage))
+        assert config["stage"] == stage and model.num_params() > 0
+    _, config = load_model(str(runs / "rm"), model_class=ScalarHeadModel)
+    assert config["stage"] == "rm"
+
+
+def test_an_interrupted_training_stage_is_resumed_and_bad_options_fail_clearly(tmp_path, capsys):
+    ckpt = tmp_path / "runs" / "sft"
+    (ckpt / "state").mkdir(parents=True)
+    (ckpt / "state" / "trainer.json").write_text("{}")
+    (ckpt / "config.json").write_text(json.dumps({"stage": "sft", "step": 300}))
+    (ckpt / "train_config.json").write_text(json.dumps({"max_steps": 1200}))
+    assert pipeline.checkpoint_progress(str(ckpt)) == (300, 1200)
+    cfg = pipeline.PipelineConfig(out=str(tmp_path / "runs"), data=str(tmp_path / "prepared"))
+    assert not pipeline.stage_done("sft", cfg)
+    (ckpt / "config.json").write_text(json.dumps({"stage": "sft", "step": 1200}))
+    assert pipeline.stage_done("sft", cfg)
+    with pytest.raises(SystemExit):
+        pipeline.main(["--stages", "nothing", "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "unknown stage" in err[0]
