@@ -2,12 +2,31 @@
 greedy answers to chat prompts, graded exactly, overall and per task family."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import torch
 
+from cli import UserError
 from data.chat import RecordError, encode_prompt, iter_jsonl
-from data.tasks import grade
+from data.tasks import ensure_written, grade
+
+
+def task_files(given: list[str], default_name: str, eval_given: str | None, tasks_dir: str) -> tuple[list[str], str | None]:
+    """A stage's data files and held-out file: those given, or the task suite's (written to
+    tasks_dir on first use by rank 0 while the others wait). eval_given=None: no eval file."""
+    distributed = torch.distributed.is_initialized()
+    if not given or eval_given == "":
+        if not distributed or torch.distributed.get_rank() == 0:
+            ensure_written(tasks_dir)
+        if distributed:
+            torch.distributed.barrier()
+    files = given or [os.path.join(tasks_dir, default_name)]
+    eval_file = None if eval_given is None else eval_given or os.path.join(tasks_dir, "eval.jsonl")
+    for path in files + ([eval_file] if eval_file else []):
+        if not os.path.isfile(path):
+            raise UserError(f"data file {path} does not exist")
+    return files, eval_file
 
 
 def load_task_records(path: str) -> list[dict]:

@@ -39,7 +39,7 @@ from cli import UserError, print_config
 from data import tasks
 from data.chat import encode_chat, encode_prompt, iter_jsonl, prompt_messages
 from data.tokenizer import Tokenizer
-from evals import format_accuracy, load_task_records, task_accuracy
+from evals import format_accuracy, load_task_records, task_accuracy, task_files
 from model import ScalarHeadModel, Transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -249,15 +249,7 @@ def main(argv=None) -> None:
 def train(cfg: PPOConfig, env: runtime.Env) -> None:
     if env.is_main:
         print_config(cfg, "ppo config")
-    if not cfg.prompts or not cfg.eval_data:
-        if env.is_main:
-            tasks.ensure_written(TASKS_DIR)
-        runtime.barrier()
-    prompt_files = cfg.prompts or [os.path.join(TASKS_DIR, "prompts.jsonl")]
-    eval_file = cfg.eval_data or os.path.join(TASKS_DIR, "eval.jsonl")
-    for path in prompt_files + [eval_file]:
-        if not os.path.isfile(path):
-            raise UserError(f"data file {path} does not exist")
+    prompt_files, eval_file = task_files(cfg.prompts, "prompts.jsonl", cfg.eval_data, TASKS_DIR)
 
     # ---- four models: policy and critic learn; reference and reward model are frozen
     init_config = runtime.read_checkpoint_config(cfg.init)

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 import runtime
 from cli import UserError, print_config
-from data import tasks
 from data.chat import encode_chat, prompt_messages
 from data.prefs import load_pairs
 from data.tokenizer import Tokenizer
+from evals import task_files
 from model import ScalarHeadModel
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -187,14 +187,7 @@ def main(argv=None) -> None:
 def train(cfg: RMConfig, env: runtime.Env) -> None:
     if env.is_main:
         print_config(cfg, "rm config")
-    if not cfg.data:
-        if env.is_main:
-            tasks.ensure_written(TASKS_DIR)
-        runtime.barrier()
-    data_files = cfg.data or [os.path.join(TASKS_DIR, "prefs.jsonl")]
-    for path in data_files:
-        if not os.path.isfile(path):
-            raise UserError(f"data file {path} does not exist")
+    data_files, _ = task_files(cfg.data, "prefs.jsonl", None, TASKS_DIR)
     init_config = runtime.read_checkpoint_config(cfg.init)
     torch.manual_seed(cfg.seed)  # the fresh score head is the same on every rank and every run
     model, _ = runtime.load_model(cfg.init, model_class=ScalarHeadModel)

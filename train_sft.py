@@ -20,10 +20,9 @@ import torch
 
 import runtime
 from cli import UserError, print_config
-from data import tasks
 from data.chat import load_chat_jsonl
 from data.tokenizer import Tokenizer
-from evals import format_accuracy, load_task_records, task_accuracy
+from evals import format_accuracy, load_task_records, task_accuracy, task_files
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(REPO, "prepared", "tasks")
@@ -136,16 +135,7 @@ def main(argv=None) -> None:
 def train(cfg: SFTConfig, env: runtime.Env) -> None:
     if env.is_main:
         print_config(cfg, "sft config")
-    # ---- data: the task suite is written on first use
-    if not cfg.data or not cfg.eval_data:
-        if env.is_main:
-            tasks.ensure_written(TASKS_DIR)
-        runtime.barrier()
-    data_files = cfg.data or [os.path.join(TASKS_DIR, "sft.jsonl")]
-    eval_file = cfg.eval_data or os.path.join(TASKS_DIR, "eval.jsonl")
-    for path in data_files + [eval_file]:
-        if not os.path.isfile(path):
-            raise UserError(f"data file {path} does not exist")
+    data_files, eval_file = task_files(cfg.data, "sft.jsonl", cfg.eval_data, TASKS_DIR)
 
     # ---- model and tokenizer from the pretrained checkpoint
     init_config = runtime.read_checkpoint_config(cfg.init)
