@@ -20,9 +20,13 @@ The log-probs of step 5 must reproduce those of the rollout exactly on the first
 minibatch (ratio 1): same padding, positions and temperature (DESIGN.md pitfalls).
 Metric names follow TRL's PPOTrainer so curves can be compared.
 
-    python train_ppo.py                                   # runs/sft + runs/rm on the task suite
-    python train_ppo.py --init runs/sft --reward-model runs/rm --prompts my_prompts.jsonl --out runs/ppo
-    python train_ppo.py --reward task                     # reward = the task grader (0/1)
+    python train_ppo.py                    # runs/sft + runs/rm on the task suite, reward = the task grader (0/1)
+    python train_ppo.py --reward rm        # reward = the reward model's score (the classic RLHF setting)
+    python train_ppo.py --init runs/sft --reward-model runs/rm --prompts my_prompts.jsonl --reward rm --out runs/ppo
+
+The default reward is the grader because the default reward model, trained on synthetic
+mistakes, does not rank this policy's own mistakes well: optimizing it alone lowers the
+gold accuracy (README, results), the over-optimization Gao et al. (2022) describe.
 """
 from __future__ import annotations
 
@@ -55,22 +59,22 @@ class PPOConfig(runtime.TrainConfig):
     prompts: list[str] = field(default_factory=list, metadata={"nargs": True,
                                "help": "JSONL with `prompt` or `messages` (default: the task suite's prompts.jsonl)"})
     eval_data: str = field(default="", metadata={"help": "held-out task records with answers (default: the suite's eval.jsonl)"})
-    reward: str = field(default="rm", metadata={"choices": ["rm", "task", "mix"],
+    reward: str = field(default="task", metadata={"choices": ["rm", "task", "mix"],
                         "help": "rm: reward-model score; task: the task grader (needs answers); mix: rm + task_weight * task"})
     task_weight: float = field(default=1.0, metadata={"help": "weight of the grader's 0/1 in --reward mix"})
     max_steps: int = field(default=100, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
     batch_size: int = field(default=64, metadata={"help": "prompts per rollout on each rank"})
     minibatch_size: int = field(default=16, metadata={"help": "rollouts per gradient update on each rank"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    lr: float = 2e-5
+    lr: float = 3e-5
     critic_lr: float = field(default=0.0, metadata={"help": "critic learning rate (0 = --lr)"})
     schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of their log-probs)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of rollouts (and of their log-probs)"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest response"})
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a response that never stops"})
-    kl_coef: float = field(default=0.05, metadata={"help": "beta: weight of the per-token KL penalty (initial, if adaptive)"})
+    kl_coef: float = field(default=0.1, metadata={"help": "beta: weight of the per-token KL penalty (initial, if adaptive)"})
     target_kl: float = field(default=0.0, metadata={"help": "adapt beta toward this KL per response (0 = fixed beta)"})
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive controller horizon, in rollouts"})
     gamma: float = 1.0

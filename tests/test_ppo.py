@@ -215,7 +215,8 @@ def metrics(out) -> list[dict]:
 
 def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(setup, tmp_path, capsys):
     full = tmp_path / "full"
-    train_ppo.main(ppo_args(setup, full, **{"max-steps": 4, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20}))
+    train_ppo.main(ppo_args(setup, full, **{"max-steps": 4, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20,
+                                            "reward": "mix"}))
     rows = metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     names = ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "objective/kl_coef",
@@ -237,9 +238,9 @@ def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(se
 
     # resume: 2 steps, then 2 more from the checkpoint == 4 steps in one go
     part = tmp_path / "part"
-    train_ppo.main(ppo_args(setup, part, **{"max-steps": 2, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20}))
-    train_ppo.main(ppo_args(setup, part, **{"max-steps": 4, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20})
-                   + ["--resume"])
+    options = {"save-every": 2, "target-kl": 0.5, "kl-horizon": 20, "reward": "mix"}
+    train_ppo.main(ppo_args(setup, part, **{"max-steps": 2, **options}))
+    train_ppo.main(ppo_args(setup, part, **{"max-steps": 4, **options}) + ["--resume"])
     resumed = metrics(part)
     for key in ("loss", "objective/kl", "objective/scores", "objective/kl_coef"):
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in rows], abs=1e-6)
@@ -248,9 +249,10 @@ def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(se
 
 
 def test_ppo_under_torchrun_matches_one_process(setup, tmp_path):
-    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 4}))
+    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 4, "reward": "rm"}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train_ppo.py", *ppo_args(setup, tmp_path / "two", **{"batch-size": 4, "minibatch-size": 2})],
+                           "train_ppo.py", *ppo_args(setup, tmp_path / "two", **{"batch-size": 4, "minibatch-size": 2,
+                                                                                 "reward": "rm"})],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
