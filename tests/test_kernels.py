@@ -486,3 +486,12 @@ def test_model_loss_uses_fused_cross_entropy(monkeypatch):
         model._kernel.cache_clear()
     assert seen == ["none", "mean"]
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gets")
+def test_bench_needs_cuda_says_so_in_one_line():
+    from kernels import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--append", ""])
+    message = str(e.value.code)
+    assert "CUDA" in message and "\n" not in message
