@@ -322,7 +322,10 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
         return (raw.float() - norm["mean"]) / norm["std"]
 
     @torch.no_grad()
-    def evaluate() -> dict:
+    def evaluate() -> dict | None:
+        if not eval_records:
+            runtime.print0(f"eval step {trainer.step}: no gradable records in {eval_file}, skipped")
+            return None
         result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
         # the reward model's view of the same greedy answers: each rank scores its share in
         # the same number of forwards (a sharded forward is a collective)
@@ -353,8 +356,8 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
         trainer.pause_clock()
         return result
 
-    if trainer.step == 0:
-        first = evaluate()  # the SFT starting point
+    first = evaluate() if trainer.step == 0 else None  # the SFT starting point
+    if first:
         trainer.extra_config["eval_start"] = {"accuracy": first["accuracy"], "per_family": first["per_family"],
                                               "rm_score": first["rm_score"]}
     perm = order(state["epoch"])
@@ -462,8 +465,8 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
             loss = metrics["loss/policy"] + cfg.vf_coef * metrics["loss/value"]
             trainer.end_step(loss, int((ids != tok.pad_id).sum()), metrics, suffix=f" | score {metrics['objective/scores']:+.3f} | kl {kl_per_response:.3f}"
                                              f" | len {metrics['tokens/response_len']:.1f}")
-            if trainer.due(cfg.eval_every):
-                result = evaluate()
+            result = evaluate() if trainer.due(cfg.eval_every) else None
+            if result:
                 trainer.extra_config["eval"] = {"accuracy": result["accuracy"], "per_family": result["per_family"],
                                                 "rm_score": result["rm_score"], "kl": kl_per_response}
             trainer.maybe_save()

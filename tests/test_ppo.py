@@ -296,9 +296,13 @@ def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dir
     # too-long prompts mixed with good ones are skipped and counted, and the run goes on
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(open(setup["prompts"]).read() + long_prompts.read_text() + "not json\n")
+    ungradable = tmp_path / "ungradable.jsonl"  # held-out records without answers: evaluation is skipped, said so
+    ungradable.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
     capsys.readouterr()
-    train_ppo.main(ppo_args(setup, tmp_path / "mixed", **{"prompts": str(mixed), "max-steps": 1}))
-    assert "skipped 4 (invalid_json 1, too_long 3)" in capsys.readouterr().out
+    train_ppo.main(ppo_args(setup, tmp_path / "mixed", **{"prompts": str(mixed), "max-steps": 1,
+                                                          "eval-data": str(ungradable)}))
+    out = capsys.readouterr().out
+    assert "skipped 4 (invalid_json 1, too_long 3)" in out and "no gradable records" in out
     # --reward task needs answers: prompts without one are counted
     capsys.readouterr()
     no_answer = tmp_path / "no_answer.jsonl"
