@@ -4,7 +4,7 @@
 
 Each stage runs as its own process with a command printed before it starts: copy it to
 run that stage alone. A stage whose output is complete is skipped (--force redoes every
-stage, --from STAGE redoes that one and those after it); a stage that was interrupted
+stage, --from-stage STAGE redoes that one and those after it); a stage that was interrupted
 continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) and
 starting it again picks up where it stopped. At the end OUT/report.md and report.json
 hold each stage's command, wall time and key numbers, plots and sample completions.
@@ -197,7 +197,7 @@ def main(argv=None) -> None:
             if stage in redo:
                 state["stages"].pop(stage, None)
             elif stage_done(stage, cfg) and stage != "eval":
-                print(f"=== stage {stage}: already complete, skipped (--from {stage} redoes it)", flush=True)
+                print(f"=== stage {stage}: already complete, skipped (--from-stage {stage} redoes it)", flush=True)
                 continue
             if stage in redo and stage in TRAINING:
                 import shutil
