@@ -463,8 +463,9 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
             }
             critic_trainer.step += 1
             loss = metrics["loss/policy"] + cfg.vf_coef * metrics["loss/value"]
-            trainer.end_step(loss, int((ids != tok.pad_id).sum()), metrics, suffix=f" | score {metrics['objective/scores']:+.3f} | kl {kl_per_response:.3f}"
-                                             f" | len {metrics['tokens/response_len']:.1f}")
+            trainer.end_step(loss, int((ids != tok.pad_id).sum()), metrics,
+                             suffix=f" | score {metrics['objective/scores']:+.3f} | kl {kl_per_response:.3f}"
+                                    f" | len {metrics['tokens/response_len']:.1f}")
             result = evaluate() if trainer.due(cfg.eval_every) else None
             if result:
                 trainer.extra_config["eval"] = {"accuracy": result["accuracy"], "per_family": result["per_family"],
