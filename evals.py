@@ -2,6 +2,7 @@
 greedy answers to chat prompts, graded exactly, overall and per task family."""
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 
@@ -91,3 +92,22 @@ def format_accuracy(result: dict) -> str:
     return f"{100 * result['accuracy']:.1f}% (" + ", ".join(
         f"{f} {100 * a:.0f}" for f, a in result["per_family"].items()) + ")"
 
+
+
+def paired_change(before: list[tuple], after: list[tuple]) -> dict:
+    """How a second model's answers differ from a first's on the same records, prompt by
+    prompt (two `task_accuracy(...)["samples"]` lists in the same order).
+
+    Accuracy moves by (fixed - broken) / n; whether that is more than chance is McNemar's
+    exact test: under "no change", each prompt that flips is fixed or broken with
+    probability 1/2, so p = P(a split at least this lopsided) under Binomial(flips, 1/2).
+    This is far tighter than comparing two accuracies, because the prompts both models
+    answer alike carry no noise.
+    """
+    if [s[0] for s in before] != [s[0] for s in after]:
+        raise ValueError("paired_change needs both answer lists on the same prompts in the same order")
+    fixed = sum(1 for b, a in zip(before, after) if not b[2] and a[2])
+    broken = sum(1 for b, a in zip(before, after) if b[2] and not a[2])
+    flips, low = fixed + broken, min(fixed, broken)
+    tail = sum(math.comb(flips, k) for k in range(low + 1)) / 2 ** flips if flips else 1.0
+    return {"n": len(before), "fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}

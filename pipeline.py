@@ -237,7 +237,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     import runtime
     from data.chat import encode_prompt
     from data.tokenizer import Tokenizer
-    from evals import load_task_records, task_accuracy
+    from evals import load_task_records, paired_change, task_accuracy
 
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
@@ -277,7 +277,8 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                      "kl": _last(ppo_rows, "objective/kl"), "score": _last(ppo_rows, "objective/scores"),
                      "reward": ppo_config.get("reward"),
                      "rm_score_start": ppo_config.get("eval_start", {}).get("rm_score"),
-                     "rm_score_end": ppo_config.get("eval", {}).get("rm_score")}
+                     "rm_score_end": ppo_config.get("eval", {}).get("rm_score"),
+                     "vs_sft": paired_change(accuracy["sft"]["samples"], accuracy["ppo"]["samples"])}
     state["stages"]["eval"]["seconds"] = round(time.time() - start, 1)
     for name in STAGES:
         seconds = state["stages"].get(name, {}).get("seconds")
@@ -294,7 +295,8 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
         f.write(render_markdown(report))
     print(f"gold accuracy: pretrain {100 * stages['pretrain']['gold_accuracy']:.1f}%, "
           f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, ppo {100 * stages['ppo']['gold_accuracy']:.1f}% "
-          f"(ppo KL {stages['ppo']['kl']})")
+          f"(ppo KL {stages['ppo']['kl']}; vs sft: fixed {stages['ppo']['vs_sft']['fixed']}, "
+          f"broke {stages['ppo']['vs_sft']['broken']}, McNemar p {stages['ppo']['vs_sft']['p_value']:.3g})")
     return report
 
 
@@ -383,6 +385,11 @@ def render_markdown(report: dict) -> str:
     for family in sorted(s["sft"]["per_family"]):
         lines.append(f"| {family} | {_pct(s['sft']['per_family'][family])} | {_pct(s['ppo']['per_family'].get(family))} |")
     lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s['ppo']['gold_accuracy'])}** |")
+    change = s["ppo"].get("vs_sft")
+    if change:
+        lines += ["", f"Prompt by prompt, PPO fixed {change['fixed']} of the {change['n']} held-out prompts SFT got "
+                      f"wrong and broke {change['broken']} it got right (McNemar exact test: p = "
+                      f"{change['p_value']:.3g}; below 0.05, the change is unlikely to be chance)."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", "## The same prompts, answered by each stage (greedy)", ""]
     for i, example in enumerate(report["samples"].get("sft", [])):

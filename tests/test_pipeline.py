@@ -9,6 +9,7 @@ import os
 import pytest
 
 import pipeline
+from evals import paired_change
 from model import ScalarHeadModel
 from runtime import load_model
 
@@ -43,6 +44,11 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
         assert key in stages["sft"] and key in stages["ppo"]
     assert 0.0 <= stages["sft"]["gold_accuracy"] <= 1.0 and 0.0 <= stages["ppo"]["gold_accuracy"] <= 1.0
     assert isinstance(stages["ppo"]["kl"], float) and isinstance(stages["pretrain"]["val_loss"], float)
+    change = stages["ppo"]["vs_sft"]  # the prompt-by-prompt comparison agrees with the two accuracies
+    eval_records = (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()
+    assert change["n"] == len(eval_records) and 0.0 <= change["p_value"] <= 1.0
+    assert abs((change["fixed"] - change["broken"]) / change["n"]
+               - (stages["ppo"]["gold_accuracy"] - stages["sft"]["gold_accuracy"])) < 1e-9
     assert 0.0 <= stages["rm"]["accuracy"] <= 1.0
     assert set(stages["rm"]["by_kind"]) == {"near_miss", "wrong_format", "rambling"}
     assert stages["prepare"]["documents"]["read"] == 3
@@ -74,3 +80,16 @@ def test_an_interrupted_training_stage_is_resumed_and_bad_options_fail_clearly(t
         pipeline.main(["--stages", "nothing", "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "unknown stage" in err[0]
+
+
+def test_paired_change_counts_flips_and_gives_mcnemars_exact_p():
+    prompts = [f"q{i}" for i in range(12)]
+    before = [(p, "", float(i < 4)) for i, p in enumerate(prompts)]  # right on q0..q3
+    after = [(p, "", float(1 <= i < 10)) for i, p in enumerate(prompts)]  # broke q0, fixed q4..q9
+    change = paired_change(before, after)
+    assert (change["n"], change["fixed"], change["broken"]) == (12, 6, 1)
+    # two-sided exact binomial by hand: 2 * P(X <= 1 | 7 flips, 1/2) = 2 * (1 + 7) / 128
+    assert change["p_value"] == pytest.approx(16 / 128)
+    assert paired_change(before, before) == {"n": 12, "fixed": 0, "broken": 0, "p_value": 1.0}
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_change(before, list(reversed(after)))
