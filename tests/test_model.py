@@ -521,6 +521,24 @@ def test_lm_loss_ignore_index(loss_inputs):
     torch.testing.assert_close(lm_loss(h, w, t, "sum"), per.sum())
 
 
+def test_lm_loss_skipping_ignored_rows_keeps_gradients_and_entropy(loss_inputs):
+    h, w, t = (x.double() if x.is_floating_point() else x for x in loss_inputs)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    weights = torch.linspace(0.5, 2.0, t.numel(), dtype=torch.float64).view(t.shape)
+    per, entropy = lm_loss(h1, w1, t, "none", temperature=0.7, return_entropy=True)
+    (per * weights).sum().backward()
+    logits = (h2 @ w2.T) / 0.7
+    want = F.cross_entropy(logits.reshape(-1, 11), t.reshape(-1), reduction="none").view(t.shape)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(per, want)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+    logp = logits.detach().log_softmax(-1)
+    want_entropy = -(logp.exp() * logp).sum(-1) * (t != -100)  # ignored rows are not computed: 0
+    torch.testing.assert_close(entropy, want_entropy)
+
+
 def test_lm_loss_all_ignored_is_zero_with_zero_grads():
     torch.manual_seed(6)
     h = torch.randn(2, 4, 16, requires_grad=True)
