@@ -93,7 +93,6 @@ def format_accuracy(result: dict) -> str:
         f"{f} {100 * a:.0f}" for f, a in result["per_family"].items()) + ")"
 
 
-
 def paired_change(before: list[tuple], after: list[tuple]) -> dict:
     """How a second model's answers differ from a first's on the same records, prompt by
     prompt (two `task_accuracy(...)["samples"]` lists in the same order).

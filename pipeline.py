@@ -387,9 +387,9 @@ def render_markdown(report: dict) -> str:
     lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s['ppo']['gold_accuracy'])}** |")
     change = s["ppo"].get("vs_sft")
     if change:
-        lines += ["", f"Prompt by prompt, PPO fixed {change['fixed']} of the {change['n']} held-out prompts SFT got "
-                      f"wrong and broke {change['broken']} it got right (McNemar exact test: p = "
-                      f"{change['p_value']:.3g}; below 0.05, the change is unlikely to be chance)."]
+        lines += ["", f"Prompt by prompt: of the {change['n']} held-out prompts, PPO answers {change['fixed']} "
+                      f"right that SFT got wrong, and {change['broken']} wrong that SFT got right (McNemar's "
+                      f"exact test: p = {change['p_value']:.3g}; below 0.05, the change is unlikely to be chance)."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", "## The same prompts, answered by each stage (greedy)", ""]
     for i, example in enumerate(report["samples"].get("sft", [])):
