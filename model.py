@@ -457,7 +457,7 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
 
     Uses the fused linear cross-entropy kernel when kernels/ provides it (no (N, V)
     logits in memory); otherwise this plain reference: logits in fp32, then the loss.
-    Targets of -100 are ignored (never computed; their loss and entropy are 0); a batch
+    Targets of -100 are ignored (their loss and entropy are 0); a batch
     with every target ignored gives 0, not NaN. Logits are divided by temperature (scaling
     h is the same thing). With return_entropy the result is (loss, entropy) where entropy
     (...) is per token and carries no gradient.
@@ -471,8 +471,12 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
     t = targets.reshape(-1)
     # Rows with an ignored target (the prompt in SFT, all but the response in PPO: most of
     # the rows there) would cost a full lm-head matmul each for a loss of 0: drop them.
-    rows = (t != -100).nonzero().squeeze(1)
-    compact = 0 < len(rows) < len(t)
+    # Only on the CPU, where it is measured (BENCHMARKS.md); on CUDA, counting the rows is a
+    # host sync inside every forward, a trade not yet measured there.
+    rows, compact = None, False
+    if x.device.type == "cpu":
+        rows = (t != -100).nonzero().squeeze(1)
+        compact = 0 < len(rows) < len(t)
     if compact:
         x, t = x.index_select(0, rows), t.index_select(0, rows)
     if fused_linear_cross_entropy is not None:
@@ -497,6 +501,8 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
         out = out.new_zeros(targets.numel()).index_copy(0, rows, out)
     if compact and entropy is not None:
         entropy = entropy.new_zeros(targets.numel()).index_copy(0, rows, entropy)
+    elif entropy is not None:
+        entropy = entropy.masked_fill(t == -100, 0.0)
     if reduction == "none":
         out = out.view(targets.shape)
     return (out, entropy.view(targets.shape)) if return_entropy else out
