@@ -457,10 +457,10 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
 
     Uses the fused linear cross-entropy kernel when kernels/ provides it (no (N, V)
     logits in memory); otherwise this plain reference: logits in fp32, then the loss.
-    Targets of -100 are ignored (their loss and entropy are 0); a batch
-    with every target ignored gives 0, not NaN. Logits are divided by temperature (scaling
-    h is the same thing). With return_entropy the result is (loss, entropy) where entropy
-    (...) is per token and carries no gradient.
+    Targets of -100 are ignored (their loss and entropy are 0); a batch with every target
+    ignored gives 0, not NaN. Logits are divided by temperature (scaling h is the same
+    thing). With return_entropy the result is (loss, entropy) where entropy (...) is per
+    token and carries no gradient.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
