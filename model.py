@@ -37,6 +37,7 @@ class ModelConfig:
     pos_emb: str = "rope"  # rope | learned
     rope_theta: float = 10000.0
     bias: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); `bias` puts them everywhere
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -153,9 +154,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x, rope, mask, layer: int, cache: KVCache | None, impl: str):
