@@ -336,6 +336,7 @@ def load_model(ckpt: str, device="cpu", model_class=Transformer, **overrides) ->
     model.to_empty(device=device)
     weights, _ = load_weights(ckpt)
     if model_cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # to_empty gives each name its own tensor: tie them again
         weights.pop("lm_head.weight", None)
     try:
         result = model.load_state_dict(weights, strict=False)
