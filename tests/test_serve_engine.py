@@ -307,3 +307,26 @@ def test_export_feedback_joins_votes_and_thumbs(tmp_path, tok):
 
 def test_request_queue_is_plain_without_a_loop(tok):
     assert isinstance(serve.GenRequest([1], 1).queue, queue.SimpleQueue)
+
+
+def test_classifier_checkpoint_flags_by_its_score(tok, tmp_path):
+    """--classifier: a scalar-head checkpoint read as P(unsafe) = sigmoid(score)."""
+    import runtime
+    from model import ScalarHeadModel
+    torch.manual_seed(0)
+    m = ScalarHeadModel(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=32,
+                                    max_seq_len=64))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    verdicts = {}
+    for bias in (-8.0, 8.0):
+        with torch.no_grad():
+            m.score_head.weight.zero_()
+            m.score_head.bias.fill_(bias)
+        ckpt = tmp_path / f"clf{bias}"
+        ckpt.mkdir()
+        runtime.save_checkpoint(str(ckpt), m, None, runtime.Env(0, 0, 1, torch.device("cpu")), stage="rm", step=1,
+                                train_config={}, trainer_state={}, tokenizer_path=str(tmp_path / "tokenizer.json"))
+        moderator = serve.Moderator([], serve.Classifier(str(ckpt), 0.5, "violence"))
+        verdicts[bias] = moderator.check("a long text " * 40)  # longer than the context: truncated, not an error
+    assert verdicts[-8.0]["flagged"] is False and verdicts[-8.0]["scores"]["violence"] < 0.01
+    assert verdicts[8.0]["categories"] == ["violence"] and verdicts[8.0]["scores"]["violence"] > 0.99
