@@ -83,7 +83,8 @@ class ServeConfig:
         "help": "optional scalar-head checkpoint whose sigmoid(score) is P(unsafe)"})
     classifier_threshold: float = 0.5
     classifier_category: str = "harassment"
-    abuse_max_flags: int = field(default=5, metadata={"help": "flagged requests within --abuse-window-s that block a key"})
+    abuse_max_flags: int = field(default=5, metadata={
+        "help": "flagged requests within --abuse-window-s that block a key (0: never block)"})
     abuse_window_s: float = 600.0
     abuse_block_s: float = 900.0
     access_log: bool = field(default=False, metadata={"help": "uvicorn's access log (paths only, never keys)"})
@@ -183,7 +184,8 @@ class TextStream:
                     break
         if self.moderator is not None:
             i = len(text)
-            while i > self.sent and (text[i - 1].isalnum() or text[i - 1] == "_") and len(text) - i < self.HOLD_WORD_MAX:
+            while i > self.sent and (text[i - 1].isalnum() or text[i - 1] == "_") \
+                    and len(text) - i < self.HOLD_WORD_MAX:
                 i -= 1
             if len(text) - i < self.HOLD_WORD_MAX:
                 hold = max(hold, len(text) - i)
@@ -975,7 +977,8 @@ class Server:
     def charge_tokens(self, ident: str, amount: int) -> None:
         if self.cfg.rate_limit_tpm and amount > self.cfg.rate_limit_tpm:
             raise ApiError(400, f"this request needs {amount} tokens (prompt + max_tokens); the per-minute limit is "
-                                f"{int(self.cfg.rate_limit_tpm)}: lower max_tokens", "tokens_exceed_limit", "max_tokens")
+                                f"{int(self.cfg.rate_limit_tpm)}: lower max_tokens", "tokens_exceed_limit",
+                           "max_tokens")
         wait = self.limiter.take_tokens(ident, amount, time.monotonic())
         if wait:
             self.metrics.rate_limited.labels(reason="tokens").inc()
@@ -1446,9 +1449,10 @@ def main(argv=None) -> None:
             die(str(e))
         except OSError as e:
             die(f"cannot write {cfg.export_feedback}: {e.strerror}")
-        print(f"exported {summary['pairs']} preference pairs to {cfg.export_feedback} "
-              f"({', '.join(f'{k} {v}' for k, v in sorted(summary['by_kind'].items())) or 'none'}); skipped "
-              f"{sum(summary['skipped'].values())} ({', '.join(f'{k} {v}' for k, v in sorted(summary['skipped'].items())) or 'none'})")
+        def counts(d: dict) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
+        print(f"exported {summary['pairs']} preference pairs to {cfg.export_feedback} ({counts(summary['by_kind'])}); "
+              f"skipped {sum(summary['skipped'].values())} ({counts(summary['skipped'])})")
         print(f"train on them: python train_rm.py --init <sft checkpoint> --data {cfg.export_feedback}")
         return
     print_config(cfg, "serve config")

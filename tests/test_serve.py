@@ -523,7 +523,8 @@ def test_chat_page_streams_a_reply_and_records_a_thumbs_up(open_srv, tmp_path):
             lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"))[0]
         reply = done.find_element(By.CSS_SELECTOR, ".content").get_attribute("textContent")
         expected = open_srv.client().chat.completions.create(
-            model="tiny-step7", messages=[{"role": "user", "content": "Which play is the best?"}], temperature=0, max_tokens=20)
+            model="tiny-step7", messages=[{"role": "user", "content": "Which play is the best?"}], temperature=0,
+            max_tokens=20)
         assert reply and reply == expected.choices[0].message.content  # the streamed reply, rendered whole
         done.find_element(By.CSS_SELECTOR, ".thumb-up").click()
         WebDriverWait(browser, 30).until(lambda b: "recorded up" in done.text)
