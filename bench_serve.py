@@ -39,6 +39,7 @@ class BenchConfig:
     max_tokens: int = 128
     prompt: str = "Tell me a story about a king and his three daughters."
     max_running: int = field(default=16, metadata={"help": "serve.py --max-running"})
+    threads: int = field(default=0, metadata={"help": "serve.py --threads (0: torch's default)"})
     device: str = field(default="cpu", metadata={"choices": ["auto", "cpu", "cuda"]})
     out: str = field(default="", metadata={"help": "also write the results as JSON here"})
 
@@ -103,7 +104,8 @@ def main(argv=None) -> None:
     logs = tempfile.mkdtemp(prefix="bench_serve_")
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--ckpt", cfg.ckpt, "--port", str(port),
                                "--log-dir", logs, "--no-request-log", "--rate-limit-rpm", "0", "--rate-limit-tpm", "0",
-                               "--max-running", str(cfg.max_running), "--max-waiting", "256", "--device", cfg.device],
+                               "--max-running", str(cfg.max_running), "--max-waiting", "256", "--device", cfg.device,
+                               "--threads", str(cfg.threads)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -134,7 +136,7 @@ def main(argv=None) -> None:
     import torch
     print(f"\n{model['id']} ({cfg.ckpt}), context {model.get('max_model_len')}, {cfg.max_tokens} tokens per request, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"server threads {cfg.threads or torch.get_num_threads()}")
     print("| streams | requests | generated tokens/s | vs one at a time | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---|---|---|---|---|---|")
     for r in [dict(baseline, streams="1 (one at a time)")] + rows:

@@ -66,6 +66,7 @@ class ServeConfig:
         "help": "write the feedback under --log-dir as prompt/chosen/rejected JSONL to this file and exit"})
     served_model_name: str = field(default="", metadata={"help": "model id (default: <checkpoint dir>-step<N>)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads for the model (0: torch's default)"})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"],
                                                  "help": "auto: float32 on CPU, bfloat16 on CUDA"})
     max_running: int = field(default=16, metadata={"help": "rows in the running batch"})
@@ -1403,6 +1404,8 @@ def export_feedback(log_dir: str, out: str) -> dict:
 
 def load_server(cfg: ServeConfig) -> Server:
     """Checkpoint, tokenizer, moderation and keys -> a Server (raises UserError)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
