@@ -8,7 +8,7 @@ n=${1:?usage: deploy/replicas.sh N CKPT [serve.py options]}
 ckpt=${2:?usage: deploy/replicas.sh N CKPT [serve.py options]}
 shift 2
 command -v nginx >/dev/null || { echo "error: nginx is not installed (apt-get install -y nginx)" >&2; exit 2; }
-run=deploy/run
+run=runs/nginx  # git-ignored, like every run output
 mkdir -p "$run/logs" "$run/tmp"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait; }
