@@ -433,8 +433,9 @@ def export_hf(ckpt: str, out: str, dtype: str = "float32") -> list[str]:
     runtime.write_json(os.path.join(out, "config.json"), hf_cfg)  # last: a complete directory has it
     n = sum(v.numel() for v in hf.values())
     return [f"exported {ckpt} (stage {stage or '?'}, step {config.get('step', '?')}) to {out} as "
-            f"{hf_cfg['architectures'][0]} ({n / 1e6:.2f}M parameters, {dtype}); generation stops at "
-            + ("<|end|>" if eos == tok.end_id else "<|endoftext|>")]
+            f"{hf_cfg['architectures'][0]} ({n / 1e6:.2f}M parameters, {dtype}); "
+            + ("score = logits + config.json's score_bias" if scalar else
+               "generation stops at " + ("<|end|>" if eos == tok.end_id else "<|endoftext|>"))]
 
 
 # ----------------------------------------------------------------------------- import
