@@ -704,7 +704,7 @@ def main(argv=None) -> None:
             lines = export_hf(cfg.ckpt, cfg.out, cfg.dtype)
         else:
             lines = import_hf(cfg.hf, cfg.out, cfg.max_seq_len, train_config={"command": "from-hf", **vars(cfg)})
-    except (ConvertError, runtime.CheckpointError, TokenizerError, UserError, OSError) as e:
+    except (ConvertError, runtime.CheckpointError, TokenizerError, UserError, OSError, ValueError) as e:
         die(str(e))
     for line in lines:
         print(line)
