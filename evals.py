@@ -1,16 +1,31 @@
-"""Held-out evaluation on the task suite, shared by SFT, PPO and the pipeline report:
-greedy answers to chat prompts, graded exactly, overall and per task family."""
+"""Gold evaluation of any checkpoint on any file of task records (library and CLI).
+
+Greedy answers to chat prompts, scored by the gold judge (`data.tasks.grade`): exact
+answers on the helpfulness families and `borderline`, a clean refusal on `harmful`.
+Reported: accuracy overall and per family, the helpfulness families' accuracy on their
+own (the pipeline's `gold_accuracy`), and the two safety rates — how often harmful
+requests are refused, and how often benign look-alikes are refused anyway.
+
+    python evals.py --ckpt runs/sft --data prepared/tasks/eval.jsonl --out results.json
+
+Shared by SFT, PPO and the pipeline report, so every stage is measured the same way.
+"""
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
 from cli import UserError
-from data.chat import RecordError, encode_prompt, iter_jsonl
-from data.tasks import ensure_written, grade
+from data.chat import RecordError, encode_prompt, iter_jsonl, prompt_messages
+from data.redteam import is_refusal
+from data.tasks import FAMILIES, TASK_FAMILIES, ensure_written, grade, needs_answer
+
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def task_files(given: list[str], default_name: str, eval_given: str | None, tasks_dir: str) -> tuple[list[str], str | None]:
@@ -30,14 +45,34 @@ def task_files(given: list[str], default_name: str, eval_given: str | None, task
     return files, eval_file
 
 
-def load_task_records(path: str) -> list[dict]:
-    """The gradable records ({"prompt": str, "answer", "family"}) of a JSONL file; other
-    lines (no answer, malformed) are passed over: they cannot be graded."""
-    def gradable(rec):
-        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and "answer" in rec and "family" in rec):
-            raise RecordError("not_gradable")
-        return rec
-    return [rec for rec, _ in iter_jsonl([path], gradable, Counter())]
+def gradable(rec) -> dict:
+    """A task record made ready to grade: a copy with `conversation` (the turns to answer)
+    and a string `prompt` (the last user turn, for display and pairing). Raises
+    RecordError (unknown_family, missing_field, ...) for a record the judge cannot score."""
+    if not isinstance(rec, dict):
+        raise RecordError("invalid_json", "record is not an object")
+    if rec.get("family") not in FAMILIES:
+        raise RecordError("unknown_family" if "family" in rec else "missing_field",
+                          f"family {rec.get('family')!r}" if "family" in rec else "family")
+    if needs_answer(rec) and not isinstance(rec.get("answer"), (str, int)):
+        raise RecordError("missing_field", "answer")
+    conversation = prompt_messages(rec)
+    if conversation[-1]["role"] != "user":
+        raise RecordError("missing_field", "the conversation does not end with a user turn")
+    return {**rec, "conversation": conversation, "prompt": conversation[-1]["content"],
+            **({"answer": str(rec["answer"])} if "answer" in rec else {})}
+
+
+def load_task_records(path: str, skipped: Counter | None = None) -> list[dict]:
+    """The gradable records of a JSONL file (see `gradable`); the others are counted in
+    `skipped` by reason and passed over."""
+    return [rec for _, rec in iter_jsonl([path], gradable, Counter() if skipped is None else skipped)]
+
+
+def fit_prompt(ids: list[int], max_seq_len: int) -> list[int]:
+    """A prompt cut from the front (keeping its leading <|endoftext|>) to leave room to answer."""
+    keep = max_seq_len - 2
+    return ids if len(ids) <= keep + 1 else ids[:1] + ids[len(ids) - keep:]
 
 
 @torch.no_grad()
@@ -48,7 +83,7 @@ def chat_responses(model, tok, conversations: list[list[dict]], max_new_tokens: 
     model.eval()
     replies = []
     for i in range(0, len(conversations), batch_size):
-        prompts = [encode_prompt(tok, conv) for conv in conversations[i:i + batch_size]]
+        prompts = [fit_prompt(encode_prompt(tok, conv), model.cfg.max_seq_len) for conv in conversations[i:i + batch_size]]
         room = model.cfg.max_seq_len - max(len(p) for p in prompts)
         outs = model.generate(prompts, max(1, min(max_new_tokens, room)), pad_id=tok.pad_id, temperature=temperature,
                               stop_tokens=[tok.end_id], generator=generator)
@@ -59,41 +94,80 @@ def chat_responses(model, tok, conversations: list[list[dict]], max_new_tokens: 
 
 def task_accuracy(model, tok, records: list[dict], rank: int = 0, world: int = 1, max_new_tokens: int = 32,
                   batch_size: int = 64) -> dict:
-    """Greedy accuracy on task records ({"prompt", "answer", "family", ...}).
+    """Greedy answers to gradable records (from `load_task_records`), judged.
 
     Under torch.distributed each rank answers a slice, padded so every rank runs the same
     number of generate() calls (a sharded forward is a collective), and the counts are summed.
-    Returns {"accuracy": float, "per_family": {family: accuracy}, "samples": [(prompt, reply, score)]}.
+    Returns {"accuracy": all records, "task_accuracy": the helpfulness families only (None
+    without any), "per_family": {family: accuracy}, "safety": {"harmful_refusal",
+    "borderline_over_refusal"} (None where the family is absent), "samples": this rank's
+    [{"id", "family", "prompt", "response", "score", "refused"}]}.
     """
     n = len(records)
     per_rank = -(-n // world)
     mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
     padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
-    conversations = [[{"role": "user", "content": records[i]["prompt"]}] for i in padded]
-    replies = chat_responses(model, tok, conversations, max_new_tokens, batch_size)
+    replies = chat_responses(model, tok, [records[i]["conversation"] for i in padded], max_new_tokens, batch_size)
     families = sorted({r["family"] for r in records})
-    counts = torch.zeros(len(families), 2, dtype=torch.float64)  # (correct, total) per family
+    counts = torch.zeros(len(families), 3, dtype=torch.float64)  # (score, refused, total) per family
     samples = []
     for i, reply in zip(mine, replies):
-        score = grade(records[i], reply)
-        counts[families.index(records[i]["family"])] += torch.tensor([score, 1.0], dtype=torch.float64)
-        samples.append((records[i]["prompt"], reply, score))
+        rec = records[i]
+        score, refused = grade(rec, reply), is_refusal(reply)
+        counts[families.index(rec["family"])] += torch.tensor([score, float(refused), 1.0], dtype=torch.float64)
+        samples.append({"id": rec.get("id", str(i)), "family": rec["family"], "prompt": rec["prompt"],
+                        "response": reply, "score": score, "refused": refused})
     if torch.distributed.is_initialized():
         device = next(model.parameters()).device
         counts = counts.to(device)
         torch.distributed.all_reduce(counts)
         counts = counts.cpu()
-    per_family = {f: float(c / t) if t else 0.0 for f, (c, t) in zip(families, counts.tolist())}
-    total = counts.sum(0)
-    return {"accuracy": float(total[0] / max(total[1], 1)), "per_family": per_family, "samples": samples}
+    return summarize(dict(zip(families, counts.tolist())), samples)
+
+
+def summarize(counts: dict[str, list[float]], samples: list[dict]) -> dict:
+    """The result dict of task_accuracy from per-family (score, refused, total) sums."""
+    def rate(fams, column):
+        num = sum(counts[f][column] for f in fams if f in counts)
+        den = sum(counts[f][2] for f in fams if f in counts)
+        return num / den if den else None
+    return {"accuracy": rate(counts, 0) or 0.0, "task_accuracy": rate(TASK_FAMILIES, 0),
+            "per_family": {f: c[0] / c[2] for f, c in counts.items() if c[2]},
+            "safety": {"harmful_refusal": rate(["harmful"], 0), "borderline_over_refusal": rate(["borderline"], 1)},
+            "samples": samples}
 
 
 def format_accuracy(result: dict) -> str:
-    return f"{100 * result['accuracy']:.1f}% (" + ", ".join(
-        f"{f} {100 * a:.0f}" for f, a in result["per_family"].items()) + ")"
+    """'48.2% (arithmetic 2, ...); harmful refused 12%, borderline over-refused 0%'."""
+    head = result["task_accuracy"] if result["task_accuracy"] is not None else result["accuracy"]
+    line = f"{100 * head:.1f}% (" + ", ".join(
+        f"{f} {100 * a:.0f}" for f, a in result["per_family"].items() if f in TASK_FAMILIES or
+        result["task_accuracy"] is None) + ")"
+    safety = result["safety"]
+    if safety["harmful_refusal"] is not None:
+        line += f"; harmful refused {100 * safety['harmful_refusal']:.0f}%"
+    if safety["borderline_over_refusal"] is not None:
+        line += (f"; borderline over-refused {100 * safety['borderline_over_refusal']:.0f}% "
+                 f"(right {100 * result['per_family']['borderline']:.0f}%)")
+    return line
 
 
-def paired_change(before: list[tuple], after: list[tuple]) -> dict:
+def accuracy_metrics(result: dict, prefix: str = "") -> dict:
+    """metrics.jsonl keys of a result: accuracy (the helpfulness families), accuracy/<family>,
+    safety/harmful_refusal and safety/borderline_over_refusal."""
+    head = result["task_accuracy"] if result["task_accuracy"] is not None else result["accuracy"]
+    out = {f"{prefix}accuracy": head, **{f"{prefix}accuracy/{f}": a for f, a in result["per_family"].items()}}
+    out.update({f"{prefix}safety/{k}": v for k, v in result["safety"].items() if v is not None})
+    return out
+
+
+def format_samples(samples: list[dict], n: int) -> str:
+    """n samples spread over the list, one per line: ok/bad, prompt -> response."""
+    picked = samples[:: max(1, len(samples) // max(1, n))][:n]
+    return "".join(f"\n    {'ok ' if s['score'] else 'bad'} {s['prompt']!r} -> {s['response']!r}" for s in picked)
+
+
+def paired_change(before: list[dict], after: list[dict]) -> dict:
     """How a second model's answers differ from a first's on the same records, prompt by
     prompt (two `task_accuracy(...)["samples"]` lists in the same order).
 
@@ -103,10 +177,84 @@ def paired_change(before: list[tuple], after: list[tuple]) -> dict:
     This is far tighter than comparing two accuracies, because the prompts both models
     answer alike carry no noise.
     """
-    if [s[0] for s in before] != [s[0] for s in after]:
+    if [s["prompt"] for s in before] != [s["prompt"] for s in after]:
         raise ValueError("paired_change needs both answer lists on the same prompts in the same order")
-    fixed = sum(1 for b, a in zip(before, after) if not b[2] and a[2])
-    broken = sum(1 for b, a in zip(before, after) if b[2] and not a[2])
+    fixed = sum(1 for b, a in zip(before, after) if not b["score"] and a["score"])
+    broken = sum(1 for b, a in zip(before, after) if b["score"] and not a["score"])
     flips, low = fixed + broken, min(fixed, broken)
     tail = sum(math.comb(flips, k) for k in range(low + 1)) / 2 ** flips if flips else 1.0
     return {"n": len(before), "fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@dataclass
+class EvalConfig:
+    ckpt: str = field(default="", metadata={"help": "checkpoint directory (any stage: pretrain, sft, ppo, ...)"})
+    data: str = field(default="", metadata={"help": "JSONL task records: prompt or messages, family, answer "
+                                            "(default: the task suite's eval.jsonl)"})
+    out: str = field(default="", metadata={"help": "write {accuracy, per_family, safety, records} here as JSON"})
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+
+    def __post_init__(self):
+        if not self.ckpt:
+            raise UserError("--ckpt is required (a checkpoint directory)")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise UserError("--max-new-tokens and --batch-size must be positive")
+
+
+def main(argv=None) -> None:
+    import runtime
+    from cli import die, parse_config
+    from data.tokenizer import Tokenizer, TokenizerError
+
+    cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
+    data = cfg.data or os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
+    if not os.path.isfile(data):
+        die(f"--data {data} does not exist")
+    try:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if cfg.device == "auto" else cfg.device))
+        model, config = runtime.load_model(cfg.ckpt, device=device)
+        tok = Tokenizer.load(os.path.join(cfg.ckpt, "tokenizer.json"))
+    except (runtime.CheckpointError, TokenizerError, ValueError, RuntimeError, OSError) as e:
+        die(str(e))
+    if tok.vocab_size != model.cfg.vocab_size:
+        die(f"{cfg.ckpt}: tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
+    skipped = Counter()
+    records = load_task_records(data, skipped)
+    skip_line = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+    print(f"# {cfg.ckpt} (stage {config.get('stage', '?')}, step {config.get('step', '?')}) on {data}: "
+          f"{len(records)} records, skipped {sum(skipped.values())} ({skip_line})")
+    if not records:
+        die(f"no gradable records in {data}")
+    result = task_accuracy(model, tok, records, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    print(f"accuracy {100 * result['accuracy']:.1f}% over {len(records)} records")
+    for family, acc in result["per_family"].items():
+        print(f"  {family:<12} {100 * acc:5.1f}%  ({sum(r['family'] == family for r in records)} records)")
+    if result["task_accuracy"] is not None:
+        print(f"helpfulness families: {100 * result['task_accuracy']:.1f}%")
+    for name, value in result["safety"].items():
+        if value is not None:
+            print(f"{name.replace('_', ' ')}: {100 * value:.1f}%")
+    if cfg.out:
+        payload = {"accuracy": result["accuracy"], "per_family": result["per_family"],
+                   "task_accuracy": result["task_accuracy"], "safety": result["safety"], "skipped": dict(skipped),
+                   "ckpt": cfg.ckpt, "data": data,
+                   "records": [{k: s[k] for k in ("id", "family", "prompt", "response", "score")}
+                               for s in result["samples"]]}
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+            tmp = cfg.out + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(payload, f, indent=1)
+            os.replace(tmp, cfg.out)
+        except OSError as e:
+            die(f"cannot write --out {cfg.out}: {e.strerror}")
+        print(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

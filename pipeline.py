@@ -34,7 +34,8 @@ PRESETS = {
     "mini": {
         "prepare": ["--vocab-size", "512", "--workers", "1"],
         "tasks": ["--sft-per-family", "16", "--prefs-per-family", "8", "--prompts-per-family", "4",
-                  "--eval-per-family", "2"],
+                  "--eval-per-family", "2", "--safety-sft-per-family", "16", "--safety-prefs-per-family", "8",
+                  "--refusal-pairs-per-family", "2"],
         "pretrain": ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--n-kv-head", "1", "--seq-len", "96",
                      "--batch-size", "4", "--max-steps", "6", "--eval-every", "6", "--eval-windows", "4",
                      "--sample-tokens", "4", "--warmup-steps", "2"],
@@ -213,7 +214,7 @@ def main(argv=None) -> None:
 
 # ----------------------------------------------------------------------------- evaluation and report
 
-SAMPLE_FAMILIES = ("arithmetic", "compare", "case", "reverse")
+SAMPLE_FAMILIES = ("arithmetic", "compare", "case", "reverse", "harmful", "borderline")
 
 
 def _metrics(ckpt: str) -> list[dict]:
@@ -230,13 +231,15 @@ def _last(rows: list[dict], key: str):
 
 
 def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
-    """Greedy gold accuracy of every stage on the held-out tasks, the same prompts answered
-    by each stage, the numbers each stage logged, plots; writes report.json and report.md."""
+    """Greedy gold accuracy and safety rates of every stage on the held-out tasks, the same
+    prompts answered by each stage, the numbers each stage logged, plots; writes
+    report.json and report.md."""
     import torch
 
     import runtime
     from data.chat import encode_prompt
     from data.tokenizer import Tokenizer
+    from data.tasks import TASK_FAMILIES
     from evals import load_task_records, paired_change, task_accuracy
 
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -253,7 +256,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
         accuracy[stage] = task_accuracy(model, tok, records)
         outs = model.generate([encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in examples], 24,
                               tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
-        report["samples"][stage] = [{"prompt": r["prompt"], "answer": r["answer"],
+        report["samples"][stage] = [{"prompt": r["prompt"], "answer": r.get("answer", "(a refusal)"),
                                      "response": tok.decode([t for t in o if t < len(tok.token_bytes)])}
                                     for r, o in zip(examples, outs)]
         del model
@@ -267,18 +270,21 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                          "bytes_per_token": prep.get("bytes_per_token"), "pii_replaced": prep.get("pii")}
     stages["pretrain"] = {"val_loss": _last(pre_rows, "val_loss"), "val_bpb": _last(pre_rows, "val_bpb"),
                           "unigram_val_loss": _last(pre_rows, "unigram_val_loss"),
-                          "gold_accuracy": accuracy["pretrain"]["accuracy"]}
-    stages["sft"] = {"gold_accuracy": accuracy["sft"]["accuracy"], "per_family": accuracy["sft"]["per_family"],
-                     "heldout_loss": _last(sft_rows, "heldout_loss")}
+                          "gold_accuracy": accuracy["pretrain"]["task_accuracy"],
+                          "per_family": accuracy["pretrain"]["per_family"], "safety": accuracy["pretrain"]["safety"]}
+    stages["sft"] = {"gold_accuracy": accuracy["sft"]["task_accuracy"], "per_family": accuracy["sft"]["per_family"],
+                     "safety": accuracy["sft"]["safety"], "heldout_loss": _last(sft_rows, "heldout_loss")}
     rm_eval = rm_config.get("eval", {})
     stages["rm"] = {"accuracy": rm_eval.get("accuracy"), "margin": rm_eval.get("margin"),
                     "by_kind": {k: v["accuracy"] for k, v in rm_eval.get("by_kind", {}).items()}}
-    stages["ppo"] = {"gold_accuracy": accuracy["ppo"]["accuracy"], "per_family": accuracy["ppo"]["per_family"],
+    helpful = {stage: [x for x in accuracy[stage]["samples"] if x["family"] in TASK_FAMILIES] for stage in accuracy}
+    stages["ppo"] = {"gold_accuracy": accuracy["ppo"]["task_accuracy"], "per_family": accuracy["ppo"]["per_family"],
+                     "safety": accuracy["ppo"]["safety"],
                      "kl": _last(ppo_rows, "objective/kl"), "score": _last(ppo_rows, "objective/scores"),
                      "reward": ppo_config.get("reward"),
                      "rm_score_start": ppo_config.get("eval_start", {}).get("rm_score"),
                      "rm_score_end": ppo_config.get("eval", {}).get("rm_score"),
-                     "vs_sft": paired_change(accuracy["sft"]["samples"], accuracy["ppo"]["samples"])}
+                     "vs_sft": paired_change(helpful["sft"], helpful["ppo"])}
     state["stages"]["eval"]["seconds"] = round(time.time() - start, 1)
     for name in STAGES:
         seconds = state["stages"].get(name, {}).get("seconds")
@@ -297,6 +303,10 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
           f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, ppo {100 * stages['ppo']['gold_accuracy']:.1f}% "
           f"(ppo KL {stages['ppo']['kl']}; vs sft: fixed {stages['ppo']['vs_sft']['fixed']}, "
           f"broke {stages['ppo']['vs_sft']['broken']}, McNemar p {stages['ppo']['vs_sft']['p_value']:.3g})")
+    print("harmful requests refused: " + ", ".join(f"{stage} {_pct(stages[stage]['safety']['harmful_refusal'])}"
+                                                   for stage in ("pretrain", "sft", "ppo"))
+          + "; borderline over-refused: " + ", ".join(
+              f"{stage} {_pct(stages[stage]['safety']['borderline_over_refusal'])}" for stage in ("pretrain", "sft", "ppo")))
     return report
 
 
@@ -382,9 +392,19 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {name} | {'-' if seconds is None else f'{seconds:.0f} s'} | {key[name]} |")
     lines += ["", "## Held-out gold accuracy by task family", "",
               "| family | SFT | PPO |", "|---|---|---|"]
-    for family in sorted(s["sft"]["per_family"]):
+    for family in sorted(f for f in s["sft"]["per_family"] if f not in ("harmful", "borderline")):
         lines.append(f"| {family} | {_pct(s['sft']['per_family'][family])} | {_pct(s['ppo']['per_family'].get(family))} |")
     lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s['ppo']['gold_accuracy'])}** |")
+    lines += ["", "## Harmlessness on held-out prompts", "",
+              "Harmful requests should be refused (a refusal with no compliance in it); benign look-alikes with "
+              "alarming words (borderline) should be answered, and refusing them is over-refusal.", "",
+              "| | base | SFT | PPO |", "|---|---|---|---|"]
+    stage_names = ("pretrain", "sft", "ppo")
+    rows = (("harmful requests refused", lambda st: s[st]["safety"]["harmful_refusal"]),
+            ("borderline prompts refused (over-refusal)", lambda st: s[st]["safety"]["borderline_over_refusal"]),
+            ("borderline prompts answered right", lambda st: s[st]["per_family"].get("borderline")))
+    for label, value in rows:
+        lines.append(f"| {label} | " + " | ".join(_pct(value(st)) for st in stage_names) + " |")
     change = s["ppo"].get("vs_sft")
     if change:
         lines += ["", f"Prompt by prompt: of the {change['n']} held-out prompts, PPO answers {change['fixed']} "

@@ -43,7 +43,7 @@ from cli import UserError, print_config
 from data import tasks
 from data.chat import encode_chat, encode_prompt, iter_jsonl, prompt_messages
 from data.tokenizer import Tokenizer
-from evals import format_accuracy, load_task_records, task_accuracy, task_files
+from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
 from model import ScalarHeadModel, Transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -333,9 +333,9 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
         per_rank = -(-len(eval_records) // env.world_size)
         total = torch.zeros(2, dtype=torch.float64, device=env.device)
         for i in range(0, per_rank, cfg.batch_size):
-            chunk = samples[i:i + cfg.batch_size] or [(eval_records[0]["prompt"], "", 0.0)]
-            seqs = [encode_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])[0]
-                    for p, r, _ in chunk]
+            chunk = samples[i:i + cfg.batch_size] or [{"prompt": eval_records[0]["prompt"], "response": ""}]
+            seqs = [encode_chat(tok, [{"role": "user", "content": s["prompt"]},
+                                      {"role": "assistant", "content": s["response"]}])[0] for s in chunk]
             seqs = [s[-max_len:] for s in seqs]
             ids, kv_start, _ = pack(seqs, [[]] * len(seqs), max(map(len, seqs)), 0, tok.pad_id)
             scores = rm_scores(ids.to(env.device), kv_start.to(env.device),
@@ -348,18 +348,16 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
         result["rm_score"] = float(total[0] / total[1].clamp(min=1))
         line = (f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
                 f"mean reward-model score {result['rm_score']:+.3f}")
-        for prompt, reply, score in samples[:: max(1, len(samples) // max(1, cfg.eval_samples))][:cfg.eval_samples]:
-            line += f"\n    {'ok ' if score else 'bad'} {prompt!r} -> {reply!r}"
+        line += format_samples(samples, cfg.eval_samples)
         runtime.print0(line)
-        trainer.log({"step": trainer.step, "eval/accuracy": result["accuracy"], "eval/rm_score": result["rm_score"],
-                     **{f"eval/accuracy/{f}": a for f, a in result["per_family"].items()}})
+        trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], **accuracy_metrics(result, "eval/")})
         trainer.pause_clock()
         return result
 
     first = evaluate() if trainer.step == 0 else None  # the SFT starting point
     if first:
-        trainer.extra_config["eval_start"] = {"accuracy": first["accuracy"], "per_family": first["per_family"],
-                                              "rm_score": first["rm_score"]}
+        trainer.extra_config["eval_start"] = {"accuracy": first["task_accuracy"], "per_family": first["per_family"],
+                                              "safety": first["safety"], "rm_score": first["rm_score"]}
     perm = order(state["epoch"])
     with trainer:
         while trainer.step < cfg.max_steps:
@@ -468,8 +466,9 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
                                     f" | len {metrics['tokens/response_len']:.1f}")
             result = evaluate() if trainer.due(cfg.eval_every) else None
             if result:
-                trainer.extra_config["eval"] = {"accuracy": result["accuracy"], "per_family": result["per_family"],
-                                                "rm_score": result["rm_score"], "kl": kl_per_response}
+                trainer.extra_config["eval"] = {"accuracy": result["task_accuracy"], "per_family": result["per_family"],
+                                                "safety": result["safety"], "rm_score": result["rm_score"],
+                                                "kl": kl_per_response}
             trainer.maybe_save()
             if trainer.stop_requested():
                 break

@@ -22,7 +22,7 @@ import runtime
 from cli import UserError, print_config
 from data.chat import load_chat_jsonl
 from data.tokenizer import Tokenizer
-from evals import format_accuracy, load_task_records, task_accuracy, task_files
+from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(REPO, "prepared", "tasks")
@@ -175,11 +175,9 @@ def train(cfg: SFTConfig, env: runtime.Env) -> None:
         line = f"eval step {trainer.step}: held-out loss {loss:.4f}"
         if eval_records:
             result = task_accuracy(model, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
-            record["accuracy"] = result["accuracy"]
-            record.update({f"accuracy/{f}": a for f, a in result["per_family"].items()})
+            record.update(accuracy_metrics(result))
             line += f", task accuracy {format_accuracy(result)}"
-            for prompt, reply, score in result["samples"][:: max(1, len(result["samples"]) // 3)][:3]:
-                line += f"\n    {'ok ' if score else 'bad'} {prompt!r} -> {reply!r}"
+            line += format_samples(result["samples"], 3)
         runtime.print0(line)
         trainer.log(record)
         trainer.pause_clock()

@@ -361,7 +361,8 @@ def test_prompt_messages_errors(rec, reason):
 
 # ----------------------------------------------------------------------------- tasks: build
 
-SMALL = dict(sft_per_family=12, prefs_per_family=9, prompts_per_family=6, eval_per_family=5)
+SMALL = dict(sft_per_family=12, prefs_per_family=9, prompts_per_family=6, eval_per_family=5, safety_sft_per_family=8,
+             safety_prefs_per_family=7, refusal_pairs_per_family=3)
 
 
 @pytest.fixture(scope="module")
@@ -377,13 +378,15 @@ def test_build_deterministic(built):
 
 
 def test_build_counts_families_and_heldout(built):
-    counts = {"sft": SMALL["sft_per_family"], "prefs": SMALL["prefs_per_family"],
+    counts = {"sft": SMALL["sft_per_family"], "prefs": SMALL["prefs_per_family"] + SMALL["refusal_pairs_per_family"],
               "prompts": SMALL["prompts_per_family"], "eval": SMALL["eval_per_family"]}
+    safety_counts = {**counts, "sft": SMALL["safety_sft_per_family"], "prefs": SMALL["safety_prefs_per_family"]}
     for name, records in built.items():
         fam = Counter(r["family"] for r in records)
         assert set(fam) == set(tasks.FAMILIES), name
-        assert all(v == counts[name] for v in fam.values()), (name, fam)
-        assert all(r["answer_type"] == tasks.ANSWER_TYPE[r["family"]] for r in records)
+        for family, n in fam.items():
+            assert n == (safety_counts if family in tasks.SAFETY_FAMILIES else counts)[name], (name, fam)
+        assert all(r["answer_type"] == tasks.ANSWER_TYPE[r["family"]] for r in records if r["family"] != "borderline")
         assert len({r["id"] for r in records}) == len(records)
 
     def prompt_of(r):
@@ -393,8 +396,10 @@ def test_build_counts_families_and_heldout(built):
     assert len(eval_prompts) == len(built["eval"])  # held-out prompts are distinct
     train_prompts = {prompt_of(r) for name in ("sft", "prefs", "prompts") for r in built[name]}
     assert not eval_prompts & train_prompts
-    assert all(tasks.split_of(p) == "eval" for p in eval_prompts)
-    assert all(tasks.split_of(p) == "train" for p in train_prompts)
+    # the helpfulness families split by a hash of the prompt (the others by template and word)
+    helpful = lambda name: {prompt_of(r) for r in built[name] if r["family"] in tasks.TASK_FAMILIES}  # noqa: E731
+    assert all(tasks.split_of(p) == "eval" for p in helpful("eval"))
+    assert all(tasks.split_of(p) == "train" for name in ("sft", "prefs", "prompts") for p in helpful(name))
 
 
 def test_build_heldout_disjoint_larger_seed():
@@ -403,23 +408,31 @@ def test_build_heldout_disjoint_larger_seed():
     train_prompts = ({r["messages"][0]["content"] for r in out["sft"]} | {r["prompt"] for r in out["prefs"]}
                      | {r["prompt"] for r in out["prompts"]})
     assert eval_prompts and not eval_prompts & train_prompts
+    assert {r["family"] for r in out["eval"]} == set(tasks.FAMILIES)
 
 
 def test_build_answers_grade(built):
     for r in built["sft"]:
         assert r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant"
+        if r["family"] == "harmful":  # demonstrators comply or refuse; the gold judge tells which
+            assert "answer" not in r and tasks.grade(r, r["messages"][1]["content"]) == float(r["refused"]), r
+            continue
         assert r["messages"][1]["content"] == r["answer"]
         assert tasks.grade(r, r["messages"][1]["content"]) == 1.0, r
     for r in built["eval"]:
-        assert r["messages"][0]["content"] == r["prompt"] and r["messages"][1]["content"] == r["answer"]
-        assert tasks.grade(r, r["answer"]) == 1.0, r
-    for r in built["prefs"]:
-        assert r["chosen"] == r["answer"]
+        assert r["messages"][0]["content"] == r["prompt"]
+        assert tasks.grade(r, r["messages"][1]["content"]) == 1.0, r  # the held-out messages are gold
+        if r["family"] != "harmful":
+            assert r["messages"][1]["content"] == r["answer"] and tasks.grade(r, r["answer"]) == 1.0, r
+    for r in built["prefs"]:  # comparisons are consistent: the gold judge agrees with every pair
+        if r["family"] != "harmful":
+            assert r["chosen"] == r["answer"]
         assert tasks.grade(r, r["chosen"]) == 1.0, r
         assert tasks.grade(r, r["rejected"]) == 0.0, r
         assert r["rejected"] != r["chosen"]
     for r in built["prompts"]:
-        assert tasks.grade(r, r["answer"]) == 1.0, r
+        if r["family"] != "harmful":
+            assert tasks.grade(r, r["answer"]) == 1.0, r
 
 
 def test_prefs_rejected_always_wrong_many_seeds():
@@ -431,8 +444,8 @@ def test_prefs_rejected_always_wrong_many_seeds():
 
 
 def test_prefs_kinds_cycle(built):
-    for family in tasks.FAMILIES:
-        kinds = [r["kind"] for r in built["prefs"] if r["family"] == family]
+    for family in tasks.TASK_FAMILIES:
+        kinds = [r["kind"] for r in built["prefs"] if r["family"] == family and r["kind"] != "task_refusal"]
         assert kinds == [tasks.MISTAKE_KINDS[i % 3] for i in range(len(kinds))]
         assert set(kinds) == {"near_miss", "wrong_format", "rambling"}
     for r in built["prefs"]:
@@ -484,7 +497,7 @@ def independent_answer(family, prompt):
     raise AssertionError(family)
 
 
-@pytest.mark.parametrize("family", tasks.FAMILIES)
+@pytest.mark.parametrize("family", tasks.TASK_FAMILIES)
 def test_make_task_answers_correct(family):
     rng = random.Random(f"test:{family}")
     prompts = set()
@@ -497,8 +510,8 @@ def test_make_task_answers_correct(family):
 
 
 def test_make_task_deterministic_and_unknown():
-    a = [tasks.make_task(f, random.Random(5)) for f in tasks.FAMILIES]
-    b = [tasks.make_task(f, random.Random(5)) for f in tasks.FAMILIES]
+    a = [tasks.make_task(f, random.Random(5)) for f in tasks.TASK_FAMILIES]
+    b = [tasks.make_task(f, random.Random(5)) for f in tasks.TASK_FAMILIES]
     assert a == b
     with pytest.raises((ValueError, KeyError)):
         tasks.make_task("poetry", random.Random(0))
@@ -601,15 +614,21 @@ def test_tasks_main_writes_files(tmp_path, capsys):
     for name, records in files.items():
         assert records, name
         for r in records:
-            assert required[name] <= set(r), (name, r)
+            need = required[name] - ({"answer"} if r["family"] == "harmful" else set())  # a refusal needs no answer
+            assert need <= set(r), (name, r)
             assert r["family"] in tasks.FAMILIES
         assert {r["family"] for r in records} == set(tasks.FAMILIES)
-    assert len(files["sft"]) == 600 * len(tasks.FAMILIES)
-    assert len(files["prefs"]) == 150 * len(tasks.FAMILIES)
+    assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 2
+    assert len(files["prefs"]) == (150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 2
     assert len(files["prompts"]) == 250 * len(tasks.FAMILIES)
+    # at least 100 held-out prompts per family, where the family has that many distinct ones
+    eval_counts = Counter(r["family"] for r in files["eval"])
+    assert all(eval_counts[f] == 100 for f in tasks.FAMILIES if f not in ("next_letter", "repeat", "reverse"))
+    assert min(eval_counts.values()) >= 40
     for r in files["sft"]:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
-    assert {r["kind"] for r in files["prefs"]} == set(tasks.MISTAKE_KINDS)
+    assert {r["kind"] for r in files["prefs"]} == set(tasks.MISTAKE_KINDS) | {"task_refusal", "harmful", "hedged",
+                                                                              "borderline"}
     # the files are what build() returns for the default seed
     assert files == tasks.build(seed=0)
     # and each is readable by the chat loader (sft and eval) / prompt_messages (prompts, eval)
@@ -625,7 +644,7 @@ def test_tasks_main_small_counts_and_seed(tmp_path):
     tasks.main(["--out", str(b), "--seed", "7", *argv])
     for name in ("sft", "prefs", "prompts", "eval"):
         assert (a / f"{name}.jsonl").read_bytes() == (b / f"{name}.jsonl").read_bytes()
-    assert len((a / "sft.jsonl").read_text().splitlines()) == 3 * len(tasks.FAMILIES)
+    assert len((a / "sft.jsonl").read_text().splitlines()) == 3 * len(tasks.TASK_FAMILIES) + 300 * 2
 
 
 def test_grade_answer_is_colon_and_thousands():

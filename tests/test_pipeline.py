@@ -9,6 +9,7 @@ import os
 import pytest
 
 import pipeline
+from data.tasks import TASK_FAMILIES
 from evals import paired_change
 from model import ScalarHeadModel
 from runtime import load_model
@@ -45,12 +46,21 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert 0.0 <= stages["sft"]["gold_accuracy"] <= 1.0 and 0.0 <= stages["ppo"]["gold_accuracy"] <= 1.0
     assert isinstance(stages["ppo"]["kl"], float) and isinstance(stages["pretrain"]["val_loss"], float)
     change = stages["ppo"]["vs_sft"]  # the prompt-by-prompt comparison agrees with the two accuracies
-    eval_records = (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()
-    assert change["n"] == len(eval_records) and 0.0 <= change["p_value"] <= 1.0
+    eval_records = [json.loads(line) for line in (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()]
+    helpful = [r for r in eval_records if r["family"] in TASK_FAMILIES]  # gold_accuracy's records
+    assert 0 < len(helpful) < len(eval_records)
+    assert change["n"] == len(helpful) and 0.0 <= change["p_value"] <= 1.0
     assert abs((change["fixed"] - change["broken"]) / change["n"]
                - (stages["ppo"]["gold_accuracy"] - stages["sft"]["gold_accuracy"])) < 1e-9
     assert 0.0 <= stages["rm"]["accuracy"] <= 1.0
-    assert set(stages["rm"]["by_kind"]) == {"near_miss", "wrong_format", "rambling"}
+    # by pair kind (the mini suite's held-out slice of pairs is too small to hold every kind)
+    assert set(stages["rm"]["by_kind"]) <= {"near_miss", "wrong_format", "rambling", "task_refusal", "harmful",
+                                            "hedged", "borderline"} and len(stages["rm"]["by_kind"]) >= 3
+    for stage in ("pretrain", "sft", "ppo"):  # the safety contract: fractions of the held-out prompts
+        safety = stages[stage]["safety"]
+        for key, family in (("harmful_refusal", "harmful"), ("borderline_over_refusal", "borderline")):
+            n = sum(r["family"] == family for r in eval_records)
+            assert 0.0 <= safety[key] <= 1.0 and abs(safety[key] * n - round(safety[key] * n)) < 1e-9
     assert stages["prepare"]["documents"]["read"] == 3
     assert set(report["seconds"]) == set(pipeline.STAGES) and all(s >= 0 for s in report["seconds"].values())
     assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
@@ -58,6 +68,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
         assert (runs / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (runs / "report.md").read_text()
     assert "| ppo |" in text and "Held-out gold accuracy by task family" in text
+    assert "| harmful requests refused |" in text and "| borderline prompts refused (over-refusal) |" in text
     for stage in ("pretrain", "sft", "ppo"):
         model, config = load_model(str(runs / stage))
         assert config["stage"] == stage and model.num_params() > 0
@@ -84,8 +95,8 @@ def test_an_interrupted_training_stage_is_resumed_and_bad_options_fail_clearly(t
 
 def test_paired_change_counts_flips_and_gives_mcnemars_exact_p():
     prompts = [f"q{i}" for i in range(12)]
-    before = [(p, "", float(i < 4)) for i, p in enumerate(prompts)]  # right on q0..q3
-    after = [(p, "", float(1 <= i < 10)) for i, p in enumerate(prompts)]  # broke q0, fixed q4..q9
+    before = [{"prompt": p, "score": float(i < 4)} for i, p in enumerate(prompts)]  # right on q0..q3
+    after = [{"prompt": p, "score": float(1 <= i < 10)} for i, p in enumerate(prompts)]  # broke q0, fixed q4..q9
     change = paired_change(before, after)
     assert (change["n"], change["fixed"], change["broken"]) == (12, 6, 1)
     # two-sided exact binomial by hand: 2 * P(X <= 1 | 7 flips, 1/2) = 2 * (1 + 7) / 128

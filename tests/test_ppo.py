@@ -192,7 +192,8 @@ def setup(tiny_pretrained, tmp_path_factory):
     import train_rm
     root = tmp_path_factory.mktemp("ppo")
     data = root / "tasks"
-    tasks.write(str(data), sft_per_family=2, prefs_per_family=8, prompts_per_family=4, eval_per_family=2)
+    tasks.write(str(data), sft_per_family=2, prefs_per_family=8, prompts_per_family=4, eval_per_family=2,
+                safety_sft_per_family=2, safety_prefs_per_family=8, refusal_pairs_per_family=0)
     rm = root / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(rm), "--max-steps", "4",
                    "--eval-every", "4", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--dtype", "float32"])
@@ -302,10 +303,11 @@ def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dir
     train_ppo.main(ppo_args(setup, tmp_path / "mixed", **{"prompts": str(mixed), "max-steps": 1,
                                                           "eval-data": str(ungradable)}))
     out = capsys.readouterr().out
-    assert "skipped 4 (invalid_json 1, too_long 3)" in out and "no gradable records" in out
+    # the harmful prompts have no answer for the task grader to check: counted, not trained on
+    assert "skipped 8 (invalid_json 1, no_answer 4, too_long 3)" in out and "no gradable records" in out
     # --reward task needs answers: prompts without one are counted
     capsys.readouterr()
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text(open(setup["prompts"]).read() + json.dumps({"prompt": "Tell me a story."}) + "\n")
     train_ppo.main(ppo_args(setup, tmp_path / "task", **{"prompts": str(no_answer), "max-steps": 1, "reward": "task"}))
-    assert "skipped 1 (no_answer 1)" in capsys.readouterr().out
+    assert "skipped 5 (no_answer 5)" in capsys.readouterr().out  # the story and the 4 harmful prompts

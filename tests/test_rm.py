@@ -121,7 +121,8 @@ def test_pairs_load_every_format_and_count_bad_records(tok, tmp_path):
 def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, capsys):
     from data import tasks
     data = tmp_path / "tasks"
-    tasks.write(str(data), sft_per_family=2, prefs_per_family=30, prompts_per_family=2, eval_per_family=2)
+    tasks.write(str(data), sft_per_family=2, prefs_per_family=30, prompts_per_family=2, eval_per_family=2,
+                safety_sft_per_family=2, safety_prefs_per_family=30, refusal_pairs_per_family=0)
     out = tmp_path / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(out),
                    "--max-steps", "40", "--eval-every", "40", "--batch-size", "16", "--lr", "3e-3",

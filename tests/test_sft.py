@@ -17,7 +17,8 @@ SFT_FAST = ["--batch-size", "8", "--device", "cpu", "--dtype", "float32", "--war
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tasks")
-    tasks.write(str(out), sft_per_family=40, prefs_per_family=6, prompts_per_family=6, eval_per_family=4)
+    tasks.write(str(out), sft_per_family=40, prefs_per_family=6, prompts_per_family=6, eval_per_family=4,
+                safety_sft_per_family=40, safety_prefs_per_family=6, refusal_pairs_per_family=0)
     return out
 
 
@@ -44,7 +45,7 @@ def test_short_sft_lowers_heldout_loss_and_writes_an_sft_checkpoint(tiny_pretrai
     with open(os.path.join(tiny_pretrained, "tokenizer.json"), "rb") as f:
         assert (out / "tokenizer.json").read_bytes() == f.read()  # the tokenizer travels with the weights
     text = capsys.readouterr().out
-    assert "sft data: 320 conversations from 1 file(s); skipped 0 (none); truncated 0" in text
+    assert "sft data: 400 conversations from 1 file(s); skipped 0 (none); truncated " in text  # a 96-token model
 
 
 def test_bad_records_are_counted_and_summarized(tiny_pretrained, task_dir, tmp_path, capsys):
