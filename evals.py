@@ -211,9 +211,6 @@ def main(argv=None) -> None:
     from data.tokenizer import Tokenizer, TokenizerError
 
     cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
-    data = cfg.data or os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
-    if not os.path.isfile(data):
-        die(f"--data {data} does not exist")
     try:
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if cfg.device == "auto" else cfg.device))
@@ -223,6 +220,9 @@ def main(argv=None) -> None:
         die(str(e))
     if tok.vocab_size != model.cfg.vocab_size:
         die(f"{cfg.ckpt}: tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
+    data = cfg.data or os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
+    if not os.path.isfile(data):
+        die(f"--data {data} does not exist")
     skipped = Counter()
     records = load_task_records(data, skipped)
     skip_line = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"

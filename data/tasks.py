@@ -293,14 +293,16 @@ def add_refusal_pairs(out: dict, family: str, pairs: list, rng: random.Random) -
                              "kind": "task_refusal"})
 
 
-def _distinct(make, rng: random.Random, split: str, n: int) -> list[dict]:
-    """n generated records with distinct prompts (fewer if the space runs out)."""
+def _distinct(make, rng: random.Random, split: str, n: int, eval_fraction: float = 0.2) -> list[dict]:
+    """n generated records with distinct prompts (fewer if the space runs out). Their text
+    also hashes to the same split as the helpfulness prompts' (split_of), so no held-out
+    prompt of any family can equal a training prompt of another."""
     found, seen = [], set()
     for _ in range(50 * n + 1000):
         if len(found) >= n:
             break
         rec = make(rng, split)
-        if rec["prompt"] not in seen:
+        if rec["prompt"] not in seen and split_of(rec["prompt"], eval_fraction) == split:
             seen.add(rec["prompt"])
             found.append(rec)
     return found

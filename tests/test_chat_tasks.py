@@ -396,10 +396,9 @@ def test_build_counts_families_and_heldout(built):
     assert len(eval_prompts) == len(built["eval"])  # held-out prompts are distinct
     train_prompts = {prompt_of(r) for name in ("sft", "prefs", "prompts") for r in built[name]}
     assert not eval_prompts & train_prompts
-    # the helpfulness families split by a hash of the prompt (the others by template and word)
-    helpful = lambda name: {prompt_of(r) for r in built[name] if r["family"] in tasks.TASK_FAMILIES}  # noqa: E731
-    assert all(tasks.split_of(p) == "eval" for p in helpful("eval"))
-    assert all(tasks.split_of(p) == "train" for name in ("sft", "prefs", "prompts") for p in helpful(name))
+    # every family splits by a hash of the prompt (harmful and borderline also by template and word)
+    assert all(tasks.split_of(p) == "eval" for p in eval_prompts)
+    assert all(tasks.split_of(p) == "train" for p in train_prompts)
 
 
 def test_build_heldout_disjoint_larger_seed():
