@@ -167,23 +167,40 @@ def format_samples(samples: list[dict], n: int) -> str:
     return "".join(f"\n    {'ok ' if s['score'] else 'bad'} {s['prompt']!r} -> {s['response']!r}" for s in picked)
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: under "no difference" each untied prompt goes either way
+    with probability 1/2, so p = P(a split at least this lopsided) under Binomial(n, 1/2)."""
+    n, low = wins + losses, min(wins, losses)
+    tail = sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n if n else 1.0
+    return min(1.0, 2 * tail)
+
+
+def _aligned(before: list[dict], after: list[dict]) -> list[tuple[float, float]]:
+    if [s["prompt"] for s in before] != [s["prompt"] for s in after]:
+        raise ValueError("comparing two models needs both answer lists on the same prompts in the same order")
+    return [(b["score"], a["score"]) for b, a in zip(before, after)]
+
+
 def paired_change(before: list[dict], after: list[dict]) -> dict:
     """How a second model's answers differ from a first's on the same records, prompt by
     prompt (two `task_accuracy(...)["samples"]` lists in the same order).
 
     Accuracy moves by (fixed - broken) / n; whether that is more than chance is McNemar's
-    exact test: under "no change", each prompt that flips is fixed or broken with
-    probability 1/2, so p = P(a split at least this lopsided) under Binomial(flips, 1/2).
-    This is far tighter than comparing two accuracies, because the prompts both models
-    answer alike carry no noise.
-    """
-    if [s["prompt"] for s in before] != [s["prompt"] for s in after]:
-        raise ValueError("paired_change needs both answer lists on the same prompts in the same order")
-    fixed = sum(1 for b, a in zip(before, after) if not b["score"] and a["score"])
-    broken = sum(1 for b, a in zip(before, after) if b["score"] and not a["score"])
-    flips, low = fixed + broken, min(fixed, broken)
-    tail = sum(math.comb(flips, k) for k in range(low + 1)) / 2 ** flips if flips else 1.0
-    return {"n": len(before), "fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
+    exact test (the sign test on the prompts that flip). This is far tighter than comparing
+    two accuracies, because the prompts both models answer alike carry no noise."""
+    pairs = _aligned(before, after)
+    fixed = sum(1 for b, a in pairs if not b and a)
+    broken = sum(1 for b, a in pairs if b and not a)
+    return {"n": len(pairs), "fixed": fixed, "broken": broken, "p_value": sign_test_p(fixed, broken)}
+
+
+def win_rate(before: list[dict], after: list[dict]) -> dict:
+    """The gold judge as a pairwise judge: the second model wins a prompt where its answer
+    scores higher, loses where lower, ties otherwise; p is the exact sign test over the
+    untied prompts (as in pairwise human evaluations)."""
+    pairs = _aligned(before, after)
+    wins, losses = sum(1 for b, a in pairs if a > b), sum(1 for b, a in pairs if a < b)
+    return {"wins": wins, "losses": losses, "ties": len(pairs) - wins - losses, "p_value": sign_test_p(wins, losses)}
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -149,6 +149,15 @@ class KVCache:
         end = self.length + t
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_rows(self, n: int) -> None:
+        """Each row becomes n consecutive copies (row i -> rows i*n .. i*n+n-1): a prompt
+        prefilled once, then sampled n times."""
+        if n == 1 or self.k is None:
+            return
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.shape = tuple(self.k.shape)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -365,7 +374,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
-                 generator=None, min_width: int = 0) -> list[list[int]]:
+                 generator=None, min_width: int = 0, num_samples: int = 1) -> list[list[int]]:
         """Sample continuations for a batch of prompts (token id lists, any lengths).
 
         Prompts are left-padded into one batch; the KV cache makes each step cost one
@@ -376,9 +385,15 @@ class Transformer(nn.Module):
         generator: one torch.Generator for the batch, or a list with one per row (then a
         row's sample depends only on its own generator, not on which rows share its batch).
         min_width: left-pad prompts to at least this many tokens (PPO pads every rank alike).
+        num_samples: continuations per prompt (PPO's groups). Each prompt is prefilled once
+        and its cache copied, so a group costs one prompt pass; the result has
+        len(prompts) * num_samples rows, prompt i's samples at i*n .. i*n+n-1, and a list of
+        generators then has one per output row.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         device = self.tok_emb.weight.device
         B, T0 = len(prompts), max(min_width, max(len(p) for p in prompts))
         total = min(T0 + max_new_tokens, self.cfg.max_seq_len)
@@ -389,10 +404,14 @@ class Transformer(nn.Module):
             idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         kv_start = torch.tensor([T0 - len(p) for p in prompts], dtype=torch.long, device=device)
         cache = KVCache(self.cfg, B, total, device)
+        logits = self(idx, kv_start=kv_start, cache=cache, last_only=True)
+        if num_samples > 1:  # the prompt pass is shared by its group; the samples part here
+            cache.repeat_rows(num_samples)
+            logits, kv_start = logits.repeat_interleave(num_samples, 0), kv_start.repeat_interleave(num_samples, 0)
+            B *= num_samples
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = torch.full((B, total - T0), pad_id, dtype=torch.long, device=device)
-        logits = self(idx, kv_start=kv_start, cache=cache, last_only=True)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for t in range(total - T0):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)

@@ -42,7 +42,7 @@ PRESETS = {
         "sft": ["--max-steps", "4", "--batch-size", "8", "--eval-every", "4", "--save-every", "4",
                 "--eval-max-new-tokens", "4", "--warmup-steps", "1"],
         "rm": ["--max-steps", "3", "--batch-size", "8", "--eval-every", "3", "--save-every", "3", "--warmup-steps", "1"],
-        "ppo": ["--max-steps", "2", "--batch-size", "8", "--minibatch-size", "4", "--max-new-tokens", "6",
+        "ppo": ["--max-steps", "2", "--batch-size", "4", "--minibatch-size", "8", "--max-new-tokens", "6",
                 "--eval-every", "2", "--save-every", "2", "--eval-max-new-tokens", "4", "--log-every", "1"],
     },
     # one GPU (bf16): a GPT-2-small-sized model; the task stages keep their CPU settings,
@@ -240,7 +240,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     from data.chat import encode_prompt
     from data.tokenizer import Tokenizer
     from data.tasks import TASK_FAMILIES
-    from evals import load_task_records, paired_change, task_accuracy
+    from evals import load_task_records, paired_change, task_accuracy, win_rate
 
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
@@ -284,7 +284,9 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                      "reward": ppo_config.get("reward"),
                      "rm_score_start": ppo_config.get("eval_start", {}).get("rm_score"),
                      "rm_score_end": ppo_config.get("eval", {}).get("rm_score"),
-                     "vs_sft": paired_change(helpful["sft"], helpful["ppo"])}
+                     "vs_sft": paired_change(helpful["sft"], helpful["ppo"]),
+                     "win_rate_vs_sft": win_rate(accuracy["sft"]["samples"], accuracy["ppo"]["samples"]),
+                     "advantage": ppo_config.get("advantage"), "samples_per_prompt": ppo_config.get("samples_per_prompt")}
     state["stages"]["eval"]["seconds"] = round(time.time() - start, 1)
     for name in STAGES:
         seconds = state["stages"].get(name, {}).get("seconds")
@@ -303,6 +305,9 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
           f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, ppo {100 * stages['ppo']['gold_accuracy']:.1f}% "
           f"(ppo KL {stages['ppo']['kl']}; vs sft: fixed {stages['ppo']['vs_sft']['fixed']}, "
           f"broke {stages['ppo']['vs_sft']['broken']}, McNemar p {stages['ppo']['vs_sft']['p_value']:.3g})")
+    wins = stages["ppo"]["win_rate_vs_sft"]
+    print(f"ppo vs sft on all {len(records)} held-out prompts (gold judge): {wins['wins']} wins, {wins['losses']} losses, "
+          f"{wins['ties']} ties, sign test p {wins['p_value']:.3g}")
     print("harmful requests refused: " + ", ".join(f"{stage} {_pct(stages[stage]['safety']['harmful_refusal'])}"
                                                    for stage in ("pretrain", "sft", "ppo"))
           + "; borderline over-refused: " + ", ".join(
@@ -346,6 +351,29 @@ def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(out, files[-1]), dpi=100)
     plt.close(fig)
+
+    # Gao et al.'s picture: what the reward model sees against what the gold judge sees, as
+    # the policy moves away from the SFT model
+    evals = [r for r in ppo_rows if "eval/kl" in r]
+    if evals:
+        fig, gold = plt.subplots(figsize=(10, 3.6))
+        kl = [r["eval/kl"] for r in evals]
+        for key, label in (("eval/accuracy", "task accuracy"), ("eval/safety/harmful_refusal", "harmful refused"),
+                           ("eval/safety/borderline_over_refusal", "borderline over-refused")):
+            if all(key in r for r in evals):
+                gold.plot(kl, [100 * r[key] for r in evals], "o-", label=f"{label} (gold, %)")
+        gold.set(xlabel="KL to the SFT model (nats per response)", ylabel="gold judge (%)", ylim=(-2, 102),
+                 title="PPO evaluations: gold metrics and the reward model's score against KL")
+        rm_axis = gold.twinx()
+        rm_axis.plot(kl, [r["eval/rm_score"] for r in evals], "k--", marker="s", label="reward-model score")
+        rm_axis.set(ylabel="mean reward-model score")
+        lines = gold.get_legend_handles_labels()
+        more = rm_axis.get_legend_handles_labels()
+        gold.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+        files.append("ppo_gold_vs_kl.png")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, files[-1]), dpi=100)
+        plt.close(fig)
 
     families = sorted(accuracy["sft"]["per_family"])
     fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -395,6 +423,13 @@ def render_markdown(report: dict) -> str:
     for family in sorted(f for f in s["sft"]["per_family"] if f not in ("harmful", "borderline")):
         lines.append(f"| {family} | {_pct(s['sft']['per_family'][family])} | {_pct(s['ppo']['per_family'].get(family))} |")
     lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s['ppo']['gold_accuracy'])}** |")
+    wins = s["ppo"].get("win_rate_vs_sft")
+    if wins:
+        decided = wins["wins"] + wins["losses"]
+        lines += ["", f"PPO against SFT on all {decided + wins['ties']} held-out prompts, judged by the gold judge: "
+                      f"PPO wins {wins['wins']}, loses {wins['losses']}, ties {wins['ties']} "
+                      f"({_pct(wins['wins'] / decided) if decided else '-'} of the prompts where they differ; "
+                      f"exact sign test p = {wins['p_value']:.3g})."]
     lines += ["", "## Harmlessness on held-out prompts", "",
               "Harmful requests should be refused (a refusal with no compliance in it); benign look-alikes with "
               "alarming words (borderline) should be answered, and refusing them is over-refusal.", "",

@@ -1,32 +1,40 @@
-"""Stage 3b: PPO against a reward, with a per-token KL penalty to the frozen SFT model.
+"""Stage 3b: PPO against a reward model, with a per-token KL penalty to the frozen SFT model.
 
-InstructGPT's third step (Ouyang et al. 2022; Ziegler et al. 2019 before it). Each step:
+InstructGPT's third step (Ouyang et al. 2022; Ziegler et al. 2019 before it), with the
+per-prompt baselines that give a small model a usable signal (RLOO: Ahmadian et al. 2024;
+GRPO: Shao et al. 2024). Each step:
 
-1. Rollout: the policy (initialized from SFT) samples a response to a batch of prompts,
-   stopping at <|end|>. A response that never stops is penalized.
-2. Score: the reward model scores each (prompt, response), or the task grader checks the
-   answer (--reward task, a verifiable reward), or both (--reward mix).
+1. Rollout: the policy samples --samples-per-prompt responses to each prompt of a batch
+   (a group shares one prompt pass through the KV cache), stopping at <|end|>.
+2. Score: the reward model's normalized score of each response (--reward rm: a model of
+   the preference data, the RLHF setting); or the task grader's 0/1 (--reward task, a
+   verifiable reward); or both, the grader added where it applies (--reward mix, as Tulu 3
+   mixes them). The grader only checks the helpfulness families: harmful and borderline
+   prompts are scored by the reward model alone, because the gold judge measures, it never
+   rewards. A response that never stops loses --missing-eos-penalty.
 3. Per-token reward: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score on the
-   last token. The KL term keeps the policy near the frozen SFT model (the reference),
-   which is what stops it from exploiting the reward model's blind spots. beta is fixed
-   or adapted toward a target KL (Ziegler et al.'s controller).
-4. Advantages: a critic (initialized from the reward model) predicts the value of each
-   prefix; generalized advantage estimation (Schulman et al. 2016) turns rewards and
-   values into advantages and returns; advantages are whitened over the batch.
-5. Update: a few epochs over minibatches of the rollout with PPO's clipped surrogate
-   (Schulman et al. 2017) for the policy and a clipped squared error for the critic.
+   last token. The KL term keeps the policy near the SFT model (the reference), which is
+   what stops it from exploiting the reward model's blind spots. beta is fixed or adapted
+   toward a target KL (Ziegler et al.'s controller).
+4. Advantages. --advantage rloo: a response's score minus the mean score of the other
+   responses to its prompt (leave-one-out); grpo: minus the group's mean (optionally over
+   its std); both then add the KL penalty still to come, token by token (no critic). gae:
+   a critic predicts each prefix's value, generalized advantage estimation (Schulman et al.
+   2016) turns rewards and values into advantages, whitened over the batch. A group whose
+   scores are all equal teaches nothing: --drop-equal-groups leaves it out (DAPO).
+5. Update: --ppo-epochs passes over minibatches with PPO's clipped surrogate (Schulman et
+   al. 2017); with gae also a clipped squared error for the critic, which alone learns
+   during the first --critic-warmup-steps steps so its values mean something before the
+   policy relies on them.
+6. Log: TRL's metric names; every --eval-every steps the held-out gold accuracy, refusal
+   and over-refusal rates, and the reward model's mean score on the greedy answers.
 
-The log-probs of step 5 must reproduce those of the rollout exactly on the first
-minibatch (ratio 1): same padding, positions and temperature (DESIGN.md pitfalls).
-Metric names follow TRL's PPOTrainer so curves can be compared.
+The log-probs of step 5 must reproduce those of step 1 exactly on the first minibatch
+(ratio 1): same padding, positions and temperature (DESIGN.md pitfalls).
 
-    python train_ppo.py                    # runs/sft + runs/rm on the task suite, reward = the task grader (0/1)
-    python train_ppo.py --reward rm        # reward = the reward model's score (the classic RLHF setting)
-    python train_ppo.py --init runs/sft --reward-model runs/rm --prompts my_prompts.jsonl --reward rm --out runs/ppo
-
-The default reward is the grader because the default reward model, trained on synthetic
-mistakes, does not rank this policy's own mistakes well: optimizing it alone lowers the
-gold accuracy (README, results), the over-optimization Gao et al. (2022) describe.
+    python train_ppo.py                       # runs/sft + runs/rm on the task suite, the defaults below
+    python train_ppo.py --advantage gae --critic-warmup-steps 10 --samples-per-prompt 1
+    python train_ppo.py --init runs/sft --reward-model runs/rm --prompts my_prompts.jsonl --out runs/ppo
 """
 from __future__ import annotations
 
@@ -55,23 +63,31 @@ class PPOConfig(runtime.TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "ppo"), metadata={"help": "checkpoint directory"})
     init: str = field(default=os.path.join(REPO, "runs", "sft"), metadata={"help": "SFT checkpoint: policy and reference"})
     reward_model: str = field(default=os.path.join(REPO, "runs", "rm"), metadata={"help": "reward-model checkpoint"})
-    critic_init: str = field(default="", metadata={"help": "critic start (default: the reward model)"})
+    critic_init: str = field(default="", metadata={"help": "gae: critic start (default: the reward model with --reward "
+                                                   "rm, else the SFT model with a zero value head)"})
     prompts: list[str] = field(default_factory=list, metadata={"nargs": True,
                                "help": "JSONL with `prompt` or `messages` (default: the task suite's prompts.jsonl)"})
-    eval_data: str = field(default="", metadata={"help": "held-out task records with answers (default: the suite's eval.jsonl)"})
-    reward: str = field(default="task", metadata={"choices": ["rm", "task", "mix"],
-                        "help": "rm: reward-model score; task: the task grader (needs answers); mix: rm + task_weight * task"})
+    eval_data: str = field(default="", metadata={"help": "held-out task records (default: the suite's eval.jsonl)"})
+    reward: str = field(default="rm", metadata={"choices": ["rm", "task", "mix"],
+                        "help": "rm: reward-model score; task: the task grader on helpfulness prompts (0/1); "
+                                "mix: rm + task_weight * grader where the grader applies"})
     task_weight: float = field(default=1.0, metadata={"help": "weight of the grader's 0/1 in --reward mix"})
-    max_steps: int = field(default=100, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
-    batch_size: int = field(default=64, metadata={"help": "prompts per rollout on each rank"})
-    minibatch_size: int = field(default=16, metadata={"help": "rollouts per gradient update on each rank"})
+    advantage: str = field(default="rloo", metadata={"choices": ["rloo", "grpo", "gae"],
+                           "help": "baseline: leave-one-out group mean, group mean, or a critic with GAE"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "k: responses sampled per prompt (a group)"})
+    grpo_std: bool = field(default=False, metadata={"help": "grpo: divide by the group's score std"})
+    drop_equal_groups: bool = field(default=True, metadata={"help": "leave out groups whose scores are all equal"})
+    critic_warmup_steps: int = field(default=0, metadata={"help": "gae: the first N steps train only the critic"})
+    max_steps: int = field(default=60, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per rollout on each rank"})
+    minibatch_size: int = field(default=16, metadata={"help": "responses per gradient update on each rank"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     lr: float = 3e-5
     critic_lr: float = field(default=0.0, metadata={"help": "critic learning rate (0 = --lr)"})
     schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of rollouts (and of their log-probs)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts (and of their log-probs)"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest response"})
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a response that never stops"})
     kl_coef: float = field(default=0.1, metadata={"help": "beta: weight of the per-token KL penalty (initial, if adaptive)"})
@@ -82,16 +98,24 @@ class PPOConfig(runtime.TrainConfig):
     cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    eval_every: int = 25
-    save_every: int = 50
+    eval_every: int = 20
+    save_every: int = 60
     log_every: int = 5
     eval_max_new_tokens: int = 32
     eval_samples: int = field(default=3, metadata={"help": "completions printed at each evaluation"})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.minibatch_size <= 0 or self.batch_size % self.minibatch_size:
-            raise UserError(f"--minibatch-size must divide --batch-size ({self.batch_size}), got {self.minibatch_size}")
+        k = self.samples_per_prompt
+        if k < 1 or (self.advantage in ("rloo", "grpo") and k < 2):
+            raise UserError(f"--samples-per-prompt must be >= 1 (>= 2 for --advantage {self.advantage}), got {k}")
+        if self.minibatch_size <= 0 or (self.batch_size * k) % self.minibatch_size:
+            raise UserError(f"--minibatch-size must divide the {self.batch_size * k} responses of a rollout "
+                            f"(--batch-size x --samples-per-prompt), got {self.minibatch_size}")
+        if self.advantage != "gae" and (self.critic_warmup_steps or self.critic_init):
+            raise UserError("--critic-warmup-steps and --critic-init are for --advantage gae (the others have no critic)")
+        if not 0 <= self.critic_warmup_steps < self.max_steps:
+            raise UserError(f"need 0 <= --critic-warmup-steps < --max-steps, got {self.critic_warmup_steps}")
         if self.ppo_epochs <= 0 or self.max_new_tokens <= 0 or self.kl_horizon <= 0:
             raise UserError("need --ppo-epochs, --max-new-tokens and --kl-horizon > 0")
         if not self.temperature > 0:
@@ -159,26 +183,60 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n: int
     return beta * (1.0 + error * n / horizon)
 
 
-def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, cliprange: float,
-               cliprange_value: float, n_tokens: float):
-    """Clipped surrogate and clipped value losses, summed over real tokens / n_tokens.
+def group_advantages(scores: torch.Tensor, k: int, estimator: str, scale_by_std: bool = False) -> torch.Tensor:
+    """Each response's score against its group (the k responses to one prompt, consecutive).
+
+    rloo: minus the mean of the other k-1 scores, an unbiased baseline (Ahmadian et al.
+    2024); grpo: minus the group mean, optionally divided by the group's std (Shao et al.
+    2024). Either way a prompt that is always or never solved gives zero, not noise."""
+    groups = scores.view(-1, k)
+    if estimator == "rloo":
+        baseline = (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    elif estimator == "grpo":
+        baseline = groups.mean(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}")
+    advantages = groups - baseline
+    if estimator == "grpo" and scale_by_std:
+        advantages = advantages / (groups.std(dim=1, keepdim=True) + 1e-6)
+    return advantages.reshape(-1)
+
+
+def equal_groups(scores: torch.Tensor, k: int, tol: float = 1e-6) -> torch.Tensor:
+    """(B/k,) True where every score of the group is the same: no signal to learn from."""
+    groups = scores.view(-1, k)
+    return (groups.max(dim=1).values - groups.min(dim=1).values) <= tol
+
+
+def kl_penalty_to_go(kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """sum over t' >= t of -beta * kl_t': the per-token KL penalty each token is still
+    answerable for (the return of the KL rewards alone, gamma 1)."""
+    penalty = -beta * kl * mask
+    return penalty.flip(1).cumsum(1).flip(1) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, cliprange: float, n_tokens: float):
+    """PPO's clipped surrogate, summed over real tokens / n_tokens.
 
     n_tokens is the number of response tokens in the whole (global) minibatch, so ranks
     holding different numbers of tokens still add up to the single-process mean."""
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    with torch.no_grad():  # token averages with the same normalizer: they add up over ranks too
+        stats = {"policy/approxkl": 0.5 * (logp - old_logp) ** 2,
+                 "policy/clipfrac": ((ratio - 1).abs() > cliprange).float(), "val/ratio": ratio}
+        stats = {k: (v * mask).sum() / n_tokens for k, v in stats.items()}
+    return (pg * mask).sum() / n_tokens, stats
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float, n_tokens: float):
+    """The critic's clipped squared error (the larger of clipped and unclipped), as policy_loss."""
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
     vf = 0.5 * torch.max(vf_unclipped, vf_clipped)
-    pg_loss = (pg * mask).sum() / n_tokens
-    vf_loss = (vf * mask).sum() / n_tokens
-    with torch.no_grad():  # token averages with the same normalizer: they add up over ranks too
-        stats = {"policy/approxkl": 0.5 * (logp - old_logp) ** 2,
-                 "policy/clipfrac": ((ratio - 1).abs() > cliprange).float(),
-                 "val/clipfrac": (vf_clipped > vf_unclipped).float(),
-                 "val/ratio": ratio}
-        stats = {k: (v * mask).sum() / n_tokens for k, v in stats.items()}
-    return pg_loss, vf_loss, stats
+    with torch.no_grad():
+        stats = {"val/clipfrac": ((vf_clipped > vf_unclipped).float() * mask).sum() / n_tokens}
+    return (vf * mask).sum() / n_tokens, stats
 
 
 # ----------------------------------------------------------------------------- rollout tensors
@@ -214,17 +272,27 @@ def response_values(critic, ids, kv_start, mask, width_p: int):
     return critic(ids[:, :-1], kv_start=kv_start, all_scores=True)[:, width_p - 1:] * mask
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data and models
 
-def load_prompts(paths: list[str], tok, max_prompt_len: int, need_answers: bool):
+def graded_by_task(rec: dict) -> bool:
+    """Whether the task grader scores a prompt: it has an answer and is not harmful or
+    borderline (those the reward model alone scores: the gold judge only measures them)."""
+    return ("answer" in rec and rec.get("family") not in tasks.SAFETY_FAMILIES
+            and (rec.get("family") in tasks.TASK_FAMILIES or "answer_type" in rec))
+
+
+def load_prompts(paths: list[str], tok, max_prompt_len: int, reward: str):
     """(records, encoded prompts, skipped-reason Counter). A prompt that leaves no room
-    for a response is skipped as too_long; with need_answers, one without an answer too."""
+    for a response is skipped as too_long; with --reward task, one the grader cannot score
+    too (safety_family, no_answer)."""
     records, prompts, skipped = [], [], Counter()
     for rec, messages in iter_jsonl(paths, prompt_messages, skipped):
         ids = encode_prompt(tok, messages)
         if len(ids) > max_prompt_len:
             skipped["too_long"] += 1
-        elif need_answers and not ("answer" in rec and ("family" in rec or "answer_type" in rec)):
+        elif reward == "task" and rec.get("family") in tasks.SAFETY_FAMILIES:
+            skipped["safety_family"] += 1
+        elif reward == "task" and not graded_by_task(rec):
             skipped["no_answer"] += 1
         else:
             records.append(rec)
@@ -244,6 +312,214 @@ def load_frozen(ckpt: str, env, dtype, model_class=Transformer):
     return runtime.prepare_model(model, env, dtype), config
 
 
+class Critic:
+    """The value model of --advantage gae: a transformer with a scalar head and its own
+    optimizer, saved in OUT/critic at the policy's step. It starts on the reward's scale:
+    from the reward model, its head rescaled to the normalized score, when the reward is
+    the reward model's alone; otherwise from the SFT model with a zero value head."""
+
+    def __init__(self, cfg: PPOConfig, env: runtime.Env, norm: dict, tokenizer_path: str):
+        self.init = cfg.critic_init or (cfg.reward_model if cfg.reward == "rm" else cfg.init)
+        torch.manual_seed(cfg.seed)  # a fresh value head is the same on every rank
+        model, _ = runtime.load_model(self.init, model_class=ScalarHeadModel, dropout=0.0)
+        if not cfg.critic_init:
+            with torch.no_grad():
+                if self.init == cfg.reward_model:  # raw reward-model scores -> the normalized ones
+                    model.score_head.weight /= norm["std"]
+                    model.score_head.bias.sub_(norm["mean"]).div_(norm["std"])
+                else:  # values 0 at first: on the scale of 0/1 and normalized scores alike
+                    model.score_head.weight.zero_()
+                    model.score_head.bias.zero_()
+        self.vf_coef, self.cliprange_value = cfg.vf_coef, cfg.cliprange_value
+        critic_cfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, "critic"), lr=cfg.critic_lr or cfg.lr)
+        self.trainer = runtime.Trainer(critic_cfg, env, model, stage="critic", tokenizer_path=tokenizer_path,
+                                       extra_config={"init": self.init})
+        self.model = self.trainer.model
+
+    def values(self, ids, kv_start, mask, width_p: int) -> torch.Tensor:
+        return response_values(self.model, ids, kv_start, mask, width_p)
+
+    def learn(self, values, old_values, returns, mask, n_tokens: float, world_size: int) -> tuple[torch.Tensor, dict]:
+        """One gradient step on the clipped value loss of a minibatch."""
+        loss, stats = value_loss(values, old_values, returns, mask, self.cliprange_value, n_tokens)
+        self.trainer.backward(self.vf_coef * loss * world_size, 0, 1)  # ranks' gradients are averaged
+        self.trainer.apply_gradients(bool(torch.isfinite(loss)))
+        return loss.detach(), stats
+
+    def save_at(self, step: int) -> None:
+        """Save with the policy (its before_save), at the policy's step."""
+        self.trainer.step = step
+        self.trainer.save()
+
+    def resume_at(self, step: int) -> None:
+        self.trainer.resume()
+        if self.trainer.step != step:
+            raise UserError(f"--resume: the critic in {self.trainer.cfg.out} is at step {self.trainer.step}, "
+                            f"the policy at {step}; the last save was interrupted")
+
+
+# ----------------------------------------------------------------------------- the steps
+
+@dataclass
+class Rollout:
+    """One step's responses on this rank: k per prompt, group after group, each packed as
+    left-padded prompt | right-padded response."""
+    rows: list[int]  # the prompt index of each response
+    ids: torch.Tensor
+    kv_start: torch.Tensor
+    mask: torch.Tensor  # (B, R): 1 on response tokens
+    width_p: int
+    texts: list[str]
+    eos: torch.Tensor  # the response stopped at <|end|>
+
+
+def rollout(policy, trainer, prompts: list[list[int]], rows: list[int], cfg: PPOConfig, env, tok) -> Rollout:
+    """1. k responses to each of this rank's prompts. Each response has its own generator,
+    seeded by its place in the global batch: the samples do not depend on how many ranks
+    share the batch. A group's prompt goes through the model once (generate's num_samples)."""
+    k = cfg.samples_per_prompt
+    batch_prompts = [prompts[i] for i in rows]
+    first = cfg.seed * 1_000_003 + trainer.step * cfg.batch_size * env.world_size * k + env.rank * cfg.batch_size * k
+    generators = [torch.Generator(device=env.device).manual_seed(first + i) for i in range(len(rows) * k)]
+    width_p = runtime.max_over_ranks(max(map(len, batch_prompts)), env.device)
+    policy.eval()
+    with trainer.autocast():
+        responses = policy.generate(batch_prompts, cfg.max_new_tokens, tok.pad_id, cfg.temperature,
+                                    stop_tokens=[tok.end_id], generator=generators, min_width=width_p, num_samples=k)
+    policy.train()
+    width_r = runtime.max_over_ranks(max(map(len, responses)), env.device)
+    repeated = [p for p in batch_prompts for _ in range(k)]
+    ids, kv_start, mask = (t.to(env.device) for t in pack(repeated, responses, width_p, width_r, tok.pad_id))
+    eos = torch.tensor([bool(r) and r[-1] == tok.end_id for r in responses], device=env.device)
+    texts = [tok.decode([t for t in r if t != tok.end_id]) for r in responses]
+    return Rollout([i for i in rows for _ in range(k)], ids, kv_start, mask, width_p, texts, eos)
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, norm: dict, autocast, ids, kv_start, last) -> torch.Tensor:
+    """Normalized reward-model scores, read at each row's last response token."""
+    with autocast():
+        raw = reward_model(ids, kv_start=kv_start, last_index=last)
+    return (raw.float() - norm["mean"]) / norm["std"]
+
+
+def score(batch: Rollout, records: list[dict], rm_score_fn, cfg: PPOConfig) -> torch.Tensor:
+    """2. Each response's score: the reward model's, the grader's 0/1 where it applies
+    (helpfulness prompts with answers), or their sum; a response that never stopped is
+    penalized."""
+    rm_score = graded = None
+    if cfg.reward in ("rm", "mix"):
+        rm_score = rm_score_fn(batch.ids, batch.kv_start, batch.width_p + batch.mask.sum(dim=1).long() - 1)
+    if cfg.reward in ("task", "mix"):
+        graded = torch.tensor([tasks.grade(records[i], text) if graded_by_task(records[i]) else 0.0
+                               for i, text in zip(batch.rows, batch.texts)], device=batch.ids.device)
+    return combine_scores(rm_score, graded, batch.eos, cfg.task_weight, cfg.missing_eos_penalty)
+
+
+def advantages(scores, logp, ref_logp, values, mask, beta: float, cfg: PPOConfig):
+    """3 and 4. Per-token rewards (the KL penalty, the score on the last token), then the
+    advantages of the chosen estimator. Returns (advantages, returns for the critic or None,
+    per-token KL, kept rows: False for the groups --drop-equal-groups leaves out)."""
+    k = cfg.samples_per_prompt
+    keep = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
+    if cfg.drop_equal_groups and k > 1:
+        keep = ~equal_groups(scores, k).repeat_interleave(k)
+    rewards, kl = token_rewards(logp, ref_logp, scores, mask, beta)
+    if cfg.advantage == "gae":
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        return masked_whiten(adv, mask * keep[:, None]), returns, kl, keep
+    sequence = group_advantages(scores, k, cfg.advantage, cfg.grpo_std)
+    return (sequence[:, None] + kl_penalty_to_go(kl, mask, beta)) * mask, None, kl, keep
+
+
+def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, learn_policy: bool) -> dict:
+    """5. --ppo-epochs passes over minibatches of the global batch, each rank computing its
+    slice: the clipped surrogate for the policy (unless the critic is warming up), the
+    clipped value loss for the critic. Returns the minibatches' mean statistics."""
+    policy, world = trainer.model, env.world_size
+    ids, kv_start, mask, width_p = batch["ids"], batch["kv_start"], batch["update_mask"], batch["width_p"]
+    mb_global = cfg.minibatch_size * world
+    sums, n_updates = Counter(), 0  # this rank's shares of each minibatch's averages
+    for epoch in range(cfg.ppo_epochs):
+        shuffle = torch.randperm(len(ids), generator=torch.Generator().manual_seed(
+            cfg.seed + 7919 * trainer.step + epoch)).to(env.device)
+        for start in range(0, len(ids), mb_global):
+            mb = shuffle[start:start + mb_global]
+            n_tokens = float(mask[mb].sum())
+            if n_tokens == 0:  # only left-out groups: nothing to learn (every rank sees the same)
+                continue
+            mine = mb[env.rank * cfg.minibatch_size:(env.rank + 1) * cfg.minibatch_size]
+            m, stats = mask[mine], {}
+            if learn_policy:
+                with trainer.autocast():
+                    new_logp = response_logprobs(policy, ids[mine], kv_start[mine], m, width_p, cfg.temperature)
+                    pg, stats = policy_loss(new_logp, batch["logp"][mine], batch["advantages"][mine], m,
+                                            cfg.cliprange, n_tokens)
+                trainer.backward(pg * world, 0, 1)  # ranks' gradients are averaged: scale to the global mean
+                trainer.apply_gradients(bool(torch.isfinite(pg)))
+                stats["loss/policy"] = pg.detach()
+            if critic is not None:
+                with trainer.autocast():
+                    new_values = critic.values(ids[mine], kv_start[mine], m, width_p)
+                vf, value_stats = critic.learn(new_values, batch["values"][mine], batch["returns"][mine], m, n_tokens,
+                                               world)
+                stats.update(value_stats)
+                stats["loss/value"] = vf
+            for key, value in stats.items():
+                sums[key] += value.item()
+            n_updates += 1
+    return {key: world * runtime.all_reduce_mean(torch.tensor(value / n_updates, device=env.device)).item()
+            for key, value in sums.items()}
+
+
+def step_metrics(batch: dict, scores, kl, entropy, eos, keep, beta: float, cfg: PPOConfig, times: dict) -> dict:
+    """6. TRL's names for the step's numbers (plus the groups left out)."""
+    mask = batch["mask"]
+    metrics = {
+        "objective/kl": kl.sum(dim=1).mean().item(),
+        "objective/entropy": entropy.sum(dim=1).mean().item(),
+        "objective/scores": scores.mean().item(),
+        "objective/rlhf_reward": (scores - beta * kl.sum(dim=1)).mean().item(),
+        "objective/kl_coef": beta,
+        "tokens/response_len": mask.sum(dim=1).mean().item(),
+        "eos_fraction": eos.float().mean().item(),
+        "groups/dropped": int((~keep).sum().item()) // cfg.samples_per_prompt,
+        **times,
+    }
+    if batch.get("returns") is not None:
+        residual = (batch["returns"] - batch["values"]) * mask
+        var_returns = masked_mean((batch["returns"] - masked_mean(batch["returns"], mask)) ** 2, mask)
+        metrics["val/var_explained"] = 1 - (masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+                                            / var_returns.clamp(min=1e-8)).item()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(policy, tok, eval_records, rm_score_fn, cfg: PPOConfig, env, max_len: int) -> dict:
+    """Held-out gold accuracy and refusal rates of the greedy answers, and the reward
+    model's mean score on them: the two sides of Gao et al.'s over-optimization picture.
+    Each rank scores its share in the same number of forwards (a sharded forward is a
+    collective)."""
+    result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
+    samples = result["samples"]
+    per_rank = -(-len(eval_records) // env.world_size)
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for i in range(0, per_rank, cfg.batch_size):
+        chunk = samples[i:i + cfg.batch_size] or [{"prompt": eval_records[0]["prompt"], "response": ""}]
+        seqs = [encode_chat(tok, [{"role": "user", "content": s["prompt"]},
+                                  {"role": "assistant", "content": s["response"]}])[0][-max_len:] for s in chunk]
+        ids, kv_start, _ = pack(seqs, [[]] * len(seqs), max(map(len, seqs)), 0, tok.pad_id)
+        scores = rm_score_fn(ids.to(env.device), kv_start.to(env.device),
+                             torch.full((len(seqs),), ids.shape[1] - 1, device=env.device))
+        if samples[i:i + cfg.batch_size]:
+            total += torch.stack([scores.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
+                                                                      device=env.device)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    result["rm_score"] = float(total[0] / total[1].clamp(min=1))
+    return result
+
+
 # ----------------------------------------------------------------------------- training
 
 def main(argv=None) -> None:
@@ -255,7 +531,7 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
         print_config(cfg, "ppo config")
     prompt_files, eval_file = task_files(cfg.prompts, "prompts.jsonl", cfg.eval_data, TASKS_DIR)
 
-    # ---- four models: policy and critic learn; reference and reward model are frozen
+    # ---- the models: the policy (and with gae the critic) learn; reference and reward model are frozen
     init_config = runtime.read_checkpoint_config(cfg.init)
     rm_config = runtime.read_checkpoint_config(cfg.reward_model)
     if rm_config.get("stage") != "rm":
@@ -267,208 +543,118 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
     if not same_tokenizer(tok, Tokenizer.load(os.path.join(cfg.reward_model, "tokenizer.json"))):
         raise UserError(f"the reward model {cfg.reward_model} uses a different tokenizer from the policy {cfg.init}")
     policy, _ = runtime.load_model(cfg.init, dropout=0.0)
-    critic_init = cfg.critic_init or cfg.reward_model
-    torch.manual_seed(cfg.seed)  # a fresh value head (critic from a language model) is the same on every rank
-    critic, _ = runtime.load_model(critic_init, model_class=ScalarHeadModel, dropout=0.0)
-    if critic.cfg.vocab_size != policy.cfg.vocab_size:
-        raise UserError(f"the critic {critic_init} has a different vocabulary from the policy {cfg.init}")
-    if not cfg.critic_init:  # put the reward model's raw head on the normalized scale the rewards use
-        with torch.no_grad():
-            critic.score_head.weight /= norm["std"]
-            critic.score_head.bias.sub_(norm["mean"]).div_(norm["std"])
     dtype = runtime.compute_dtype(cfg.dtype, env.device)
     reference, _ = load_frozen(cfg.init, env, dtype)
     reward_model, _ = load_frozen(cfg.reward_model, env, dtype, ScalarHeadModel)
     max_len = policy.cfg.max_seq_len
 
     # ---- prompts
-    need_answers = cfg.reward in ("task", "mix")
-    records, prompts, skipped = load_prompts(prompt_files, tok, max_len - cfg.max_new_tokens, need_answers)
+    records, prompts, skipped = load_prompts(prompt_files, tok, max_len - cfg.max_new_tokens, cfg.reward)
     runtime.print0(f"ppo prompts: {len(prompts)} from {len(prompt_files)} file(s); skipped {sum(skipped.values())} "
                    f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items())) or 'none'})")
-    rows = cfg.batch_size * env.world_size
-    if len(prompts) < rows:
+    rows_per_step = cfg.batch_size * env.world_size
+    if len(prompts) < rows_per_step:
         raise UserError(f"{len(prompts)} usable prompts in {' '.join(prompt_files)}: fewer than one rollout "
-                        f"batch of {rows} (lower --batch-size or --max-new-tokens)")
+                        f"batch of {rows_per_step} (lower --batch-size or --max-new-tokens)")
     eval_records = load_task_records(eval_file)
 
     # ---- trainers: the critic saves into OUT/critic, just before the policy saves into OUT
     runtime.seed_everything(cfg.seed, env.rank)
+    critic = Critic(cfg, env, norm, tokenizer_path) if cfg.advantage == "gae" else None
     state = {"epoch": 0, "index": 0, "kl_coef": cfg.kl_coef}
-    critic_cfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, "critic"), lr=cfg.critic_lr or cfg.lr)
-    critic_trainer = runtime.Trainer(critic_cfg, env, critic, stage="critic", tokenizer_path=tokenizer_path,
-                                     extra_config={"init": critic_init})
     trainer = runtime.Trainer(cfg, env, policy, stage="ppo", tokenizer_path=tokenizer_path,
-                              data_state=lambda: dict(state), before_save=critic_trainer.save,
+                              data_state=lambda: dict(state),
+                              before_save=(lambda: critic.save_at(trainer.step)) if critic else None,
                               extra_config={"init": cfg.init, "reward_model": cfg.reward_model,
-                                            "base_stage": init_config.get("stage"), "reward": cfg.reward})
-    policy, critic = trainer.model, critic_trainer.model
+                                            "base_stage": init_config.get("stage"), "reward": cfg.reward,
+                                            "advantage": cfg.advantage, "samples_per_prompt": cfg.samples_per_prompt})
+    policy = trainer.model
     if cfg.resume:
         state.update(trainer.resume()["data"])
-        critic_trainer.resume()
-        if critic_trainer.step != trainer.step:
-            raise UserError(f"--resume: the critic in {critic_cfg.out} is at step {critic_trainer.step}, "
-                            f"the policy at {trainer.step}; the last save was interrupted")
+        if critic:
+            critic.resume_at(trainer.step)
     trainer.start(flops_per_token=policy.flops_per_token(max_len))
+    rm_score_fn = lambda ids, kv_start, last: reward_model_scores(  # noqa: E731
+        reward_model, norm, trainer.autocast, ids, kv_start, last)
 
-    def order(epoch: int) -> list[int]:
-        return torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-
-    @torch.no_grad()
-    def rm_scores(ids, kv_start, last) -> torch.Tensor:
-        """Normalized reward-model scores, read at each row's last response token."""
-        with trainer.autocast():
-            raw = reward_model(ids, kv_start=kv_start, last_index=last)
-        return (raw.float() - norm["mean"]) / norm["std"]
-
-    @torch.no_grad()
-    def evaluate() -> dict | None:
+    def run_eval(kl: float) -> dict | None:
         if not eval_records:
             runtime.print0(f"eval step {trainer.step}: no gradable records in {eval_file}, skipped")
             return None
-        result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
-        # the reward model's view of the same greedy answers: each rank scores its share in
-        # the same number of forwards (a sharded forward is a collective)
-        samples = result["samples"]
-        per_rank = -(-len(eval_records) // env.world_size)
-        total = torch.zeros(2, dtype=torch.float64, device=env.device)
-        for i in range(0, per_rank, cfg.batch_size):
-            chunk = samples[i:i + cfg.batch_size] or [{"prompt": eval_records[0]["prompt"], "response": ""}]
-            seqs = [encode_chat(tok, [{"role": "user", "content": s["prompt"]},
-                                      {"role": "assistant", "content": s["response"]}])[0] for s in chunk]
-            seqs = [s[-max_len:] for s in seqs]
-            ids, kv_start, _ = pack(seqs, [[]] * len(seqs), max(map(len, seqs)), 0, tok.pad_id)
-            scores = rm_scores(ids.to(env.device), kv_start.to(env.device),
-                               torch.full((len(seqs),), ids.shape[1] - 1, device=env.device))
-            if samples[i:i + cfg.batch_size]:
-                total += torch.stack([scores.double().sum(), torch.tensor(len(chunk), dtype=torch.float64,
-                                                                          device=env.device)])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        result["rm_score"] = float(total[0] / total[1].clamp(min=1))
-        line = (f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
-                f"mean reward-model score {result['rm_score']:+.3f}")
-        line += format_samples(samples, cfg.eval_samples)
-        runtime.print0(line)
-        trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], **accuracy_metrics(result, "eval/")})
+        result = evaluate(policy, tok, eval_records, rm_score_fn, cfg, env, max_len)
+        runtime.print0(f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
+                       f"mean reward-model score {result['rm_score']:+.3f}" + format_samples(result["samples"],
+                                                                                          cfg.eval_samples))
+        trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], "eval/kl": kl,
+                     **accuracy_metrics(result, "eval/")})
         trainer.pause_clock()
-        return result
+        summary = {"accuracy": result["task_accuracy"], "per_family": result["per_family"],
+                   "safety": result["safety"], "rm_score": result["rm_score"], "kl": kl}
+        trainer.extra_config["eval"] = summary
+        return summary
 
-    first = evaluate() if trainer.step == 0 else None  # the SFT starting point
-    if first:
-        trainer.extra_config["eval_start"] = {"accuracy": first["task_accuracy"], "per_family": first["per_family"],
-                                              "safety": first["safety"], "rm_score": first["rm_score"]}
+    if trainer.step == 0:
+        trainer.extra_config["eval_start"] = run_eval(0.0)  # the SFT starting point
+    order = lambda epoch: torch.randperm(  # noqa: E731
+        len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
     perm = order(state["epoch"])
     with trainer:
         while trainer.step < cfg.max_steps:
             trainer.set_lr()
-            critic_trainer.set_lr()
+            if critic:
+                critic.trainer.step = trainer.step  # the critic follows the policy's schedule
+                critic.trainer.set_lr()
             t0 = time.time()
-            # ---- 1. rollout: this rank's share of the global batch of prompts
-            if state["index"] + rows > len(perm):
+            if state["index"] + rows_per_step > len(perm):
                 state.update(epoch=state["epoch"] + 1, index=0)
                 perm = order(state["epoch"])
-            batch_rows = perm[state["index"]:state["index"] + rows][env.rank * cfg.batch_size:
-                                                                    (env.rank + 1) * cfg.batch_size]
-            state["index"] += rows
-            batch_prompts = [prompts[i] for i in batch_rows]
-            # a generator per rollout, seeded by its place in the global batch: the samples
-            # do not depend on how many ranks share the batch
-            generators = [torch.Generator(device=env.device).manual_seed(
-                cfg.seed * 1_000_003 + trainer.step * rows + env.rank * cfg.batch_size + i)
-                for i in range(len(batch_prompts))]
-            width_p = runtime.max_over_ranks(max(map(len, batch_prompts)), env.device)
-            policy.eval()
-            with trainer.autocast():
-                responses = policy.generate(batch_prompts, cfg.max_new_tokens, tok.pad_id, cfg.temperature,
-                                            stop_tokens=[tok.end_id], generator=generators, min_width=width_p)
-            width_r = runtime.max_over_ranks(max(map(len, responses)), env.device)
-            ids, kv_start, mask = (t.to(env.device) for t in pack(batch_prompts, responses, width_p, width_r, tok.pad_id))
-            eos = torch.tensor([bool(r) and r[-1] == tok.end_id for r in responses], device=env.device)
+            rows = perm[state["index"]:state["index"] + rows_per_step][env.rank * cfg.batch_size:
+                                                                      (env.rank + 1) * cfg.batch_size]
+            state["index"] += rows_per_step
 
-            # ---- 2. scores, log-probs of policy and reference, values
+            # ---- 1. rollout
+            batch = rollout(policy, trainer, prompts, rows, cfg, env, tok)
+            # ---- 2. score, and the log-probs and values every later step needs
             with torch.no_grad(), trainer.autocast():
-                logp, entropy = response_logprobs(policy, ids, kv_start, mask, width_p, cfg.temperature, entropy=True)
-                ref_logp = response_logprobs(reference, ids, kv_start, mask, width_p, cfg.temperature)
-                values = response_values(critic, ids, kv_start, mask, width_p)
-                rm_score = graded = None
-                if cfg.reward in ("rm", "mix"):
-                    rm_score = rm_scores(ids, kv_start, width_p + mask.sum(dim=1).long() - 1)
-                if cfg.reward in ("task", "mix"):
-                    texts = [tok.decode([t for t in r if t != tok.end_id]) for r in responses]
-                    graded = torch.tensor([tasks.grade(records[i], text) for i, text in zip(batch_rows, texts)],
-                                          device=env.device)
-                scores = combine_scores(rm_score, graded, eos, cfg.task_weight, cfg.missing_eos_penalty)
-            policy.train()
+                scores = score(batch, records, rm_score_fn, cfg)
+                logp, entropy = response_logprobs(policy, batch.ids, batch.kv_start, batch.mask, batch.width_p,
+                                                  cfg.temperature, entropy=True)
+                ref_logp = response_logprobs(reference, batch.ids, batch.kv_start, batch.mask, batch.width_p,
+                                             cfg.temperature)
+                values = critic.values(batch.ids, batch.kv_start, batch.mask, batch.width_p) if critic else None
+            # every rank gets the whole batch (groups stay whole, in rank order): advantages and
+            # minibatches are then exactly those of a single process
+            gathered = {name: runtime.gather_rows(t) for name, t in (
+                ("ids", batch.ids), ("kv_start", batch.kv_start), ("mask", batch.mask), ("logp", logp),
+                ("ref_logp", ref_logp), ("scores", scores), ("entropy", entropy), ("eos", batch.eos.float()))}
+            if critic:
+                gathered["values"] = runtime.gather_rows(values)
+            # ---- 3. and 4. per-token rewards and advantages
             beta = state["kl_coef"]
-            rewards, kl = token_rewards(logp, ref_logp, scores, mask, beta)
-
-            # ---- 3. every rank gets the whole batch: advantages are whitened over all of
-            # it, and minibatches mix rows from every rank exactly as one process would
-            gathered = [runtime.gather_rows(t) for t in (ids, kv_start, mask, logp, values, rewards, kl, scores,
-                                                         entropy, eos.float())]
-            ids, kv_start, mask, logp, values, rewards, kl, scores, entropy, eos_f = gathered
-            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            advantages = masked_whiten(advantages, mask)
+            adv, returns, kl, keep = advantages(gathered["scores"], gathered["logp"], gathered["ref_logp"],
+                                                gathered.get("values"), gathered["mask"], beta, cfg)
+            gathered.update(advantages=adv, returns=returns, width_p=batch.width_p,
+                            update_mask=gathered["mask"] * keep[:, None])
             t_rollout = time.time() - t0
-
-            # ---- 4. PPO epochs over minibatches
-            mb_global = cfg.minibatch_size * env.world_size
-            sums, n_updates = Counter(), 0  # this rank's shares of each minibatch's averages
-            for epoch in range(cfg.ppo_epochs):
-                shuffle = torch.randperm(len(ids), generator=torch.Generator().manual_seed(
-                    cfg.seed + 7919 * trainer.step + epoch)).to(env.device)
-                for start in range(0, len(ids), mb_global):
-                    mb = shuffle[start:start + mb_global]
-                    n_tokens = float(mask[mb].sum().clamp(min=1))
-                    mine = mb[env.rank * cfg.minibatch_size:(env.rank + 1) * cfg.minibatch_size]
-                    m = mask[mine]
-                    with trainer.autocast():
-                        new_logp = response_logprobs(policy, ids[mine], kv_start[mine], m, width_p, cfg.temperature)
-                        new_values = response_values(critic, ids[mine], kv_start[mine], m, width_p)
-                        pg_loss, vf_loss, stats = ppo_losses(new_logp, logp[mine], advantages[mine], new_values,
-                                                             values[mine], returns[mine], m, cfg.cliprange,
-                                                             cfg.cliprange_value, n_tokens)
-                    # ranks' gradients are averaged: scale so they add up to the global mean
-                    trainer.backward(pg_loss * env.world_size, 0, 1)
-                    critic_trainer.backward(cfg.vf_coef * vf_loss * env.world_size, 0, 1)
-                    trainer.apply_gradients(bool(torch.isfinite(pg_loss)))
-                    critic_trainer.apply_gradients(bool(torch.isfinite(vf_loss)))
-                    for k, v in {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **stats}.items():
-                        sums[k] += v.item()
-                    n_updates += 1
-            t_train = time.time() - t0 - t_rollout
-
-            # ---- 5. metrics (TRL's names) and the KL controller
-            kl_per_response = kl.sum(dim=1).mean().item()
+            # ---- 5. update
+            learn_policy = trainer.step >= cfg.critic_warmup_steps
+            losses = update(trainer, critic, gathered, cfg, env, learn_policy)
+            # ---- 6. log, and adapt beta toward the target KL
+            metrics = {**step_metrics(gathered, gathered["scores"], kl, gathered["entropy"], gathered["eos"], keep,
+                                      beta, cfg, {"time/generation": t_rollout,
+                                                  "time/training": time.time() - t0 - t_rollout}), **losses}
             if cfg.target_kl:
-                state["kl_coef"] = adaptive_kl_coef(beta, kl_per_response, cfg.target_kl, cfg.kl_horizon, len(ids))
-            residual = (returns - values) * mask
-            var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-            metrics = {
-                "objective/kl": kl_per_response,
-                "objective/entropy": entropy.sum(dim=1).mean().item(),
-                "objective/scores": scores.mean().item(),
-                "objective/rlhf_reward": (scores - beta * kl.sum(dim=1)).mean().item(),
-                "objective/kl_coef": beta,
-                **{k: env.world_size * runtime.all_reduce_mean(torch.tensor(v / n_updates, device=env.device)).item()
-                   for k, v in sums.items()},
-                "val/var_explained": 1 - (masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
-                                          / var_returns.clamp(min=1e-8)).item(),
-                "tokens/response_len": mask.sum(dim=1).mean().item(),
-                "eos_fraction": eos_f.mean().item(),
-                "time/generation": t_rollout, "time/training": t_train,
-            }
-            critic_trainer.step += 1
-            loss = metrics["loss/policy"] + cfg.vf_coef * metrics["loss/value"]
-            trainer.end_step(loss, int((ids != tok.pad_id).sum()), metrics,
-                             suffix=f" | score {metrics['objective/scores']:+.3f} | kl {kl_per_response:.3f}"
-                                    f" | len {metrics['tokens/response_len']:.1f}")
-            result = evaluate() if trainer.due(cfg.eval_every) else None
-            if result:
-                trainer.extra_config["eval"] = {"accuracy": result["task_accuracy"], "per_family": result["per_family"],
-                                                "safety": result["safety"], "rm_score": result["rm_score"],
-                                                "kl": kl_per_response}
+                state["kl_coef"] = adaptive_kl_coef(beta, metrics["objective/kl"], cfg.target_kl, cfg.kl_horizon,
+                                                    len(gathered["ids"]))
+            loss = losses.get("loss/policy", 0.0) + cfg.vf_coef * losses.get("loss/value", 0.0)
+            trainer.end_step(loss, int((gathered["ids"] != tok.pad_id).sum()), metrics,
+                             suffix=f" | score {metrics['objective/scores']:+.3f} | kl {metrics['objective/kl']:.3f}"
+                                    f" | len {metrics['tokens/response_len']:.1f}"
+                                    + (f" | dropped {metrics['groups/dropped']}/{len(rows) * env.world_size} groups"
+                                       if cfg.drop_equal_groups and cfg.samples_per_prompt > 1 else "")
+                                    + ("" if learn_policy else " | critic warm-up"))
+            if trainer.due(cfg.eval_every):
+                run_eval(metrics["objective/kl"])
             trainer.maybe_save()
             if trainer.stop_requested():
                 break

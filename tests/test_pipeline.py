@@ -10,7 +10,7 @@ import pytest
 
 import pipeline
 from data.tasks import TASK_FAMILIES
-from evals import paired_change
+from evals import paired_change, win_rate
 from model import ScalarHeadModel
 from runtime import load_model
 
@@ -67,6 +67,9 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     for plot in report["plots"]:
         assert (runs / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (runs / "report.md").read_text()
+    wins = stages["ppo"]["win_rate_vs_sft"]  # over every held-out prompt, harmful and borderline included
+    assert wins["wins"] + wins["losses"] + wins["ties"] == len(eval_records) and 0.0 <= wins["p_value"] <= 1.0
+    assert "ppo_gold_vs_kl.png" in report["plots"]
     assert "| ppo |" in text and "Held-out gold accuracy by task family" in text
     assert "| harmful requests refused |" in text and "| borderline prompts refused (over-refusal) |" in text
     for stage in ("pretrain", "sft", "ppo"):
@@ -104,3 +107,14 @@ def test_paired_change_counts_flips_and_gives_mcnemars_exact_p():
     assert paired_change(before, before) == {"n": 12, "fixed": 0, "broken": 0, "p_value": 1.0}
     with pytest.raises(ValueError, match="same prompts"):
         paired_change(before, list(reversed(after)))
+
+
+def test_win_rate_counts_wins_losses_ties_and_gives_the_exact_sign_test():
+    before = [{"prompt": f"q{i}", "score": s} for i, s in enumerate([0, 0, 0, 0, 0, 1, 1, 1, 0, 1])]
+    after = [{"prompt": f"q{i}", "score": s} for i, s in enumerate([1, 1, 1, 1, 1, 1, 1, 0, 0, 1])]
+    result = win_rate(before, after)
+    assert result == {"wins": 5, "losses": 1, "ties": 4, "p_value": pytest.approx(2 * (1 + 6) / 64)}
+    assert win_rate(before, before)["p_value"] == 1.0
+    # 30 wins and no loss: p = 2 / 2^30
+    assert win_rate([{"prompt": i, "score": 0.0} for i in range(30)],
+                    [{"prompt": i, "score": 1.0} for i in range(30)])["p_value"] == pytest.approx(2 / 2 ** 30)

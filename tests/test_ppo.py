@@ -16,9 +16,10 @@ import train_ppo
 from data import tasks
 from data.chat import encode_prompt
 from data.tokenizer import Tokenizer
+from model import ScalarHeadModel
 from runtime import load_model
-from train_ppo import (adaptive_kl_coef, combine_scores, gae, masked_whiten, pack, ppo_losses, response_logprobs,
-                       token_rewards)
+from train_ppo import (adaptive_kl_coef, combine_scores, equal_groups, gae, group_advantages, kl_penalty_to_go,
+                       masked_whiten, pack, policy_loss, response_logprobs, token_rewards, value_loss)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,8 +97,8 @@ def test_padding_never_changes_whitening_or_losses():
         tensors = [torch.where(mask == 1, t, torch.full_like(t, fill)) for t in tensors]
         logp = tensors[0].clone().requires_grad_(True)
         values = tensors[3].clone().requires_grad_(True)
-        pg, vf, _ = ppo_losses(logp, tensors[1], tensors[2], values, tensors[4], tensors[2], mask, 0.2, 0.2,
-                               float(mask.sum()))
+        pg, _ = policy_loss(logp, tensors[1], tensors[2], mask, 0.2, float(mask.sum()))
+        vf, _ = value_loss(values, tensors[4], tensors[2], mask, 0.2, float(mask.sum()))
         (pg + vf).backward()
         return pg.item(), vf.item(), logp.grad, values.grad
     a, b = losses(0.0), losses(123.0)
@@ -112,13 +113,42 @@ def test_clipped_surrogate_matches_a_hand_example():
     adv = torch.tensor([[1.0, -1.0, -2.0]])
     mask = torch.ones(1, 3)
     values, old_values, returns = torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1, 3), torch.tensor([[2.0, 0.0, 0.0]])
-    pg, vf, stats = ppo_losses(logp, old, adv, values, old_values, returns, mask, 0.2, 0.5, 3.0)
+    pg, stats = policy_loss(logp, old, adv, mask, 0.2, 3.0)
+    vf, value_stats = value_loss(values, old_values, returns, mask, 0.5, 3.0)
     # max(-A r, -A clip(r)): 1.5 -> max(-1.5, -1.2) = -1.2; 0.5 with A<0 -> max(0.5, 0.8) = 0.8; 1.1 -> 2.2
     assert pg.item() == pytest.approx((-1.2 + 0.8 + 2.2) / 3)
     # value 1.0 clipped to 0.5 around 0: max((1-2)^2, (0.5-2)^2) = 2.25
     assert vf.item() == pytest.approx(0.5 * 2.25 / 3)
     assert stats["policy/clipfrac"].item() == pytest.approx(2 / 3)
-    assert stats["val/clipfrac"].item() == pytest.approx(1 / 3)
+    assert value_stats["val/clipfrac"].item() == pytest.approx(1 / 3)
+
+
+def test_rloo_and_grpo_advantages_match_hand_computed_groups():
+    # two groups of k = 3: scores (1, 0, 0) and (2, 2, 5)
+    scores = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 5.0], dtype=torch.float64)
+    # RLOO: minus the mean of the other two -> 1 - 0, 0 - 0.5, 0 - 0.5 | 2 - 3.5, 2 - 3.5, 5 - 2
+    assert group_advantages(scores, 3, "rloo").tolist() == pytest.approx([1.0, -0.5, -0.5, -1.5, -1.5, 3.0])
+    # GRPO: minus the group mean 1/3 | 3
+    assert group_advantages(scores, 3, "grpo").tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, -1.0, -1.0, 2.0])
+    # ... over the group's (sample) std: sqrt(1/3) | sqrt(3)
+    scaled = group_advantages(scores, 3, "grpo", scale_by_std=True)
+    assert scaled.tolist() == pytest.approx([(2 / 3) / 3 ** -0.5, (-1 / 3) / 3 ** -0.5, (-1 / 3) / 3 ** -0.5,
+                                             -1 / 3 ** 0.5, -1 / 3 ** 0.5, 2 / 3 ** 0.5], rel=1e-5)
+    # RLOO's advantage is k/(k-1) times GRPO's (unscaled)
+    assert torch.allclose(group_advantages(scores, 3, "rloo"), 1.5 * group_advantages(scores, 3, "grpo"))
+    # a group that is always right (or always wrong) gives zero, whatever its level
+    assert group_advantages(torch.tensor([1.0, 1.0, 7.0, 7.0]), 2, "rloo").tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert equal_groups(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 3.0, 3.0, 3.0]), 3).tolist() == [True, False, True]
+    with pytest.raises(ValueError):
+        group_advantages(scores, 3, "gae")
+
+
+def test_kl_penalty_to_go_sums_the_penalties_still_to_come():
+    kl = torch.tensor([[0.5, 0.0, -1.0, 9.0], [2.0, 1.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    # beta 0.1: row 0 -> -0.1 * (0.5 + 0 - 1), -0.1 * (0 - 1), -0.1 * (-1), 0 (padding)
+    assert kl_penalty_to_go(kl, mask, 0.1).flatten().tolist() == pytest.approx(
+        [0.05, 0.1, 0.1, 0.0, -0.3, -0.1, 0.0, 0.0])
 
 
 # ----------------------------------------------------------------------------- log-probs of a real model
@@ -160,6 +190,31 @@ def test_logprobs_are_reconstructed_exactly_with_padding_and_temperature(policy_
     # an other temperature would not reconstruct them
     other = response_logprobs(model, ids[rows], kv_start[rows], mask[rows], width_p, 1.0)
     assert not torch.allclose(other, old[rows], atol=1e-3)
+
+
+def test_groups_from_one_prompt_pass_give_ratio_one_on_the_first_minibatch(policy_and_tok):
+    """k samples per prompt through one shared prompt pass are the samples k separate
+    prompts would give, and their log-probs are reconstructed exactly (ratio 1)."""
+    model, tok = policy_and_tok
+    k, temperature = 3, 0.9
+    prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("What is 3 + 4?", "Reverse 'candle'.")]
+    gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(len(prompts) * k)]  # noqa: E731
+    grouped = model.generate(prompts, 10, tok.pad_id, temperature, stop_tokens=[tok.end_id], generator=gens(),
+                             num_samples=k)
+    repeated = [p for p in prompts for _ in range(k)]
+    assert grouped == model.generate(repeated, 10, tok.pad_id, temperature, stop_tokens=[tok.end_id],
+                                     generator=gens())
+    assert len(set(map(tuple, grouped[:k]))) > 1  # the samples of a group differ
+    width_p = max(map(len, prompts))
+    ids, kv_start, mask = pack(repeated, grouped, width_p, max(map(len, grouped)), tok.pad_id)
+    model.eval()
+    with torch.no_grad():
+        old = response_logprobs(model, ids, kv_start, mask, width_p, temperature)
+    model.train()
+    rows = torch.tensor([4, 1, 3])  # a minibatch mixing both groups
+    new = response_logprobs(model, ids[rows], kv_start[rows], mask[rows], width_p, temperature)
+    ratio = torch.exp(new - old[rows])[mask[rows] == 1]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), ratio
 
 
 def test_kl_is_zero_when_policy_equals_reference(policy_and_tok, tiny_pretrained):
@@ -215,9 +270,11 @@ def metrics(out) -> list[dict]:
 
 
 def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(setup, tmp_path, capsys):
+    """With a critic (gae), so its checkpoint and its resume are covered too."""
     full = tmp_path / "full"
+    gae_options = {"advantage": "gae", "samples-per-prompt": 2, "minibatch-size": 8}
     train_ppo.main(ppo_args(setup, full, **{"max-steps": 4, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20,
-                                            "reward": "mix"}))
+                                            "reward": "mix", **gae_options}))
     rows = metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     names = ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "objective/kl_coef",
@@ -226,9 +283,9 @@ def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(se
     assert all(name in rows[0] for name in names)
     assert rows[0]["objective/kl"] == 0.0  # the first rollout comes from the unchanged policy
     assert rows[1]["objective/kl"] != 0.0  # then the policy has moved
-    for prev, cur in zip(rows, rows[1:]):  # the adaptive controller, with n = 8 rollouts per step
+    for prev, cur in zip(rows, rows[1:]):  # the adaptive controller, with n = 8 x 2 rollouts per step
         assert cur["objective/kl_coef"] == pytest.approx(adaptive_kl_coef(prev["objective/kl_coef"],
-                                                                           prev["objective/kl"], 0.5, 20, 8), abs=2e-6)
+                                                                           prev["objective/kl"], 0.5, 20, 16), abs=2e-6)
     config = json.loads((full / "config.json").read_text())
     assert config["stage"] == "ppo" and "eval_start" in config
     assert json.loads((full / "critic" / "config.json").read_text())["stage"] == "critic"
@@ -239,7 +296,7 @@ def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(se
 
     # resume: 2 steps, then 2 more from the checkpoint == 4 steps in one go
     part = tmp_path / "part"
-    options = {"save-every": 2, "target-kl": 0.5, "kl-horizon": 20, "reward": "mix"}
+    options = {"save-every": 2, "target-kl": 0.5, "kl-horizon": 20, "reward": "mix", **gae_options}
     train_ppo.main(ppo_args(setup, part, **{"max-steps": 2, **options}))
     train_ppo.main(ppo_args(setup, part, **{"max-steps": 4, **options}) + ["--resume"])
     resumed = metrics(part)
@@ -249,16 +306,62 @@ def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(se
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_rloo_loads_no_critic_and_drops_groups_with_equal_scores(setup, tmp_path, capsys, monkeypatch):
+    """RLOO and GRPO need no value model: none is built or saved. With the task grader on a
+    model that never answers right, every group scores 0: each is left out, and the policy
+    does not move at all (no optimizer step on an empty update)."""
+    def no_critic(*args, **kwargs):
+        raise AssertionError("a critic was built for a group estimator")
+    monkeypatch.setattr(train_ppo, "Critic", no_critic)
+    for estimator in ("rloo", "grpo"):
+        out = tmp_path / estimator
+        train_ppo.main(ppo_args(setup, out, **{"advantage": estimator, "reward": "rm", "max-steps": 1}))
+        assert not (out / "critic").exists()
+        row = metrics(out)[0]
+        assert "loss/policy" in row and "loss/value" not in row and "val/var_explained" not in row
+    capsys.readouterr()
+    out = tmp_path / "task"
+    train_ppo.main(ppo_args(setup, out, **{"reward": "task", "max-steps": 2, "max-new-tokens": 3,
+                                           "missing-eos-penalty": 0.0}))
+    text = capsys.readouterr().out
+    assert "dropped 8/8 groups" in text
+    rows = metrics(out)
+    assert [r["groups/dropped"] for r in rows] == [8, 8] and all(r["objective/scores"] == 0.0 for r in rows)
+    assert rows[1]["objective/kl"] == 0.0  # the second rollout still comes from the SFT model
+    a, b = load_model(str(out))[0].state_dict(), load_model(setup["sft"])[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_critic_warmup_trains_the_critic_and_leaves_the_policy_unchanged(setup, tmp_path):
+    out = tmp_path / "warm"
+    train_ppo.main(ppo_args(setup, out, **{"advantage": "gae", "samples-per-prompt": 1, "critic-warmup-steps": 2,
+                                           "max-steps": 3, "reward": "rm"}))
+    rows = metrics(out)
+    # steps 2 and 3 sample from a policy that is still exactly the SFT model: KL 0
+    assert [r["objective/kl"] for r in rows] == [0.0, 0.0, 0.0]
+    assert ["loss/policy" in r for r in rows] == [False, False, True]
+    assert all("loss/value" in r for r in rows)
+    critic, _ = load_model(str(out / "critic"), model_class=ScalarHeadModel)
+    start, _ = load_model(setup["rm"], model_class=ScalarHeadModel)
+    assert not torch.equal(critic.blocks[0].attn.wq.weight, start.blocks[0].attn.wq.weight)  # the critic learned
+    policy, sft = load_model(str(out))[0].state_dict(), load_model(setup["sft"])[0].state_dict()
+    assert not all(torch.equal(policy[k], sft[k]) for k in policy)  # and the policy moved at step 3
+
+
 def test_ppo_under_torchrun_matches_one_process(setup, tmp_path):
-    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 4, "reward": "rm"}))
+    """Groups of k = 4 (RLOO): each rank samples whole groups, and the gathered batch, its
+    baselines and its minibatches are those of one process."""
+    options = {"reward": "rm", "samples-per-prompt": 4, "advantage": "rloo"}
+    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 8, **options}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train_ppo.py", *ppo_args(setup, tmp_path / "two", **{"batch-size": 4, "minibatch-size": 2,
-                                                                                 "reward": "rm"})],
+                           "train_ppo.py", *ppo_args(setup, tmp_path / "two", **{"batch-size": 4, "minibatch-size": 4,
+                                                                                 **options})],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    for key in ("loss", "objective/kl", "objective/scores", "tokens/response_len", "loss/value", "val/ratio"):
+    for key in ("loss", "objective/kl", "objective/scores", "tokens/response_len", "loss/policy", "val/ratio",
+                "groups/dropped"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
     # the second step's numbers above already come from the updated weights; the weights
     # themselves agree up to Adam's amplification of float noise in near-zero gradients
@@ -284,6 +387,8 @@ def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dir
         "skipped 3": {"prompts": str(long_prompts)},
         "not a reward model": {"reward-model": setup["sft"]},
         "must divide": {"minibatch-size": 3},
+        ">= 2 for --advantage rloo": {"samples-per-prompt": 1},
+        "are for --advantage gae": {"critic-warmup-steps": 1},
     }
     for expected, overrides in cases.items():
         capsys.readouterr()
@@ -303,11 +408,11 @@ def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dir
     train_ppo.main(ppo_args(setup, tmp_path / "mixed", **{"prompts": str(mixed), "max-steps": 1,
                                                           "eval-data": str(ungradable)}))
     out = capsys.readouterr().out
-    # the harmful prompts have no answer for the task grader to check: counted, not trained on
-    assert "skipped 8 (invalid_json 1, no_answer 4, too_long 3)" in out and "no gradable records" in out
+    assert "skipped 4 (invalid_json 1, too_long 3)" in out and "no gradable records" in out
     # --reward task needs answers: prompts without one are counted
     capsys.readouterr()
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text(open(setup["prompts"]).read() + json.dumps({"prompt": "Tell me a story."}) + "\n")
     train_ppo.main(ppo_args(setup, tmp_path / "task", **{"prompts": str(no_answer), "max-steps": 1, "reward": "task"}))
-    assert "skipped 5 (no_answer 5)" in capsys.readouterr().out  # the story and the 4 harmful prompts
+    # ... and the grader never scores harmful or borderline prompts (the reward model alone does)
+    assert "skipped 9 (no_answer 1, safety_family 8)" in capsys.readouterr().out
