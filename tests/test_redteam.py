@@ -148,8 +148,8 @@ def test_heldout_harmful_prompts_use_templates_and_words_no_training_file_contai
     novelty = Counter()
     for r in evals:  # every held-out prompt carries at least one novelty, of each kind somewhere
         prompt = r["prompt"].lower()
-        new_template = any(re.fullmatch(re.escape(t.lower()).replace(re.escape("{act}"), ".+").rstrip(r"\.\?") + r"[.?]?",
-                                        prompt) for t in held_templates)
+        new_template = any(re.search(re.escape(t.lower()).replace(re.escape("{act}"), ".+").rstrip(r"\.\?"), prompt)
+                           for t in held_templates)
         new_words = [w for w in held_words if re.search(r"\b" + re.escape(w.lower()) + r"\b", prompt)]
         assert new_template or new_words, r["prompt"]
         novelty.update(["template"] * new_template + ["word"] * bool(new_words))
@@ -169,8 +169,9 @@ def test_heldout_borderline_prompts_use_new_templates_or_words(suite):
     assert len(evals) == 100
     for r in evals:
         words = set(re.findall(r"[a-z]+", r["prompt"].lower()))
-        shapes = [re.sub(r"'[^']*'|\{\w\}", "_", t) for t in held_templates]
-        assert words & set(pools["word"][1]) or re.sub(r"'[^']*'|\d+", "_", r["prompt"]) in shapes, r["prompt"]
+        shapes = [re.sub(r"'[^']*'|\{\w\}", "_", t).lower().rstrip(".?") for t in held_templates]
+        shape = re.sub(r"'[^']*'|\d+", "_", r["prompt"]).lower()
+        assert words & set(pools["word"][1]) or any(s in shape for s in shapes), r["prompt"]
 
 
 def test_demonstrations_are_inconsistent_and_preferences_consistent(suite):
