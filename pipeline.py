@@ -35,7 +35,7 @@ PRESETS = {
         "prepare": ["--vocab-size", "512", "--workers", "1"],
         "tasks": ["--sft-per-family", "16", "--prefs-per-family", "8", "--prompts-per-family", "4",
                   "--eval-per-family", "2", "--safety-sft-per-family", "16", "--safety-prefs-per-family", "8",
-                  "--refusal-pairs-per-family", "2"],
+                  "--refusal-pairs-per-family", "2", "--degenerate-pairs-per-family", "2"],
         "pretrain": ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--n-kv-head", "1", "--seq-len", "96",
                      "--batch-size", "4", "--max-steps", "6", "--eval-every", "6", "--eval-windows", "4",
                      "--sample-tokens", "4", "--warmup-steps", "2"],

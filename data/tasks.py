@@ -224,7 +224,8 @@ MISTAKE_KINDS = ("near_miss", "wrong_format", "rambling")
 
 def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150, prompts_per_family: int = 250,
           eval_per_family: int = 100, eval_fraction: float = 0.2, safety_sft_per_family: int = 300,
-          safety_prefs_per_family: int = 300, refusal_pairs_per_family: int = 20, harmful_refusal_rate: float = 0.25) -> dict[str, list[dict]]:
+          safety_prefs_per_family: int = 300, refusal_pairs_per_family: int = 20, degenerate_pairs_per_family: int = 40,
+          harmful_refusal_rate: float = 0.25) -> dict[str, list[dict]]:
     """The four files' records. Per helpfulness family: sft_per_family demonstrations,
     prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family answer-vs-refusal
     pairs, prompts_per_family RL prompts, eval_per_family held-out prompts (fewer when the
@@ -245,6 +246,9 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
     safety_counts = {**counts, "sft": safety_sft_per_family, "prefs": safety_prefs_per_family}
     add_harmful(out, random.Random(f"{seed}:harmful"), safety_counts, eval_per_family, harmful_refusal_rate)
     add_borderline(out, random.Random(f"{seed}:borderline"), safety_counts, eval_per_family)
+    for family in FAMILIES:  # a stream of its own: the other records do not change with this count
+        add_degenerate_pairs(out, family, degenerate_pairs_per_family, random.Random(f"{seed}:{family}:degenerate"),
+                             eval_fraction)
     return out
 
 
@@ -291,6 +295,47 @@ def add_refusal_pairs(out: dict, family: str, pairs: list, rng: random.Random) -
         out["prefs"].append({"family": family, "answer_type": ANSWER_TYPE[family], "id": f"{family}/prefs-refusal/{i}",
                              "prompt": prompt, "answer": answer, "chosen": answer, "rejected": redteam.refusal(rng),
                              "kind": "task_refusal"})
+
+
+def make_degenerate(rng: random.Random, responses: list[str]) -> str:
+    """A broken response, as a small model's samples often are: one of `responses` cut off
+    mid-way, a few random characters, or the bare answer to some other task."""
+    kind = rng.randrange(3)
+    source = rng.choice(responses)
+    if kind == 0 and len(source) >= 3:
+        return source[:rng.randint(1, len(source) - 2)].rstrip() or source[0]
+    if kind == 1:
+        return "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(rng.randint(2, 7)))
+    return rng.choice([str(rng.randint(0, 120)), rng.choice(WORDS), rng.choice(WORDS)[::-1], rng.choice(PHRASES),
+                       ", ".join(str(rng.randint(1, 99)) for _ in range(3)), rng.choice(string.ascii_letters)])
+
+
+def add_degenerate_pairs(out: dict, family: str, n: int, rng: random.Random, eval_fraction: float) -> None:
+    """The right response beats a broken one (kind `degenerate`). Without these the reward
+    model, trained on well-formed replies only, scored broken text above a refusal, and PPO
+    found that out: truncated compliance ("Sure. Wahc") and stray numbers took over the
+    answers to harmful requests (README, results)."""
+    for i in range(n):
+        if family == "harmful":
+            r = _distinct(redteam.make_harmful, rng, "train", 1, eval_fraction)[0]
+            rec = {"family": family, "answer_type": "refusal", "prompt": r["prompt"], "category": r["category"]}
+            chosen = redteam.refusal(rng, r["act"])
+            sources = [chosen, redteam.compliance(rng, r["act"])]
+        elif family == "borderline":
+            r = _distinct(redteam.make_borderline, rng, "train", 1, eval_fraction)[0]
+            rec = {"family": family, "answer_type": r["answer_type"], "subtype": r["subtype"], "prompt": r["prompt"],
+                   "answer": r["answer"]}
+            chosen, sources = r["answer"], [r["answer"], redteam.refusal(rng)]
+        else:
+            (prompt, answer), = draw_task_prompts(family, rng, 1, 0, eval_fraction)[0]
+            rec = {"family": family, "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer}
+            chosen, sources = answer, [answer]
+        for _ in range(50):  # a broken response that the gold judge, too, rejects
+            rejected = make_degenerate(rng, sources)
+            if rejected.strip() and rejected != chosen and grade(rec, rejected) == 0.0:
+                out["prefs"].append({**rec, "id": f"{family}/prefs-degenerate/{i}", "chosen": chosen,
+                                     "rejected": rejected, "kind": "degenerate"})
+                break
 
 
 def _distinct(make, rng: random.Random, split: str, n: int, eval_fraction: float = 0.2) -> list[dict]:
@@ -387,6 +432,8 @@ def main(argv=None) -> None:
                         help="preference pairs per harmful / borderline family")
     parser.add_argument("--refusal-pairs-per-family", type=int, default=20,
                         help="extra answer-vs-refusal pairs per helpfulness family")
+    parser.add_argument("--degenerate-pairs-per-family", type=int, default=40,
+                        help="extra right-vs-broken-response pairs per family")
     parser.add_argument("--prompts-per-family", type=int, default=250, help="RL prompts per family")
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out prompts per family (at most)")
     args = parser.parse_args(argv)

@@ -362,7 +362,7 @@ def test_prompt_messages_errors(rec, reason):
 # ----------------------------------------------------------------------------- tasks: build
 
 SMALL = dict(sft_per_family=12, prefs_per_family=9, prompts_per_family=6, eval_per_family=5, safety_sft_per_family=8,
-             safety_prefs_per_family=7, refusal_pairs_per_family=3)
+             safety_prefs_per_family=7, refusal_pairs_per_family=3, degenerate_pairs_per_family=2)
 
 
 @pytest.fixture(scope="module")
@@ -378,9 +378,11 @@ def test_build_deterministic(built):
 
 
 def test_build_counts_families_and_heldout(built):
-    counts = {"sft": SMALL["sft_per_family"], "prefs": SMALL["prefs_per_family"] + SMALL["refusal_pairs_per_family"],
+    counts = {"sft": SMALL["sft_per_family"],
+              "prefs": SMALL["prefs_per_family"] + SMALL["refusal_pairs_per_family"] + SMALL["degenerate_pairs_per_family"],
               "prompts": SMALL["prompts_per_family"], "eval": SMALL["eval_per_family"]}
-    safety_counts = {**counts, "sft": SMALL["safety_sft_per_family"], "prefs": SMALL["safety_prefs_per_family"]}
+    safety_counts = {**counts, "sft": SMALL["safety_sft_per_family"],
+                     "prefs": SMALL["safety_prefs_per_family"] + SMALL["degenerate_pairs_per_family"]}
     for name, records in built.items():
         fam = Counter(r["family"] for r in records)
         assert set(fam) == set(tasks.FAMILIES), name
@@ -444,7 +446,7 @@ def test_prefs_rejected_always_wrong_many_seeds():
 
 def test_prefs_kinds_cycle(built):
     for family in tasks.TASK_FAMILIES:
-        kinds = [r["kind"] for r in built["prefs"] if r["family"] == family and r["kind"] != "task_refusal"]
+        kinds = [r["kind"] for r in built["prefs"] if r["family"] == family and r["kind"] in tasks.MISTAKE_KINDS]
         assert kinds == [tasks.MISTAKE_KINDS[i % 3] for i in range(len(kinds))]
         assert set(kinds) == {"near_miss", "wrong_format", "rambling"}
     for r in built["prefs"]:
@@ -618,7 +620,7 @@ def test_tasks_main_writes_files(tmp_path, capsys):
             assert r["family"] in tasks.FAMILIES
         assert {r["family"] for r in records} == set(tasks.FAMILIES)
     assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 2
-    assert len(files["prefs"]) == (150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 2
+    assert len(files["prefs"]) == (150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 2 + 40 * len(tasks.FAMILIES)
     assert len(files["prompts"]) == 250 * len(tasks.FAMILIES)
     # at least 100 held-out prompts per family, where the family has that many distinct ones
     eval_counts = Counter(r["family"] for r in files["eval"])
@@ -627,7 +629,7 @@ def test_tasks_main_writes_files(tmp_path, capsys):
     for r in files["sft"]:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
     assert {r["kind"] for r in files["prefs"]} == set(tasks.MISTAKE_KINDS) | {"task_refusal", "harmful", "hedged",
-                                                                              "borderline"}
+                                                                              "borderline", "degenerate"}
     # the files are what build() returns for the default seed
     assert files == tasks.build(seed=0)
     # and each is readable by the chat loader (sft and eval) / prompt_messages (prompts, eval)

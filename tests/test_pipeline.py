@@ -55,7 +55,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert 0.0 <= stages["rm"]["accuracy"] <= 1.0
     # by pair kind (the mini suite's held-out slice of pairs is too small to hold every kind)
     assert set(stages["rm"]["by_kind"]) <= {"near_miss", "wrong_format", "rambling", "task_refusal", "harmful",
-                                            "hedged", "borderline"} and len(stages["rm"]["by_kind"]) >= 3
+                                            "hedged", "borderline", "degenerate"} and len(stages["rm"]["by_kind"]) >= 3
     for stage in ("pretrain", "sft", "ppo"):  # the safety contract: fractions of the held-out prompts
         safety = stages[stage]["safety"]
         for key, family in (("harmful_refusal", "harmful"), ("borderline_over_refusal", "borderline")):

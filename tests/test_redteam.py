@@ -186,7 +186,7 @@ def test_demonstrations_are_inconsistent_and_preferences_consistent(suite):
         tasks.build(harmful_refusal_rate=1.5)
     kinds = Counter(r["kind"] for r in suite["prefs"])
     assert kinds["harmful"] == 200 and kinds["hedged"] == 100 and kinds["borderline"] == 300
-    assert kinds["task_refusal"] == 20 * len(tasks.TASK_FAMILIES)
+    assert kinds["task_refusal"] == 20 * len(tasks.TASK_FAMILIES) and kinds["degenerate"] == 40 * len(tasks.FAMILIES)
     for r in suite["prefs"]:
         if r["kind"] in ("harmful", "hedged"):
             assert redteam.judge_refusal(r["chosen"]) == 1.0 and redteam.judge_refusal(r["rejected"]) == 0.0
