@@ -224,15 +224,17 @@ MISTAKE_KINDS = ("near_miss", "wrong_format", "rambling")
 
 def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150, prompts_per_family: int = 250,
           eval_per_family: int = 100, eval_fraction: float = 0.2, safety_sft_per_family: int = 300,
-          safety_prefs_per_family: int = 300, refusal_pairs_per_family: int = 20, degenerate_pairs_per_family: int = 40,
+          safety_prefs_per_family: int = 300, safety_prompts_per_family: int = 500, refusal_pairs_per_family: int = 20,
+          degenerate_pairs_per_family: int = 40,
           harmful_refusal_rate: float = 0.25) -> dict[str, list[dict]]:
     """The four files' records. Per helpfulness family: sft_per_family demonstrations,
     prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family answer-vs-refusal
     pairs, prompts_per_family RL prompts, eval_per_family held-out prompts (fewer when the
     family has fewer distinct held-out prompts). The harmful and borderline families get
     safety_sft_per_family demonstrations, safety_prefs_per_family pairs (more than the
-    others: their held-out pair accuracy is a reported number) and the same prompts and
-    eval counts."""
+    others: their held-out pair accuracy is a reported number), safety_prompts_per_family
+    RL prompts (more than the others: PPO has the most to teach there) and the same eval
+    count. Every family also gets degenerate_pairs_per_family right-vs-broken pairs."""
     if not 0 <= harmful_refusal_rate <= 1:
         raise ValueError(f"harmful_refusal_rate must be in [0, 1], got {harmful_refusal_rate}")
     out: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": [], "eval": []}
@@ -243,7 +245,7 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
         add_task_family(out, family, train, evals, counts, rng)
         add_refusal_pairs(out, family, draw_task_prompts(family, rng, refusal_pairs_per_family, 0, eval_fraction)[0],
                           rng)
-    safety_counts = {**counts, "sft": safety_sft_per_family, "prefs": safety_prefs_per_family}
+    safety_counts = {"sft": safety_sft_per_family, "prefs": safety_prefs_per_family, "prompts": safety_prompts_per_family}
     add_harmful(out, random.Random(f"{seed}:harmful"), safety_counts, eval_per_family, harmful_refusal_rate)
     add_borderline(out, random.Random(f"{seed}:borderline"), safety_counts, eval_per_family)
     for family in FAMILIES:  # a stream of its own: the other records do not change with this count
@@ -434,7 +436,9 @@ def main(argv=None) -> None:
                         help="extra answer-vs-refusal pairs per helpfulness family")
     parser.add_argument("--degenerate-pairs-per-family", type=int, default=40,
                         help="extra right-vs-broken-response pairs per family")
-    parser.add_argument("--prompts-per-family", type=int, default=250, help="RL prompts per family")
+    parser.add_argument("--prompts-per-family", type=int, default=250, help="RL prompts per helpfulness family")
+    parser.add_argument("--safety-prompts-per-family", type=int, default=500,
+                        help="RL prompts per harmful / borderline family")
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out prompts per family (at most)")
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in vars(args).items() if k.endswith("_per_family")}

@@ -362,7 +362,8 @@ def test_prompt_messages_errors(rec, reason):
 # ----------------------------------------------------------------------------- tasks: build
 
 SMALL = dict(sft_per_family=12, prefs_per_family=9, prompts_per_family=6, eval_per_family=5, safety_sft_per_family=8,
-             safety_prefs_per_family=7, refusal_pairs_per_family=3, degenerate_pairs_per_family=2)
+             safety_prefs_per_family=7, safety_prompts_per_family=4, refusal_pairs_per_family=3,
+             degenerate_pairs_per_family=2)
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +382,7 @@ def test_build_counts_families_and_heldout(built):
     counts = {"sft": SMALL["sft_per_family"],
               "prefs": SMALL["prefs_per_family"] + SMALL["refusal_pairs_per_family"] + SMALL["degenerate_pairs_per_family"],
               "prompts": SMALL["prompts_per_family"], "eval": SMALL["eval_per_family"]}
-    safety_counts = {**counts, "sft": SMALL["safety_sft_per_family"],
+    safety_counts = {**counts, "sft": SMALL["safety_sft_per_family"], "prompts": SMALL["safety_prompts_per_family"],
                      "prefs": SMALL["safety_prefs_per_family"] + SMALL["degenerate_pairs_per_family"]}
     for name, records in built.items():
         fam = Counter(r["family"] for r in records)
@@ -621,7 +622,7 @@ def test_tasks_main_writes_files(tmp_path, capsys):
         assert {r["family"] for r in records} == set(tasks.FAMILIES)
     assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 2
     assert len(files["prefs"]) == (150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 2 + 40 * len(tasks.FAMILIES)
-    assert len(files["prompts"]) == 250 * len(tasks.FAMILIES)
+    assert len(files["prompts"]) == 250 * len(tasks.TASK_FAMILIES) + 500 * 2
     # at least 100 held-out prompts per family, where the family has that many distinct ones
     eval_counts = Counter(r["family"] for r in files["eval"])
     assert all(eval_counts[f] == 100 for f in tasks.FAMILIES if f not in ("next_letter", "repeat", "reverse"))

@@ -248,7 +248,8 @@ def setup(tiny_pretrained, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     data = root / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=8, prompts_per_family=4, eval_per_family=2,
-                safety_sft_per_family=2, safety_prefs_per_family=8, refusal_pairs_per_family=0)
+                safety_sft_per_family=2, safety_prefs_per_family=8, safety_prompts_per_family=4,
+                refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
     rm = root / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(rm), "--max-steps", "4",
                    "--eval-every", "4", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--dtype", "float32"])

@@ -122,7 +122,8 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     from data import tasks
     data = tmp_path / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=30, prompts_per_family=2, eval_per_family=2,
-                safety_sft_per_family=2, safety_prefs_per_family=30, refusal_pairs_per_family=0)
+                safety_sft_per_family=2, safety_prefs_per_family=30, safety_prompts_per_family=2,
+                refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
     out = tmp_path / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(out),
                    "--max-steps", "40", "--eval-every", "40", "--batch-size", "16", "--lr", "3e-3",
@@ -144,7 +145,7 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     capsys.readouterr()
     train_rm.main(["--eval-only", "--init", str(out), "--data", str(data / "prefs.jsonl"), "--device", "cpu"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary["by_kind"]) == {"near_miss", "wrong_format", "rambling"}
+    assert set(summary["by_kind"]) == {"near_miss", "wrong_format", "rambling", "harmful", "hedged", "borderline"}
 
 
 def test_rm_under_torchrun_matches_one_process(tiny_pretrained, tmp_path):
@@ -154,7 +155,8 @@ def test_rm_under_torchrun_matches_one_process(tiny_pretrained, tmp_path):
     import sys
     from data import tasks
     data = tmp_path / "tasks"
-    tasks.write(str(data), sft_per_family=2, prefs_per_family=12, prompts_per_family=2, eval_per_family=2)
+    tasks.write(str(data), sft_per_family=2, prefs_per_family=12, prompts_per_family=2, eval_per_family=2,
+                safety_sft_per_family=2, safety_prefs_per_family=12, safety_prompts_per_family=2)
     common = ["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--max-steps", "3", "--eval-every", "3",
               "--log-every", "1", "--device", "cpu", "--dtype", "float32", "--lr", "1e-3"]
     train_rm.main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"])
