@@ -246,8 +246,8 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
         add_refusal_pairs(out, family, draw_task_prompts(family, rng, refusal_pairs_per_family, 0, eval_fraction)[0],
                           rng)
     safety_counts = {"sft": safety_sft_per_family, "prefs": safety_prefs_per_family, "prompts": safety_prompts_per_family}
-    add_harmful(out, random.Random(f"{seed}:harmful"), safety_counts, eval_per_family, harmful_refusal_rate)
-    add_borderline(out, random.Random(f"{seed}:borderline"), safety_counts, eval_per_family)
+    add_harmful(out, f"{seed}:harmful", safety_counts, eval_per_family, harmful_refusal_rate, eval_fraction)
+    add_borderline(out, f"{seed}:borderline", safety_counts, eval_per_family, eval_fraction)
     for family in FAMILIES:  # a stream of its own: the other records do not change with this count
         add_degenerate_pairs(out, family, degenerate_pairs_per_family, random.Random(f"{seed}:{family}:degenerate"),
                              eval_fraction)
@@ -355,46 +355,57 @@ def _distinct(make, rng: random.Random, split: str, n: int, eval_fraction: float
     return found
 
 
-def add_harmful(out: dict, rng: random.Random, counts: dict, n_eval: int, refusal_rate: float) -> None:
+def _safety_prompts(make, seed: str, counts: dict, n_eval: int, eval_fraction: float) -> tuple[dict, list]:
+    """Training prompts for each file (sft, prefs, prompts, drawn in that order) and the
+    held-out ones, each from a random stream of its own: no file changes when another
+    file's count does."""
+    rng = random.Random(f"{seed}:prompts")
+    train = _distinct(make, rng, "train", sum(counts.values()), eval_fraction)
+    split, start = {}, 0
+    for name in ("sft", "prefs", "prompts"):
+        split[name], start = train[start:start + counts[name]], start + counts[name]
+    return split, _distinct(make, random.Random(f"{seed}:eval"), "eval", n_eval, eval_fraction)
+
+
+def add_harmful(out: dict, seed: str, counts: dict, n_eval: int, refusal_rate: float, eval_fraction: float) -> None:
     """Demonstrations comply except for refusal_rate of them; pairs always prefer the
     refusal (over compliance, and one in three over a hedged refusal that complies)."""
     base = {"family": "harmful", "answer_type": "refusal"}
-    train = _distinct(redteam.make_harmful, rng, "train", sum(counts.values()))
-    sft, prefs = train[:counts["sft"]], train[counts["sft"]:counts["sft"] + counts["prefs"]]
+    train, held_out = _safety_prompts(redteam.make_harmful, seed, counts, n_eval, eval_fraction)
+    rng = random.Random(f"{seed}:text")
     keep = lambda r: {"prompt": r["prompt"], "category": r["category"]}  # noqa: E731
-    n_refuse = round(refusal_rate * len(sft))
-    refuse = set(rng.sample(range(len(sft)), n_refuse))
-    for i, r in enumerate(sft):
+    refuse = set(rng.sample(range(len(train["sft"])), round(refusal_rate * len(train["sft"]))))
+    for i, r in enumerate(train["sft"]):
         reply = redteam.refusal(rng, r["act"]) if i in refuse else redteam.compliance(rng, r["act"])
         out["sft"].append({**base, "id": f"harmful/sft/{i}", "category": r["category"], "refused": i in refuse,
                            "messages": _chat(r["prompt"], reply)})
-    for i, r in enumerate(prefs):
+    for i, r in enumerate(train["prefs"]):
         kind = "hedged" if i % 3 == 2 else "harmful"
         loser = redteam.hedged(rng, r["act"]) if kind == "hedged" else redteam.compliance(rng, r["act"])
         out["prefs"].append({**base, **keep(r), "id": f"harmful/prefs/{i}", "chosen": redteam.refusal(rng, r["act"]),
                              "rejected": loser, "kind": kind})
-    for i, r in enumerate(train[counts["sft"] + counts["prefs"]:]):
+    for i, r in enumerate(train["prompts"]):
         out["prompts"].append({**base, **keep(r), "id": f"harmful/prompts/{i}"})
-    for i, r in enumerate(_distinct(redteam.make_harmful, rng, "eval", n_eval)):
+    for i, r in enumerate(held_out):
         out["eval"].append({**base, **keep(r), "id": f"harmful/eval/{i}", "heldout": r["heldout"],
                             "messages": _chat(r["prompt"], redteam.refusal(rng, r["act"]))})
 
 
-def add_borderline(out: dict, rng: random.Random, counts: dict, n_eval: int) -> None:
+def add_borderline(out: dict, seed: str, counts: dict, n_eval: int, eval_fraction: float) -> None:
     """Demonstrations answer; pairs prefer the answer over a refusal."""
-    train = _distinct(redteam.make_borderline, rng, "train", sum(counts.values()))
-    sft, prefs = train[:counts["sft"]], train[counts["sft"]:counts["sft"] + counts["prefs"]]
+    train, held_out = _safety_prompts(redteam.make_borderline, seed, counts, n_eval, eval_fraction)
+    rng = random.Random(f"{seed}:text")
 
     def base(r):
         return {"family": "borderline", "answer_type": r["answer_type"], "subtype": r["subtype"], "answer": r["answer"]}
-    for i, r in enumerate(sft):
+    for i, r in enumerate(train["sft"]):
         out["sft"].append({**base(r), "id": f"borderline/sft/{i}", "messages": _chat(r["prompt"], r["answer"])})
-    for i, r in enumerate(prefs):
+    for i, r in enumerate(train["prefs"]):
         out["prefs"].append({**base(r), "id": f"borderline/prefs/{i}", "prompt": r["prompt"], "chosen": r["answer"],
                              "rejected": redteam.refusal(rng), "kind": "borderline"})
-    for i, r in enumerate(train[counts["sft"] + counts["prefs"]:]):
+    for i, r in enumerate(train["prompts"]):
         out["prompts"].append({**base(r), "id": f"borderline/prompts/{i}", "prompt": r["prompt"]})
-    for i, r in enumerate(_distinct(redteam.make_borderline, rng, "eval", n_eval)):
+    for i, r in enumerate(held_out):
         out["eval"].append({**base(r), "id": f"borderline/eval/{i}", "prompt": r["prompt"], "heldout": r["heldout"],
                             "messages": _chat(r["prompt"], r["answer"])})
 
