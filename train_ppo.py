@@ -68,21 +68,21 @@ class PPOConfig(runtime.TrainConfig):
     prompts: list[str] = field(default_factory=list, metadata={"nargs": True,
                                "help": "JSONL with `prompt` or `messages` (default: the task suite's prompts.jsonl)"})
     eval_data: str = field(default="", metadata={"help": "held-out task records (default: the suite's eval.jsonl)"})
-    reward: str = field(default="rm", metadata={"choices": ["rm", "task", "mix"],
+    reward: str = field(default="mix", metadata={"choices": ["rm", "task", "mix"],
                         "help": "rm: reward-model score; task: the task grader on helpfulness prompts (0/1); "
                                 "mix: rm + task_weight * grader where the grader applies"})
-    task_weight: float = field(default=1.0, metadata={"help": "weight of the grader's 0/1 in --reward mix"})
+    task_weight: float = field(default=3.0, metadata={"help": "weight of the grader's 0/1 in --reward mix"})
     advantage: str = field(default="rloo", metadata={"choices": ["rloo", "grpo", "gae"],
                            "help": "baseline: leave-one-out group mean, group mean, or a critic with GAE"})
     samples_per_prompt: int = field(default=4, metadata={"help": "k: responses sampled per prompt (a group)"})
     grpo_std: bool = field(default=False, metadata={"help": "grpo: divide by the group's score std"})
     drop_equal_groups: bool = field(default=True, metadata={"help": "leave out groups whose scores are all equal"})
     critic_warmup_steps: int = field(default=0, metadata={"help": "gae: the first N steps train only the critic"})
-    max_steps: int = field(default=60, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
+    max_steps: int = field(default=120, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
     batch_size: int = field(default=16, metadata={"help": "prompts per rollout on each rank"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per gradient update on each rank"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    lr: float = 3e-5
+    lr: float = 5e-5
     critic_lr: float = field(default=0.0, metadata={"help": "critic learning rate (0 = --lr)"})
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -98,7 +98,7 @@ class PPOConfig(runtime.TrainConfig):
     cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    eval_every: int = 20
+    eval_every: int = 30
     save_every: int = 60
     log_every: int = 5
     eval_max_new_tokens: int = 32

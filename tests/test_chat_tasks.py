@@ -622,7 +622,7 @@ def test_tasks_main_writes_files(tmp_path, capsys):
         assert {r["family"] for r in records} == set(tasks.FAMILIES)
     assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 2
     assert len(files["prefs"]) == (150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 2 + 40 * len(tasks.FAMILIES)
-    assert len(files["prompts"]) == 250 * len(tasks.TASK_FAMILIES) + 500 * 2
+    assert len(files["prompts"]) == 50 * len(tasks.TASK_FAMILIES) + 1000 * 2
     # at least 100 held-out prompts per family, where the family has that many distinct ones
     eval_counts = Counter(r["family"] for r in files["eval"])
     assert all(eval_counts[f] == 100 for f in tasks.FAMILIES if f not in ("next_letter", "repeat", "reverse"))
