@@ -8,10 +8,11 @@ GRPO: Shao et al. 2024). Each step:
    (a group shares one prompt pass through the KV cache), stopping at <|end|>.
 2. Score: the reward model's normalized score of each response (--reward rm: a model of
    the preference data, the RLHF setting); or the task grader's 0/1 (--reward task, a
-   verifiable reward); or both, the grader added where it applies (--reward mix, as Tulu 3
-   mixes them). The grader only checks the helpfulness families: harmful and borderline
-   prompts are scored by the reward model alone, because the gold judge measures, it never
-   rewards. A response that never stops loses --missing-eos-penalty.
+   verifiable reward); or, the default, both (--reward mix, as Tulu 3 mixes them): the
+   grader on the helpfulness prompts it can check, the reward model on every other prompt.
+   Harmful and borderline prompts are always scored by the reward model alone, because the
+   gold judge measures, it never rewards. A response that never stops loses
+   --missing-eos-penalty.
 3. Per-token reward: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score on the
    last token. The KL term keeps the policy near the SFT model (the reference), which is
    what stops it from exploiting the reward model's blind spots. beta is fixed or adapted
@@ -70,8 +71,8 @@ class PPOConfig(runtime.TrainConfig):
     eval_data: str = field(default="", metadata={"help": "held-out task records (default: the suite's eval.jsonl)"})
     reward: str = field(default="mix", metadata={"choices": ["rm", "task", "mix"],
                         "help": "rm: reward-model score; task: the task grader on helpfulness prompts (0/1); "
-                                "mix: rm + task_weight * grader where the grader applies"})
-    task_weight: float = field(default=3.0, metadata={"help": "weight of the grader's 0/1 in --reward mix"})
+                                "mix: task_weight * grader where the grader applies, the reward model elsewhere"})
+    task_weight: float = field(default=1.0, metadata={"help": "weight of the grader's 0/1 in --reward mix"})
     advantage: str = field(default="rloo", metadata={"choices": ["rloo", "grpo", "gae"],
                            "help": "baseline: leave-one-out group mean, group mean, or a critic with GAE"})
     samples_per_prompt: int = field(default=4, metadata={"help": "k: responses sampled per prompt (a group)"})
@@ -165,15 +166,15 @@ def token_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tens
     return rewards, kl
 
 
-def combine_scores(rm_score: torch.Tensor | None, graded: torch.Tensor | None, eos: torch.Tensor,
-                   task_weight: float, missing_eos_penalty: float) -> torch.Tensor:
-    """The score of each response: the reward model's, the grader's 0/1 (weighted when
-    added to the reward model's), minus the penalty for a response that never stopped."""
-    scores = torch.zeros(len(eos), device=eos.device)
-    if rm_score is not None:
-        scores += rm_score
-    if graded is not None:
-        scores += graded if rm_score is None else task_weight * graded
+def combine_scores(rm_score: torch.Tensor | None, graded: torch.Tensor | None, gradable: torch.Tensor,
+                   eos: torch.Tensor, task_weight: float, missing_eos_penalty: float) -> torch.Tensor:
+    """The score of each response, minus the penalty for one that never stopped: the reward
+    model's; or the grader's 0/1; or, with both (--reward mix), task_weight times the
+    grader's 0/1 where the grader applies (`gradable`) and the reward model's elsewhere."""
+    if rm_score is not None and graded is not None:
+        scores = torch.where(gradable, task_weight * graded, rm_score)
+    else:
+        scores = rm_score if rm_score is not None else graded
     return scores - missing_eos_penalty * (~eos).float()
 
 
@@ -404,16 +405,17 @@ def reward_model_scores(reward_model, norm: dict, autocast, ids, kv_start, last)
 
 
 def score(batch: Rollout, records: list[dict], rm_score_fn, cfg: PPOConfig) -> torch.Tensor:
-    """2. Each response's score: the reward model's, the grader's 0/1 where it applies
-    (helpfulness prompts with answers), or their sum; a response that never stopped is
-    penalized."""
+    """2. Each response's score: the reward model's, the grader's 0/1 (helpfulness prompts
+    with answers), or the grader's where it applies and the reward model's elsewhere; a
+    response that never stopped is penalized."""
     rm_score = graded = None
+    gradable = torch.tensor([graded_by_task(records[i]) for i in batch.rows], device=batch.ids.device)
     if cfg.reward in ("rm", "mix"):
         rm_score = rm_score_fn(batch.ids, batch.kv_start, batch.width_p + batch.mask.sum(dim=1).long() - 1)
     if cfg.reward in ("task", "mix"):
         graded = torch.tensor([tasks.grade(records[i], text) if graded_by_task(records[i]) else 0.0
                                for i, text in zip(batch.rows, batch.texts)], device=batch.ids.device)
-    return combine_scores(rm_score, graded, batch.eos, cfg.task_weight, cfg.missing_eos_penalty)
+    return combine_scores(rm_score, graded, gradable, batch.eos, cfg.task_weight, cfg.missing_eos_penalty)
 
 
 def advantages(scores, logp, ref_logp, values, mask, beta: float, cfg: PPOConfig):

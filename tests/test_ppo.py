@@ -74,9 +74,11 @@ def test_missing_stop_penalty_and_score_mixing():
     eos = torch.tensor([True, False, True])
     rm = torch.tensor([0.5, 0.5, -1.0])
     graded = torch.tensor([1.0, 1.0, 0.0])
-    assert combine_scores(rm, None, eos, 2.0, 1.5).tolist() == pytest.approx([0.5, -1.0, -1.0])
-    assert combine_scores(None, graded, eos, 2.0, 1.5).tolist() == pytest.approx([1.0, -0.5, 0.0])
-    assert combine_scores(rm, graded, eos, 2.0, 1.5).tolist() == pytest.approx([2.5, 1.0, -1.0])
+    gradable = torch.tensor([True, True, False])  # the third prompt is, say, a harmful request
+    assert combine_scores(rm, None, gradable, eos, 2.0, 1.5).tolist() == pytest.approx([0.5, -1.0, -1.0])
+    assert combine_scores(None, graded, gradable, eos, 2.0, 1.5).tolist() == pytest.approx([1.0, -0.5, 0.0])
+    # mix: the weighted grader where it applies, the reward model elsewhere
+    assert combine_scores(rm, graded, gradable, eos, 2.0, 1.5).tolist() == pytest.approx([2.0, 0.5, -1.0])
 
 
 def test_padding_never_changes_whitening_or_losses():
