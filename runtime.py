@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import numpy as np
 import torch
@@ -76,10 +76,42 @@ def setup(device: str = "auto") -> Env:
     return _ENV
 
 
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def teardown() -> bool:
+    """Leave the process group (all ranks together). True when it was a gloo group, whose
+    worker threads outlive this call (see exit_skipping_finalization)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    gloo = dist.get_backend() == "gloo"
+    dist.barrier()
+    dist.destroy_process_group()
+    return gloo
+
+
+def exit_skipping_finalization(code) -> NoReturn:
+    """End a process that used a gloo process group: flush stdout and stderr, then
+    os._exit(code), so that the interpreter's finalization never runs.
+
+    Why: destroy_process_group() does not stop gloo's worker threads (pt_gloo_runloop).
+    They are joined only when the last reference to the ProcessGroup goes, and torch keeps
+    references we cannot drop (FSDP2's DeviceMesh inside DTensor's lru caches, default
+    arguments of torch.distributed.nn.functional, ...). A worker frees a finished work after
+    wait() has already returned on the main thread; when that work holds a tensor Python has
+    seen (an all_reduce input; a barrier keeps alive the works it waited for until it is
+    freed itself), freeing it takes the GIL. If the main thread is finalizing the interpreter
+    by then, CPython ends the worker with pthread_exit inside a noexcept C++ destructor:
+    "terminate called without an active exception", SIGABRT, the rank exits -6 after a run
+    that succeeded (core dump: runLoop -> ~AsyncBarrierWork -> ~AsyncAllreduceWork ->
+    TensorImpl::decref_pyobject -> take_gil -> PyThread_exit_thread). Everything a run writes
+    is written and closed before this, so skipping finalization loses nothing."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message") semantics
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def print0(*args, **kwargs) -> None:
@@ -508,13 +540,20 @@ def run_main(config_class, train_fn, argv=None, description: str = "") -> None:
     from data.shards import DataDirError
     from data.tokenizer import TokenizerError
     cfg = parse_config(config_class, argv, description=description)
+    exit_code = None  # stays None while an unexpected exception propagates (it keeps its traceback)
     try:
-        env = setup(cfg.device)
-        train_fn(cfg, env)
-    except (UserError, DataDirError, TokenizerError, CheckpointError, ValueError, OSError) as e:
-        die(str(e))
+        try:
+            env = setup(cfg.device)
+            train_fn(cfg, env)
+        except (UserError, DataDirError, TokenizerError, CheckpointError, ValueError, OSError) as e:
+            die(str(e))
+        exit_code = 0
+    except SystemExit as e:
+        exit_code = e.code
+        raise
     finally:
-        teardown()
+        if teardown() and exit_code is not None:
+            exit_skipping_finalization(exit_code)
 
 
 @dataclass
