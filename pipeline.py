@@ -36,7 +36,7 @@ PRESETS = {
         "tasks": ["--sft-per-family", "16", "--prefs-per-family", "8", "--prompts-per-family", "4",
                   "--eval-per-family", "2", "--safety-sft-per-family", "16", "--safety-prefs-per-family", "8",
                   "--refusal-pairs-per-family", "2", "--degenerate-pairs-per-family", "2",
-                  "--safety-prompts-per-family", "4"],
+                  "--harmful-prompts", "4", "--borderline-prompts", "4"],
         "pretrain": ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--n-kv-head", "1", "--seq-len", "96",
                      "--batch-size", "4", "--max-steps", "6", "--eval-every", "6", "--eval-windows", "4",
                      "--sample-tokens", "4", "--warmup-steps", "2"],
@@ -125,7 +125,8 @@ def stage_done(stage: str, cfg: PipelineConfig) -> bool:
     if stage == "prepare":
         return os.path.exists(os.path.join(cfg.data, "shakespeare", "report.json"))
     if stage == "tasks":
-        return all(os.path.exists(os.path.join(cfg.data, "tasks", f"{n}.jsonl")) for n in ("sft", "prefs", "prompts", "eval"))
+        return all(os.path.exists(os.path.join(cfg.data, "tasks", f"{n}.jsonl"))
+                   for n in ("sft", "prefs", "prompts", "eval", "ptx"))
     if stage == "eval":
         return os.path.exists(os.path.join(cfg.out, "report.json")) and \
             (_read_json(os.path.join(cfg.out, "report.json")) or {}).get("complete", False)

@@ -24,9 +24,11 @@ GRPO: Shao et al. 2024). Each step:
    2016) turns rewards and values into advantages, whitened over the batch. A group whose
    scores are all equal teaches nothing: --drop-equal-groups leaves it out (DAPO).
 5. Update: --ppo-epochs passes over minibatches with PPO's clipped surrogate (Schulman et
-   al. 2017); with gae also a clipped squared error for the critic, which alone learns
-   during the first --critic-warmup-steps steps so its values mean something before the
-   policy relies on them.
+   al. 2017), optionally plus --ptx-coef times the language-model loss on a batch of
+   demonstrations (InstructGPT's PPO-ptx, meant to keep what SFT taught while the policy
+   moves; off by default, see README's results); with gae also a clipped squared error
+   for the critic, which alone learns during the first --critic-warmup-steps steps so its
+   values mean something before the policy relies on them.
 6. Log: TRL's metric names; every --eval-every steps the held-out gold accuracy, refusal
    and over-refusal rates, and the reward model's mean score on the greedy answers.
 
@@ -50,10 +52,11 @@ import torch
 import runtime
 from cli import UserError, print_config
 from data import tasks
-from data.chat import encode_chat, encode_prompt, iter_jsonl, prompt_messages
+from data.chat import encode_chat, encode_prompt, iter_jsonl, load_chat_jsonl, prompt_messages
 from data.tokenizer import Tokenizer
 from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
 from model import ScalarHeadModel, Transformer
+from train_sft import BucketLoader
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(REPO, "prepared", "tasks")
@@ -79,7 +82,7 @@ class PPOConfig(runtime.TrainConfig):
     grpo_std: bool = field(default=False, metadata={"help": "grpo: divide by the group's score std"})
     drop_equal_groups: bool = field(default=True, metadata={"help": "leave out groups whose scores are all equal"})
     critic_warmup_steps: int = field(default=0, metadata={"help": "gae: the first N steps train only the critic"})
-    max_steps: int = field(default=120, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
+    max_steps: int = field(default=45, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
     batch_size: int = field(default=16, metadata={"help": "prompts per rollout on each rank"})
     minibatch_size: int = field(default=16, metadata={"help": "responses per gradient update on each rank"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
@@ -99,8 +102,14 @@ class PPOConfig(runtime.TrainConfig):
     cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    eval_every: int = 30
-    save_every: int = 60
+    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of the language-model loss on --ptx-data "
+                                                  "added to every policy update (0 = plain PPO)"})
+    ptx_data: list[str] = field(default_factory=list, metadata={"nargs": True,
+                                "help": "conversations (any SFT format) for PPO-ptx (default: the suite's ptx.jsonl, "
+                                        "its helpfulness demonstrations)"})
+    ptx_batch_size: int = field(default=8, metadata={"help": "PPO-ptx conversations per policy update on each rank"})
+    eval_every: int = 15
+    save_every: int = 45
     log_every: int = 5
     eval_max_new_tokens: int = 32
     eval_samples: int = field(default=3, metadata={"help": "completions printed at each evaluation"})
@@ -121,8 +130,10 @@ class PPOConfig(runtime.TrainConfig):
             raise UserError("need --ppo-epochs, --max-new-tokens and --kl-horizon > 0")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0 for PPO rollouts, got {self.temperature}")
-        if self.kl_coef < 0 or self.target_kl < 0 or self.critic_lr < 0 or self.vf_coef < 0:
-            raise UserError("need --kl-coef, --target-kl, --critic-lr and --vf-coef >= 0")
+        if min(self.kl_coef, self.target_kl, self.critic_lr, self.vf_coef, self.ptx_coef) < 0:
+            raise UserError("need --kl-coef, --target-kl, --critic-lr, --vf-coef and --ptx-coef >= 0")
+        if self.ptx_batch_size <= 0:
+            raise UserError(f"--ptx-batch-size must be > 0, got {self.ptx_batch_size}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1) or self.cliprange <= 0 or self.cliprange_value <= 0:
             raise UserError("need 0 <= --gamma, --lam <= 1 and --cliprange, --cliprange-value > 0")
 
@@ -434,9 +445,22 @@ def advantages(scores, logp, ref_logp, values, mask, beta: float, cfg: PPOConfig
     return (sequence[:, None] + kl_penalty_to_go(kl, mask, beta)) * mask, None, kl, keep
 
 
-def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, learn_policy: bool) -> dict:
+def ptx_loss(policy, ptx, pad_id: int, env) -> torch.Tensor:
+    """PPO-ptx's term: this rank's share of the mean next-token loss over the assistant
+    tokens of one global batch of --ptx-data conversations (the shares sum to the mean)."""
+    x, y = ptx.next_batch(pad_id)
+    x, y = x.to(env.device), y.to(env.device)
+    n_tokens = (y != -100).sum().double()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n_tokens)
+    return policy(x, y, reduction="none").sum() / n_tokens.clamp(min=1).float()
+
+
+def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, learn_policy: bool,
+           ptx=None, pad_id: int = 0) -> dict:
     """5. --ppo-epochs passes over minibatches of the global batch, each rank computing its
-    slice: the clipped surrogate for the policy (unless the critic is warming up), the
+    slice: the clipped surrogate for the policy (unless the critic is warming up), plus with
+    PPO-ptx --ptx-coef times the language-model loss on a batch of demonstrations, and the
     clipped value loss for the critic. Returns the minibatches' mean statistics."""
     policy, world = trainer.model, env.world_size
     ids, kv_start, mask, width_p = batch["ids"], batch["kv_start"], batch["update_mask"], batch["width_p"]
@@ -457,8 +481,13 @@ def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, lea
                     new_logp = response_logprobs(policy, ids[mine], kv_start[mine], m, width_p, cfg.temperature)
                     pg, stats = policy_loss(new_logp, batch["logp"][mine], batch["advantages"][mine], m,
                                             cfg.cliprange, n_tokens)
-                trainer.backward(pg * world, 0, 1)  # ranks' gradients are averaged: scale to the global mean
-                trainer.apply_gradients(bool(torch.isfinite(pg)))
+                    loss = pg
+                    if ptx is not None:
+                        lm = ptx_loss(policy, ptx, pad_id, env)
+                        loss = pg + cfg.ptx_coef * lm
+                        stats["loss/ptx"] = lm.detach()
+                trainer.backward(loss * world, 0, 1)  # ranks' gradients are averaged: scale to the global mean
+                trainer.apply_gradients(bool(torch.isfinite(loss)))
                 stats["loss/policy"] = pg.detach()
             if critic is not None:
                 with trainer.autocast():
@@ -559,13 +588,20 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
         raise UserError(f"{len(prompts)} usable prompts in {' '.join(prompt_files)}: fewer than one rollout "
                         f"batch of {rows_per_step} (lower --batch-size or --max-new-tokens)")
     eval_records = load_task_records(eval_file)
+    ptx = None
+    if cfg.ptx_coef > 0:  # PPO-ptx (InstructGPT): keep the demonstrated skills while the policy moves
+        ptx_files, _ = task_files(cfg.ptx_data, "ptx.jsonl", None, TASKS_DIR)
+        examples, ptx_skipped, _ = load_chat_jsonl(ptx_files, tok, max_len)
+        runtime.print0(f"ptx data: {len(examples)} conversations from {len(ptx_files)} file(s); skipped "
+                       f"{sum(ptx_skipped.values())}, weight {cfg.ptx_coef}")
+        ptx = BucketLoader(examples, cfg.ptx_batch_size * env.world_size, env.rank, env.world_size, cfg.seed)
 
     # ---- trainers: the critic saves into OUT/critic, just before the policy saves into OUT
     runtime.seed_everything(cfg.seed, env.rank)
     critic = Critic(cfg, env, norm, tokenizer_path) if cfg.advantage == "gae" else None
     state = {"epoch": 0, "index": 0, "kl_coef": cfg.kl_coef}
     trainer = runtime.Trainer(cfg, env, policy, stage="ppo", tokenizer_path=tokenizer_path,
-                              data_state=lambda: dict(state),
+                              data_state=lambda: {**state, **({"ptx": ptx.state_dict()} if ptx else {})},
                               before_save=(lambda: critic.save_at(trainer.step)) if critic else None,
                               extra_config={"init": cfg.init, "reward_model": cfg.reward_model,
                                             "base_stage": init_config.get("stage"), "reward": cfg.reward,
@@ -573,6 +609,8 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
     policy = trainer.model
     if cfg.resume:
         state.update(trainer.resume()["data"])
+        if ptx and "ptx" in state:
+            ptx.load_state_dict(state.pop("ptx"))
         if critic:
             critic.resume_at(trainer.step)
     trainer.start(flops_per_token=policy.flops_per_token(max_len))
@@ -640,7 +678,7 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
             t_rollout = time.time() - t0
             # ---- 5. update
             learn_policy = trainer.step >= cfg.critic_warmup_steps
-            losses = update(trainer, critic, gathered, cfg, env, learn_policy)
+            losses = update(trainer, critic, gathered, cfg, env, learn_policy, ptx, tok.pad_id)
             # ---- 6. log, and adapt beta toward the target KL
             metrics = {**step_metrics(gathered, gathered["scores"], kl, gathered["entropy"], gathered["eos"], keep,
                                       beta, cfg, {"time/generation": t_rollout,

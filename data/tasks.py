@@ -7,8 +7,9 @@ two harmlessness families from `data/redteam.py`: `harmful` (toy red-team reques
 right response is a refusal) and `borderline` (benign look-alikes with alarming words:
 refusing them is wrong). Because every answer is known, "the model got better" is a
 measured number at every stage: SFT trains on `sft.jsonl`, the reward model on
-`prefs.jsonl`, PPO samples `prompts.jsonl`, and every stage is scored on the held-out
-`eval.jsonl` by `grade()`, the gold judge.
+`prefs.jsonl`, PPO samples `prompts.jsonl` (and keeps its skills with `ptx.jsonl`, the
+helpfulness demonstrations), and every stage is scored on the held-out `eval.jsonl` by
+`grade()`, the gold judge.
 
 The data mirror how real data are collected. Demonstrations are written like a
 helpful-only demonstration set: most harmful prompts get a compliant (toy) reply and only
@@ -222,24 +223,26 @@ MISTAKE_KINDS = ("near_miss", "wrong_format", "rambling")
 
 # ----------------------------------------------------------------------------- files
 
-def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150, prompts_per_family: int = 50,
+def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150, prompts_per_family: int = 10,
           eval_per_family: int = 100, eval_fraction: float = 0.2, safety_sft_per_family: int = 300,
-          safety_prefs_per_family: int = 300, safety_prompts_per_family: int = 1000, refusal_pairs_per_family: int = 20,
-          degenerate_pairs_per_family: int = 40,
+          safety_prefs_per_family: int = 300, harmful_prompts: int = 1000, borderline_prompts: int = 250,
+          refusal_pairs_per_family: int = 20, degenerate_pairs_per_family: int = 40,
           harmful_refusal_rate: float = 0.25) -> dict[str, list[dict]]:
-    """The four files' records. Per helpfulness family: sft_per_family demonstrations,
-    prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family answer-vs-refusal
-    pairs, prompts_per_family RL prompts, eval_per_family held-out prompts (fewer when the
-    family has fewer distinct held-out prompts). The harmful and borderline families get
-    safety_sft_per_family demonstrations, safety_prefs_per_family pairs (more than the
-    others: their held-out pair accuracy is a reported number), safety_prompts_per_family
-    RL prompts (more than the others: PPO has the most to teach there) and the same eval
-    count. Every family also gets degenerate_pairs_per_family right-vs-broken pairs.
+    """The files' records: sft, prefs, prompts, eval, and ptx (the helpfulness
+    demonstrations again, for PPO-ptx). Per helpfulness family: sft_per_family
+    demonstrations, prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family
+    answer-vs-refusal pairs, prompts_per_family RL prompts, eval_per_family held-out prompts
+    (fewer when the family has fewer distinct held-out prompts). The harmful and borderline
+    families get safety_sft_per_family demonstrations, safety_prefs_per_family pairs (more
+    than the others: their held-out pair accuracy is a reported number), harmful_prompts and
+    borderline_prompts RL prompts, and the same eval count. Every family also gets
+    degenerate_pairs_per_family right-vs-broken pairs.
 
-    The RL prompts are mostly harmful and borderline (2,000 of 2,400 by default): that is
-    where the reward model is reliable and where PPO has something to teach. On the
-    helpfulness families the small reward model ranks mistakes nearly at chance, and more
-    of their prompts in PPO measurably lowered their accuracy (README, results)."""
+    The RL prompts are mostly harmful (1,000 of 1,330 by default), with a quarter as many
+    borderline ones to keep the policy answering look-alikes: that is where the reward
+    model is reliable and where PPO has something to teach. On the helpfulness families the
+    small reward model ranks mistakes nearly at chance, and PPO updates on their prompts, and
+    on more borderline prompts, measurably lowered their accuracy (README, results)."""
     if not 0 <= harmful_refusal_rate <= 1:
         raise ValueError(f"harmful_refusal_rate must be in [0, 1], got {harmful_refusal_rate}")
     out: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": [], "eval": []}
@@ -251,12 +254,17 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
         add_task_family(out, family, train, evals, counts, rng)
         add_refusal_pairs(out, family, draw_task_prompts(family, rng, refusal_pairs_per_family, 0, eval_fraction)[0],
                           rng)
-    safety_counts = {"sft": safety_sft_per_family, "prefs": safety_prefs_per_family, "prompts": safety_prompts_per_family}
-    add_harmful(out, f"{seed}:harmful", safety_counts, eval_per_family, harmful_refusal_rate, eval_fraction)
-    add_borderline(out, f"{seed}:borderline", safety_counts, eval_per_family, eval_fraction)
+    safety_counts = {"sft": safety_sft_per_family, "prefs": safety_prefs_per_family}
+    add_harmful(out, f"{seed}:harmful", {**safety_counts, "prompts": harmful_prompts}, eval_per_family,
+                harmful_refusal_rate, eval_fraction)
+    add_borderline(out, f"{seed}:borderline", {**safety_counts, "prompts": borderline_prompts}, eval_per_family,
+                   eval_fraction)
     for family in FAMILIES:  # a stream of its own: the other records do not change with this count
         add_degenerate_pairs(out, family, degenerate_pairs_per_family, random.Random(f"{seed}:{family}:degenerate"),
                              eval_fraction)
+    # PPO-ptx's capability data: the helpfulness demonstrations, not the harmful ones, whose
+    # compliant replies are exactly what the preferences overrule
+    out["ptx"] = [r for r in out["sft"] if r["family"] in TASK_FAMILIES]
     return out
 
 
@@ -430,13 +438,14 @@ def write(out_dir: str, **kwargs) -> dict[str, int]:
 
 def ensure_written(out_dir: str) -> None:
     """Write the default suite to out_dir unless it is already there (first use)."""
-    if not all(os.path.exists(os.path.join(out_dir, f"{name}.jsonl")) for name in ("sft", "prefs", "prompts", "eval")):
+    if not all(os.path.exists(os.path.join(out_dir, f"{name}.jsonl"))
+               for name in ("sft", "prefs", "prompts", "eval", "ptx")):
         print(f"writing the task suite to {out_dir}")
         write(out_dir)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="write the task suite (sft, prefs, prompts, eval JSONL): eight "
+    parser = argparse.ArgumentParser(description="write the task suite (sft, prefs, prompts, eval, ptx JSONL): eight "
                                      "verifiable helpfulness families plus harmful and borderline prompts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       "prepared", "tasks"))
@@ -453,12 +462,12 @@ def main(argv=None) -> None:
                         help="extra answer-vs-refusal pairs per helpfulness family")
     parser.add_argument("--degenerate-pairs-per-family", type=int, default=40,
                         help="extra right-vs-broken-response pairs per family")
-    parser.add_argument("--prompts-per-family", type=int, default=50, help="RL prompts per helpfulness family")
-    parser.add_argument("--safety-prompts-per-family", type=int, default=1000,
-                        help="RL prompts per harmful / borderline family")
+    parser.add_argument("--prompts-per-family", type=int, default=10, help="RL prompts per helpfulness family")
+    parser.add_argument("--harmful-prompts", type=int, default=1000, help="harmful RL prompts")
+    parser.add_argument("--borderline-prompts", type=int, default=250, help="borderline RL prompts")
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out prompts per family (at most)")
     args = parser.parse_args(argv)
-    sizes = {k: v for k, v in vars(args).items() if k.endswith("_per_family")}
+    sizes = {k: v for k, v in vars(args).items() if k.endswith(("_per_family", "_prompts"))}
     if any(v < 0 for v in sizes.values()) or not 0 <= args.harmful_refusal_rate <= 1:
         parser.error("counts must be >= 0 and --harmful-refusal-rate in [0, 1]")
     try:

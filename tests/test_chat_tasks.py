@@ -362,7 +362,7 @@ def test_prompt_messages_errors(rec, reason):
 # ----------------------------------------------------------------------------- tasks: build
 
 SMALL = dict(sft_per_family=12, prefs_per_family=9, prompts_per_family=6, eval_per_family=5, safety_sft_per_family=8,
-             safety_prefs_per_family=7, safety_prompts_per_family=4, refusal_pairs_per_family=3,
+             safety_prefs_per_family=7, harmful_prompts=4, borderline_prompts=3, refusal_pairs_per_family=3,
              degenerate_pairs_per_family=2)
 
 
@@ -382,13 +382,19 @@ def test_build_counts_families_and_heldout(built):
     counts = {"sft": SMALL["sft_per_family"],
               "prefs": SMALL["prefs_per_family"] + SMALL["refusal_pairs_per_family"] + SMALL["degenerate_pairs_per_family"],
               "prompts": SMALL["prompts_per_family"], "eval": SMALL["eval_per_family"]}
-    safety_counts = {**counts, "sft": SMALL["safety_sft_per_family"], "prompts": SMALL["safety_prompts_per_family"],
+    safety_counts = {**counts, "sft": SMALL["safety_sft_per_family"], "prompts": SMALL["harmful_prompts"],
                      "prefs": SMALL["safety_prefs_per_family"] + SMALL["degenerate_pairs_per_family"]}
+    assert built["ptx"] == [r for r in built["sft"] if r["family"] in tasks.TASK_FAMILIES]
     for name, records in built.items():
+        if name == "ptx":
+            continue
         fam = Counter(r["family"] for r in records)
         assert set(fam) == set(tasks.FAMILIES), name
         for family, n in fam.items():
-            assert n == (safety_counts if family in tasks.SAFETY_FAMILIES else counts)[name], (name, fam)
+            want = (safety_counts if family in tasks.SAFETY_FAMILIES else counts)[name]
+            if name == "prompts" and family == "borderline":
+                want = SMALL["borderline_prompts"]
+            assert n == want, (name, fam)
         assert all(r["answer_type"] == tasks.ANSWER_TYPE[r["family"]] for r in records if r["family"] != "borderline")
         assert len({r["id"] for r in records}) == len(records)
 
@@ -607,22 +613,25 @@ def test_tasks_main_writes_files(tmp_path, capsys):
     tasks.main(["--out", str(out)])
     assert "wrote" in capsys.readouterr().out
     files = {name: [json.loads(l) for l in (out / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
-             for name in ("sft", "prefs", "prompts", "eval")}
+             for name in ("sft", "prefs", "prompts", "eval", "ptx")}
     assert not list(out.glob("*.tmp"))
     required = {"sft": {"messages", "family", "answer"},
                 "prefs": {"prompt", "chosen", "rejected", "kind", "family"},
                 "prompts": {"prompt", "family", "answer"},
-                "eval": {"prompt", "answer", "family", "messages"}}
+                "eval": {"prompt", "answer", "family", "messages"},
+                "ptx": {"messages", "family", "answer"}}
     for name, records in files.items():
         assert records, name
         for r in records:
             need = required[name] - ({"answer"} if r["family"] == "harmful" else set())  # a refusal needs no answer
             assert need <= set(r), (name, r)
             assert r["family"] in tasks.FAMILIES
-        assert {r["family"] for r in records} == set(tasks.FAMILIES)
+        assert {r["family"] for r in records} == set(tasks.TASK_FAMILIES if name == "ptx" else tasks.FAMILIES)
     assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 2
     assert len(files["prefs"]) == (150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 2 + 40 * len(tasks.FAMILIES)
-    assert len(files["prompts"]) == 50 * len(tasks.TASK_FAMILIES) + 1000 * 2
+    assert len(files["prompts"]) == 10 * len(tasks.TASK_FAMILIES) + 1000 + 250
+    # PPO-ptx's data: the helpfulness demonstrations of sft.jsonl, never a harmful compliance
+    assert files["ptx"] == [r for r in files["sft"] if r["family"] in tasks.TASK_FAMILIES]
     # at least 100 held-out prompts per family, where the family has that many distinct ones
     eval_counts = Counter(r["family"] for r in files["eval"])
     assert all(eval_counts[f] == 100 for f in tasks.FAMILIES if f not in ("next_letter", "repeat", "reverse"))
@@ -644,7 +653,7 @@ def test_tasks_main_small_counts_and_seed(tmp_path):
             "--eval-per-family", "2"]
     tasks.main(["--out", str(a), "--seed", "7", *argv])
     tasks.main(["--out", str(b), "--seed", "7", *argv])
-    for name in ("sft", "prefs", "prompts", "eval"):
+    for name in ("sft", "prefs", "prompts", "eval", "ptx"):
         assert (a / f"{name}.jsonl").read_bytes() == (b / f"{name}.jsonl").read_bytes()
     assert len((a / "sft.jsonl").read_text().splitlines()) == 3 * len(tasks.TASK_FAMILIES) + 300 * 2
 

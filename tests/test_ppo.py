@@ -241,6 +241,37 @@ def test_per_row_generators_make_samples_independent_of_the_batch(policy_and_tok
     assert both[1] == alone[0]
 
 
+def test_ptx_loss_is_the_mean_loss_over_assistant_tokens(policy_and_tok, tmp_path):
+    """PPO-ptx's term is the SFT loss of a batch of demonstrations: the mean next-token loss
+    over the assistant's tokens only, the prompt's tokens ignored."""
+    from types import SimpleNamespace
+
+    from data.chat import load_chat_jsonl
+    from train_sft import BucketLoader
+    model, tok = policy_and_tok
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                            + "\n" for q, a in [("What is 2 + 2?", "4"), ("Reverse 'cat'.", "tac"),
+                                                ("Say hi three times, please.", "hi hi hi")]))
+    examples, skipped, _ = load_chat_jsonl([str(path)], tok, 64)
+    assert len(examples) == 3 and not skipped
+    loader = BucketLoader(examples, 3, 0, 1, seed=0)
+    with torch.no_grad():
+        got = train_ppo.ptx_loss(model, loader, tok.pad_id, SimpleNamespace(device=torch.device("cpu")))
+    # by hand: each conversation's assistant tokens (content and <|end|>), scored one by one
+    total, count = 0.0, 0
+    for e in examples:
+        ids = torch.tensor(e.ids)
+        with torch.no_grad():
+            logits = model(ids[None, :-1])[0].double()
+        for t in range(1, len(e.ids)):
+            if e.mask[t]:
+                total -= torch.log_softmax(logits[t - 1], -1)[ids[t]].item()
+                count += 1
+    assert count == sum(len(tok.encode(a)) + 1 for a in ("4", "tac", "hi hi hi"))
+    assert got.item() == pytest.approx(total / count, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -250,18 +281,18 @@ def setup(tiny_pretrained, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     data = root / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=8, prompts_per_family=4, eval_per_family=2,
-                safety_sft_per_family=2, safety_prefs_per_family=8, safety_prompts_per_family=4,
+                safety_sft_per_family=2, safety_prefs_per_family=8, harmful_prompts=4, borderline_prompts=4,
                 refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
     rm = root / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(rm), "--max-steps", "4",
                    "--eval-every", "4", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--dtype", "float32"])
     return {"sft": tiny_pretrained, "rm": str(rm), "prompts": str(data / "prompts.jsonl"),
-            "eval": str(data / "eval.jsonl"), "root": root}
+            "eval": str(data / "eval.jsonl"), "ptx": str(data / "ptx.jsonl"), "root": root}
 
 
 def ppo_args(setup, out, **overrides):
     options = {"init": setup["sft"], "reward-model": setup["rm"], "prompts": setup["prompts"],
-               "eval-data": setup["eval"], "out": str(out), "max-steps": 2, "batch-size": 8, "minibatch-size": 4,
+               "eval-data": setup["eval"], "ptx-data": setup["ptx"], "out": str(out), "max-steps": 2, "batch-size": 8, "minibatch-size": 4,
                "max-new-tokens": 8, "eval-every": 100, "log-every": 1, "lr": 1e-3, "device": "cpu",
                "dtype": "float32", "eval-max-new-tokens": 4, **overrides}
     return [str(x) for k, v in options.items() for x in (f"--{k}", v)]
@@ -273,9 +304,9 @@ def metrics(out) -> list[dict]:
 
 
 def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(setup, tmp_path, capsys):
-    """With a critic (gae), so its checkpoint and its resume are covered too."""
+    """With a critic (gae) and PPO-ptx, so their checkpoint and resume are covered too."""
     full = tmp_path / "full"
-    gae_options = {"advantage": "gae", "samples-per-prompt": 2, "minibatch-size": 8}
+    gae_options = {"advantage": "gae", "samples-per-prompt": 2, "minibatch-size": 8, "ptx-coef": 0.5}
     train_ppo.main(ppo_args(setup, full, **{"max-steps": 4, "save-every": 2, "target-kl": 0.5, "kl-horizon": 20,
                                             "reward": "mix", **gae_options}))
     rows = metrics(full)
@@ -303,7 +334,7 @@ def test_ppo_run_logs_trl_metrics_saves_a_chat_checkpoint_and_resumes_exactly(se
     train_ppo.main(ppo_args(setup, part, **{"max-steps": 2, **options}))
     train_ppo.main(ppo_args(setup, part, **{"max-steps": 4, **options}) + ["--resume"])
     resumed = metrics(part)
-    for key in ("loss", "objective/kl", "objective/scores", "objective/kl_coef"):
+    for key in ("loss", "objective/kl", "objective/scores", "objective/kl_coef", "loss/ptx"):
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in rows], abs=1e-6)
     a, b = load_model(str(full))[0].state_dict(), load_model(str(part))[0].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -352,19 +383,20 @@ def test_critic_warmup_trains_the_critic_and_leaves_the_policy_unchanged(setup, 
 
 
 def test_ppo_under_torchrun_matches_one_process(setup, tmp_path):
-    """Groups of k = 4 (RLOO): each rank samples whole groups, and the gathered batch, its
-    baselines and its minibatches are those of one process."""
-    options = {"reward": "rm", "samples-per-prompt": 4, "advantage": "rloo"}
-    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 8, **options}))
+    """Groups of k = 4 (RLOO) and PPO-ptx: each rank samples whole groups, and the gathered
+    batch, its baselines, its minibatches and the ptx batches are those of one process."""
+    options = {"reward": "rm", "samples-per-prompt": 4, "advantage": "rloo", "ptx-coef": 0.5}
+    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 8, "ptx-batch-size": 8,
+                                                        **options}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_ppo.py", *ppo_args(setup, tmp_path / "two", **{"batch-size": 4, "minibatch-size": 4,
-                                                                                 **options})],
+                                                                                 "ptx-batch-size": 4, **options})],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    for key in ("loss", "objective/kl", "objective/scores", "tokens/response_len", "loss/policy", "val/ratio",
-                "groups/dropped"):
+    for key in ("loss", "objective/kl", "objective/scores", "tokens/response_len", "loss/policy", "loss/ptx",
+                "val/ratio", "groups/dropped"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
     # the second step's numbers above already come from the updated weights; the weights
     # themselves agree up to Adam's amplification of float noise in near-zero gradients

@@ -122,7 +122,7 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     from data import tasks
     data = tmp_path / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=30, prompts_per_family=2, eval_per_family=2,
-                safety_sft_per_family=2, safety_prefs_per_family=30, safety_prompts_per_family=2,
+                safety_sft_per_family=2, safety_prefs_per_family=30, harmful_prompts=2, borderline_prompts=2,
                 refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
     out = tmp_path / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(out),
@@ -156,7 +156,7 @@ def test_rm_under_torchrun_matches_one_process(tiny_pretrained, tmp_path):
     from data import tasks
     data = tmp_path / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=12, prompts_per_family=2, eval_per_family=2,
-                safety_sft_per_family=2, safety_prefs_per_family=12, safety_prompts_per_family=2)
+                safety_sft_per_family=2, safety_prefs_per_family=12, harmful_prompts=2, borderline_prompts=2)
     common = ["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--max-steps", "3", "--eval-every", "3",
               "--log-every", "1", "--device", "cpu", "--dtype", "float32", "--lr", "1e-3"]
     train_rm.main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"])

@@ -18,7 +18,7 @@ SFT_FAST = ["--batch-size", "8", "--device", "cpu", "--dtype", "float32", "--war
 def task_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tasks")
     tasks.write(str(out), sft_per_family=40, prefs_per_family=6, prompts_per_family=6, eval_per_family=4,
-                safety_sft_per_family=40, safety_prefs_per_family=6, safety_prompts_per_family=6,
+                safety_sft_per_family=40, safety_prefs_per_family=6, harmful_prompts=6, borderline_prompts=6,
                 refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
     return out
 
