@@ -407,7 +407,7 @@ def render_markdown(report: dict) -> str:
     key = {
         "prepare": f"documents read {docs.get('read')}, kept {docs.get('kept')} (removed: {removed}); "
                    f"tokens train {tokens.get('train')}, val {tokens.get('val')}",
-        "tasks": "task suite: sft, prefs, prompts, eval JSONL",
+        "tasks": "task suite: sft, prefs, prompts, eval, ptx JSONL",
         "pretrain": f"val loss {s['pretrain']['val_loss']}, val bits/byte {s['pretrain']['val_bpb']} "
                     f"(unigram baseline loss {s['pretrain']['unigram_val_loss']})",
         "sft": f"held-out gold accuracy {_pct(s['sft']['gold_accuracy'])}, held-out loss {s['sft']['heldout_loss']}",
@@ -444,9 +444,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(_pct(value(st)) for st in stage_names) + " |")
     change = s["ppo"].get("vs_sft")
     if change:
-        lines += ["", f"Prompt by prompt: of the {change['n']} held-out prompts, PPO answers {change['fixed']} "
-                      f"right that SFT got wrong, and {change['broken']} wrong that SFT got right (McNemar's "
-                      f"exact test: p = {change['p_value']:.3g}; below 0.05, the change is unlikely to be chance)."]
+        verdict = ("unlikely to be chance" if change["p_value"] < 0.05 else
+                   "no evidence of a change either way")
+        lines += ["", f"Prompt by prompt: of the {change['n']} held-out helpfulness prompts, PPO answers "
+                      f"{change['fixed']} right that SFT got wrong, and {change['broken']} wrong that SFT got right "
+                      f"(McNemar's exact test: p = {change['p_value']:.3g}, {verdict})."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", "## The same prompts, answered by each stage (greedy)", ""]
     for i, example in enumerate(report["samples"].get("sft", [])):

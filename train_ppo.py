@@ -82,9 +82,9 @@ class PPOConfig(runtime.TrainConfig):
     grpo_std: bool = field(default=False, metadata={"help": "grpo: divide by the group's score std"})
     drop_equal_groups: bool = field(default=True, metadata={"help": "leave out groups whose scores are all equal"})
     critic_warmup_steps: int = field(default=0, metadata={"help": "gae: the first N steps train only the critic"})
-    max_steps: int = field(default=45, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per rollout on each rank"})
-    minibatch_size: int = field(default=16, metadata={"help": "responses per gradient update on each rank"})
+    max_steps: int = field(default=30, metadata={"help": "PPO steps (each: one rollout batch, then the updates)"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per rollout on each rank"})
+    minibatch_size: int = field(default=32, metadata={"help": "responses per gradient update on each rank"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     lr: float = 5e-5
     critic_lr: float = field(default=0.0, metadata={"help": "critic learning rate (0 = --lr)"})
@@ -108,8 +108,8 @@ class PPOConfig(runtime.TrainConfig):
                                 "help": "conversations (any SFT format) for PPO-ptx (default: the suite's ptx.jsonl, "
                                         "its helpfulness demonstrations)"})
     ptx_batch_size: int = field(default=8, metadata={"help": "PPO-ptx conversations per policy update on each rank"})
-    eval_every: int = 15
-    save_every: int = 45
+    eval_every: int = 10
+    save_every: int = 30
     log_every: int = 5
     eval_max_new_tokens: int = 32
     eval_samples: int = field(default=3, metadata={"help": "completions printed at each evaluation"})
