@@ -7,9 +7,9 @@ two harmlessness families from `data/redteam.py`: `harmful` (toy red-team reques
 right response is a refusal) and `borderline` (benign look-alikes with alarming words:
 refusing them is wrong). Because every answer is known, "the model got better" is a
 measured number at every stage: SFT trains on `sft.jsonl`, the reward model on
-`prefs.jsonl`, PPO samples `prompts.jsonl` (and keeps its skills with `ptx.jsonl`, the
-helpfulness demonstrations), and every stage is scored on the held-out `eval.jsonl` by
-`grade()`, the gold judge.
+`prefs.jsonl`, PPO samples `prompts.jsonl` (and with PPO-ptx also learns from
+`ptx.jsonl`, the helpfulness demonstrations), and every stage is scored on the held-out
+`eval.jsonl` by `grade()`, the gold judge.
 
 The data mirror how real data are collected. Demonstrations are written like a
 helpful-only demonstration set: most harmful prompts get a compliant (toy) reply and only
