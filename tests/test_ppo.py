@@ -292,8 +292,8 @@ def setup(tiny_pretrained, tmp_path_factory):
 
 def ppo_args(setup, out, **overrides):
     options = {"init": setup["sft"], "reward-model": setup["rm"], "prompts": setup["prompts"],
-               "eval-data": setup["eval"], "ptx-data": setup["ptx"], "out": str(out), "max-steps": 2, "batch-size": 8, "minibatch-size": 4,
-               "max-new-tokens": 8, "eval-every": 100, "log-every": 1, "lr": 1e-3, "device": "cpu",
+               "eval-data": setup["eval"], "ptx-data": setup["ptx"], "out": str(out), "max-steps": 2, "batch-size": 8,
+               "minibatch-size": 4, "max-new-tokens": 8, "eval-every": 100, "log-every": 1, "lr": 1e-3, "device": "cpu",
                "dtype": "float32", "eval-max-new-tokens": 4, **overrides}
     return [str(x) for k, v in options.items() for x in (f"--{k}", v)]
 
