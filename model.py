@@ -193,7 +193,7 @@ def attention(q, k, v, mask, impl: str):
     if impl == "triton":
         flash_attention = _kernel("attention", "flash_attention")
         if flash_attention is None:
-            raise ValueError("attn_impl='triton' needs kernels/attention.py")
+            raise ValueError("attn_impl='triton' needs fused_kernels/attention.py")
         if mask is not None and mask.dtype == torch.bool:
             raise ValueError("the Triton attention takes kv_start (an integer (B,) tensor), not a dense mask")
         return flash_attention(q, k, v, causal=True, kv_start=mask)
@@ -464,10 +464,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 @functools.lru_cache(maxsize=None)
 def _kernel(module: str, name: str):
-    """kernels.<module>.<name> if the kernels package provides it, else None. Looked up
+    """fused_kernels.<module>.<name> if the kernels package provides it, else None. Looked up
     once: a failed import retried on every forward would cost a file-system search."""
     try:
-        return getattr(importlib.import_module(f"kernels.{module}"), name)
+        return getattr(importlib.import_module(f"fused_kernels.{module}"), name)
     except (ImportError, AttributeError):
         return None
 
@@ -476,7 +476,7 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
             temperature: float = 1.0, return_entropy: bool = False):
     """Cross-entropy of the lm head over hidden states h (..., d) against targets (...).
 
-    Uses the fused linear cross-entropy kernel when kernels/ provides it (no (N, V)
+    Uses the fused linear cross-entropy kernel when fused_kernels/ provides it (no (N, V)
     logits in memory); otherwise this plain reference: logits in fp32, then the loss.
     Targets of -100 are ignored (their loss and entropy are 0); a batch with every target
     ignored gives 0, not NaN. Logits are divided by temperature (scaling h is the same

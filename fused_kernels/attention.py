@@ -26,9 +26,9 @@ The algorithm (what the kernels below do):
 
 Block sizes / warps / stages on CUDA come from a short list per kernel (first that
 fits the GPU's shared memory wins; see `_cuda_configs`). They are not tuned on
-hardware yet: `python -m kernels.bench --sweep` times the alternatives on a GPU.
+hardware yet: `python -m fused_kernels.bench --sweep` times the alternatives on a GPU.
 The interpreter (TRITON_INTERPRET=1, tests) uses small blocks so that tiny shapes still
-span several blocks. See kernels/__init__.py for how the backend is chosen.
+span several blocks. See fused_kernels/__init__.py for how the backend is chosen.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from kernels import HAS_TRITON, kernel_pair, launch, select_backend
+from fused_kernels import HAS_TRITON, kernel_pair, launch, select_backend
 
 if HAS_TRITON:
     import triton
@@ -57,7 +57,7 @@ def triton_usable(device) -> bool:
 
 # ----------------------------------------------------------------------------- kernels
 # Written without @triton.jit helpers so each can be built both compiled and
-# interpreted (kernels.kernel_pair). Strides are in elements; the last dim is contiguous.
+# interpreted (fused_kernels.kernel_pair). Strides are in elements; the last dim is contiguous.
 
 def _attn_fwd(Q, K, V, O, LSE, KV_START,
               stride_qb, stride_qh, stride_qt,
@@ -353,7 +353,7 @@ _CUDA_CONFIGS_FP32 = {
 _INTERPRET_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _DELTA_BLOCK = 64
 _chosen: dict = {}  # (kind, head-dim bucket, dtype) -> index of the config that compiled
-CONFIG_OVERRIDE: dict = {}  # kind -> (BLOCK_M, BLOCK_N, warps, stages); for kernels.bench --sweep
+CONFIG_OVERRIDE: dict = {}  # kind -> (BLOCK_M, BLOCK_N, warps, stages); for fused_kernels.bench --sweep
 
 
 def _block_d(D: int) -> int:

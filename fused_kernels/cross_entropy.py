@@ -37,14 +37,14 @@ most max(N*D, 1024*V) logits (CUDA) or 2^23 (CPU) exist at a time, and a batch s
 than one chunk is done in one. Results do not depend on the chunk size beyond float
 round-off, and are deterministic for a given size. Under autocast the matmuls
 run in the autocast dtype, as `x @ weight.T` would.
-See kernels/__init__.py for how the backend is chosen (TRITON_INTERPRET=1 runs the
+See fused_kernels/__init__.py for how the backend is chosen (TRITON_INTERPRET=1 runs the
 Triton kernel on CPU tensors through Triton's interpreter).
 """
 from __future__ import annotations
 
 import torch
 
-from kernels import HAS_TRITON, kernel_pair, launch, select_backend
+from fused_kernels import HAS_TRITON, kernel_pair, launch, select_backend
 
 if HAS_TRITON:
     import triton
@@ -362,7 +362,7 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
 
     Returns the loss (a scalar for mean/sum, (N,) for none; float32, float64 for float64
     inputs), or (loss, entropy) with return_entropy. chunk_size: rows per chunk (default
-    by device). backend: 'auto' | 'triton' | 'torch' (kernels/__init__.py)."""
+    by device). backend: 'auto' | 'triton' | 'torch' (fused_kernels/__init__.py)."""
     _check(x, weight, targets, ignore_index, reduction, z_loss, chunk_size)
     dev = x.device
     compute = torch.promote_types(x.dtype, weight.dtype)

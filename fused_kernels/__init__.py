@@ -1,10 +1,13 @@
 """Our Triton kernels, each with a plain-PyTorch path that computes the same thing.
 
-- `kernels.attention.flash_attention`: FlashAttention-2 forward and backward, causal
+The package is not called `kernels`: that import name is Hugging Face's `kernels`
+(a dependency of transformers), and a folder of ours by that name would shadow it.
+
+- `fused_kernels.attention.flash_attention`: FlashAttention-2 forward and backward, causal
   or not, grouped-query attention without repeating K/V, left padding via `kv_start`.
-- `kernels.cross_entropy.fused_linear_cross_entropy`: the lm-head matmul and the
+- `fused_kernels.cross_entropy.fused_linear_cross_entropy`: the lm-head matmul and the
   cross-entropy in chunks of rows, so the (N, V) logits never exist at once.
-- `kernels.bench`: GPU benchmarks against PyTorch (`python -m kernels.bench`).
+- `fused_kernels.bench`: GPU benchmarks against PyTorch (`python -m fused_kernels.bench`).
 
 Which code runs (`backend="auto"`, the default of both functions), decided per call:
 

@@ -1,12 +1,12 @@
 """GPU benchmarks of the kernels against PyTorch; prints tables and appends them to BENCHMARKS.md.
 
-    python -m kernels.bench [--append BENCHMARKS.md] [--only attention|ce] [--sweep]
-    python -m kernels.bench --cpu-loss [--append BENCHMARKS.md]     (the one CPU benchmark)
-    python -m kernels.bench --compile-check                          (no GPU needed)
+    python -m fused_kernels.bench [--append BENCHMARKS.md] [--only attention|ce] [--sweep]
+    python -m fused_kernels.bench --cpu-loss [--append BENCHMARKS.md]     (the one CPU benchmark)
+    python -m fused_kernels.bench --compile-check                          (no GPU needed)
 
 Attention: causal, bf16, grouped-query (4 query heads per K/V head), head dim 64 and
 128, T = 1k..8k at 16k tokens per batch. Forward and forward+backward TFLOP/s of
-`kernels.attention.flash_attention` against PyTorch SDPA restricted to its flash
+`fused_kernels.attention.flash_attention` against PyTorch SDPA restricted to its flash
 backend and against the eager formula (model.py's attn_impl="eager", which runs out of
 memory at long T: reported as such). FLOPs: 4 B H T^2 D / 2 for the causal forward
 (two matmuls, half the score matrix); forward+backward counts 3.5x that (the backward
@@ -14,13 +14,13 @@ is 2.5x: five matmuls, one of them the recomputed scores). Each row also reports
 largest difference from SDPA in the output and the gradients: the bf16 check the CPU
 interpreter cannot do.
 
-Cross-entropy: `kernels.cross_entropy.fused_linear_cross_entropy` against the naive
+Cross-entropy: `fused_kernels.cross_entropy.fused_linear_cross_entropy` against the naive
 path (logits = x @ W.T, then F.cross_entropy on them in fp32), forward+backward, bf16
 x and W, for V in {32k, 128k}, N in {8k, 16k}, D in {768, 4096}: time and the peak
 memory allocated beyond the inputs.
 
 --cpu-loss compares, on the CPU, model.lm_loss's former plain path (fp32 logits, then
-F.cross_entropy) with kernels.cross_entropy's PyTorch path at the tiny preset's sizes
+F.cross_entropy) with fused_kernels.cross_entropy's PyTorch path at the tiny preset's sizes
 (V 8192, D 256): every loss of every stage now goes through the latter.
 
 --compile-check compiles each kernel's first-choice launch configuration for sm_90 (H100)
@@ -28,7 +28,7 @@ with triton's bundled ptxas, no GPU needed, and prints what the cubin uses: regi
 spill (stack) bytes, shared memory, wgmma (HGMMA) instructions. Evidence that a
 configuration fits and uses the tensor cores as Hopper wants, not a timing.
 
---sweep times every launch configuration of the attention kernels (kernels/attention.py
+--sweep times every launch configuration of the attention kernels (fused_kernels/attention.py
 _CUDA_CONFIGS) at T=4096 so the defaults can be replaced by measured ones.
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs).
 """
@@ -40,7 +40,7 @@ import math
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a file: python kernels/bench.py
+if __package__ in (None, ""):  # run as a file: python fused_kernels/bench.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
@@ -80,7 +80,7 @@ def sdpa_flash(q, k, v):
 
 
 def ours(q, k, v):
-    from kernels.attention import flash_attention
+    from fused_kernels.attention import flash_attention
     return flash_attention(q, k, v, causal=True, backend="triton")
 
 
@@ -139,7 +139,7 @@ def naive_ce(x, w, t):
 
 
 def fused_ce(x, w, t):
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from fused_kernels.cross_entropy import fused_linear_cross_entropy
     return fused_linear_cross_entropy(x, w, t, backend="triton")
 
 
@@ -192,7 +192,7 @@ def ce_table() -> list[str]:
 
 def sweep() -> list[str]:
     """Time each attention launch configuration at T=4096 (causal, bf16, GQA)."""
-    import kernels.attention as A
+    import fused_kernels.attention as A
     rows = ["| kernel | D | (BLOCK_M, BLOCK_N, warps, stages) | ms |", "|---|---|---|---|"]
     for D, H, H_kv in ATTN_SHAPES:
         T = 4096
@@ -222,7 +222,7 @@ def sweep() -> list[str]:
 
 
 def plain_lm_loss(x, w, t, reduction):
-    """model.lm_loss before kernels/cross_entropy.py existed."""
+    """model.lm_loss before fused_kernels/cross_entropy.py existed."""
     per = F.cross_entropy((x @ w.t()).float(), t, ignore_index=-100, reduction="none")
     return per if reduction == "none" else per.sum() / (t != -100).sum().clamp(min=1)
 
@@ -231,7 +231,7 @@ def cpu_loss_table(repeats: int = 7) -> list[str]:
     """Plain vs fused loss on the CPU, A/B interleaved, best of `repeats` (a shared machine
     disturbs single runs far more than it speeds any up)."""
     import time
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from fused_kernels.cross_entropy import fused_linear_cross_entropy
     V, D = 8192, 256
     rows = ["| rows N | what | plain | fused (PyTorch path) | fused / plain |", "|---|---|---|---|---|"]
     cases = {"train step (mean, fwd+bwd)": ("mean", True), "eval (none, no grad)": ("none", False),
@@ -269,8 +269,8 @@ def compile_check() -> list[str]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import kernels.attention as A
-    import kernels.cross_entropy as C
+    import fused_kernels.attention as A
+    import fused_kernels.cross_entropy as C
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     target = GPUTarget("cuda", 90, 32)
     floats = {"qk_scale", "sm_scale", "z_loss"}
@@ -322,7 +322,7 @@ def main(argv=None) -> None:
     p.add_argument("--only", choices=["attention", "ce"], default=None, help="run one of the two benchmarks")
     p.add_argument("--sweep", action="store_true", help="also time every attention launch configuration")
     p.add_argument("--cpu-loss", action="store_true",
-                   help="instead: the CPU loss path, plain (former lm_loss) vs kernels.cross_entropy")
+                   help="instead: the CPU loss path, plain (former lm_loss) vs fused_kernels.cross_entropy")
     p.add_argument("--compile-check", action="store_true",
                    help="instead: compile the kernels for sm_90 and print their resource use (no GPU needed)")
     args = p.parse_args(argv)
@@ -333,7 +333,7 @@ def main(argv=None) -> None:
         import platform
         header = (f"Machine: CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, "
                   f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
-                  "Command: `python -m kernels.bench --cpu-loss`. V 8192, D 256, fp32, best of 7 A/B runs.")
+                  "Command: `python -m fused_kernels.bench --cpu-loss`. V 8192, D 256, fp32, best of 7 A/B runs.")
         print(header)
         rows = cpu_loss_table()
         if args.append:
@@ -343,16 +343,16 @@ def main(argv=None) -> None:
             print(f"appended to {args.append}")
         return
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); "
-                         "on the CPU the kernels are checked by tests/test_kernels.py instead")
-    from kernels import HAS_TRITON
+        raise SystemExit("fused_kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "on the CPU the kernels are checked by tests/test_fused_kernels.py instead")
+    from fused_kernels import HAS_TRITON
     if not HAS_TRITON:
-        raise SystemExit("kernels.bench needs triton (pip install triton)")
+        raise SystemExit("fused_kernels.bench needs triton (pip install triton)")
     import triton
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
     header = (f"Machine: {name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}. "
-              f"Command: `python -m kernels.bench{' --only ' + args.only if args.only else ''}"
+              f"Command: `python -m fused_kernels.bench{' --only ' + args.only if args.only else ''}"
               f"{' --sweep' if args.sweep else ''}`.")
     print(header)
     sections = []

@@ -1,8 +1,8 @@
-"""Tests for kernels/: flash attention and the fused linear cross-entropy.
+"""Tests for fused_kernels/: flash attention and the fused linear cross-entropy.
 
 The Triton kernels run on the CPU through Triton's interpreter: the `interpreted`
 fixture sets TRITON_INTERPRET=1 for one test at a time (kernels read it per call, see
-kernels/__init__.py), so no other test module is switched to the interpreter. float32
+fused_kernels/__init__.py), so no other test module is switched to the interpreter. float32
 and float16 only: the interpreter gets bf16 tl.dot wrong. Every result is checked
 against a float64 reference: attention against SDPA in float64 with an explicit mask,
 cross-entropy against F.cross_entropy on float64 logits (computed from the inputs'
@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import attention as A
-from kernels import cross_entropy as C
-from kernels.attention import attention_reference, flash_attention
-from kernels.cross_entropy import fused_linear_cross_entropy
+import fused_kernels
+from fused_kernels import attention as A
+from fused_kernels import cross_entropy as C
+from fused_kernels.attention import attention_reference, flash_attention
+from fused_kernels.cross_entropy import fused_linear_cross_entropy
 
 F64 = torch.float64
 
@@ -178,10 +178,10 @@ def test_flash_attention_backend_selection(monkeypatch, no_interpreter):
     out = flash_attention(q, k, v)  # CPU without the interpreter: the PyTorch path
     assert not calls
     torch.testing.assert_close(out, attention_reference(q, k, v))
-    with pytest.raises(ValueError, match="TRITON_INTERPRET" if kernels.HAS_TRITON else "needs the triton package"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET" if fused_kernels.HAS_TRITON else "needs the triton package"):
         flash_attention(q, k, v, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if kernels.HAS_TRITON:
+    if fused_kernels.HAS_TRITON:
         flash_attention(q, k, v)
         assert calls == [True]
     torch.testing.assert_close(flash_attention(q, k, v, backend="torch"), out)
@@ -371,10 +371,10 @@ def test_fused_ce_backend_selection(monkeypatch, no_interpreter):
     x, w, t = ce_inputs(8, 20, 16, torch.float32)
     fused_linear_cross_entropy(x, w, t)
     assert not calls  # CPU without the interpreter: the PyTorch path
-    with pytest.raises(ValueError, match="TRITON_INTERPRET" if kernels.HAS_TRITON else "needs the triton package"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET" if fused_kernels.HAS_TRITON else "needs the triton package"):
         fused_linear_cross_entropy(x, w, t, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if kernels.HAS_TRITON:
+    if fused_kernels.HAS_TRITON:
         fused_linear_cross_entropy(x, w, t)
         assert calls and all(calls)
 
@@ -465,7 +465,7 @@ def test_model_triton_rejects_dense_mask():
 
 
 def test_model_loss_uses_fused_cross_entropy(monkeypatch):
-    """Every loss and log-prob in model.py goes through kernels.cross_entropy."""
+    """Every loss and log-prob in model.py goes through fused_kernels.cross_entropy."""
     import model
     seen = []
     real = C.fused_linear_cross_entropy
@@ -490,7 +490,7 @@ def test_model_loss_uses_fused_cross_entropy(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gets")
 def test_bench_needs_cuda_says_so_in_one_line():
-    from kernels import bench
+    from fused_kernels import bench
     with pytest.raises(SystemExit) as e:
         bench.main(["--append", ""])
     message = str(e.value.code)
