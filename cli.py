@@ -3,13 +3,18 @@
 DESIGN.md's CLI contract: every option is `--name value` with dashes, built from one
 dataclass per script, `--help` shows each default, `--config FILE.json` loads overrides,
 and the resolved config is printed at start (and saved by the script next to its output).
-Booleans get `--flag` / `--no-flag`. User mistakes end in one `error: ...` line and exit
-code 2, never a traceback.
+Booleans get `--flag` / `--no-flag`.
+
+Errors: library code raises `UserError` (or a subclass: every module's own error type for
+bad input derives from it) and never exits; each script's `main` is wrapped in
+`entry_point`, the one place that turns a UserError into one `error: ...` line and exit
+code 2. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import types
@@ -17,12 +22,22 @@ import typing
 
 
 class UserError(Exception):
-    """A mistake in the user's input (bad path, bad value): reported as one line."""
+    """A mistake in the user's input (bad option, path, file or checkpoint): reported as
+    one line by `entry_point`, never as a traceback."""
 
 
-def die(message: str, code: int = 2) -> typing.NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+def entry_point(main):
+    """Decorate a script's `main(argv=None)`: a UserError ends the process with one
+    `error: ...` line on stderr and exit code 2; any other exception is a bug and keeps
+    its traceback."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return run
 
 
 def _field_type(cls, field: dataclasses.Field):
@@ -72,7 +87,9 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
 
 
 def parse_config(cls, argv=None, description: str = ""):
-    """Defaults <- --config JSON <- command-line flags; returns a validated instance."""
+    """Defaults <- --config JSON <- command-line flags; returns a validated instance.
+    Raises UserError for a bad --config file or value (argparse itself exits on bad
+    flags, with its usage line, as every command-line tool does)."""
     parser = build_parser(cls, description)
     ns = parser.parse_args(argv)
     values = {}
@@ -81,30 +98,29 @@ def parse_config(cls, argv=None, description: str = ""):
             with open(ns.config, encoding="utf-8") as f:
                 overrides = json.load(f)
         except (OSError, ValueError) as e:
-            die(f"cannot read --config {ns.config}: {e}")
+            raise UserError(f"cannot read --config {ns.config}: {e}") from None
         if not isinstance(overrides, dict):
-            die(f"--config {ns.config} must hold a JSON object")
+            raise UserError(f"--config {ns.config} must hold a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         for key, value in overrides.items():
             key = key.replace("-", "_")
             if key not in known:
-                die(f"--config {ns.config}: unknown option {key!r}")
+                raise UserError(f"--config {ns.config}: unknown option {key!r}")
             is_list = typing.get_origin(hints[key]) is list
             if is_list and isinstance(value, str):
                 value = [value]  # "input": "a.jsonl" means one path, not its characters
             elif is_list and not isinstance(value, list):
-                die(f"--config {ns.config}: {key!r} must be a list")
+                raise UserError(f"--config {ns.config}: {key!r} must be a list")
             values[key] = value
     for field in dataclasses.fields(cls):
         value = getattr(ns, field.name)
         if value is not None:
             values[field.name] = value
     try:
-        config = cls(**values)
-    except (TypeError, ValueError, UserError) as e:
-        die(str(e))
-    return config
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 def config_dict(config) -> dict:

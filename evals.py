@@ -12,7 +12,6 @@ Shared by SFT, PPO and the pipeline report, so every stage is measured the same 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -20,15 +19,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cli import UserError
+import runtime
+from cli import UserError, entry_point, parse_config
 from data.chat import RecordError, encode_prompt, iter_jsonl, prompt_messages
 from data.redteam import is_refusal
 from data.tasks import FAMILIES, TASK_FAMILIES, ensure_written, grade, needs_answer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+TASKS_DIR = os.path.join(REPO, "prepared", "tasks")  # where the task suite is written on first use
 
 
-def task_files(given: list[str], default_name: str, eval_given: str | None, tasks_dir: str) -> tuple[list[str], str | None]:
+def task_files(given: list[str], default_name: str, eval_given: str | None,
+               tasks_dir: str = TASKS_DIR) -> tuple[list[str], str | None]:
     """A stage's data files and held-out file: those given, or the task suite's (written to
     tasks_dir on first use by rank 0 while the others wait). eval_given=None: no eval file."""
     distributed = torch.distributed.is_initialized()
@@ -103,25 +105,20 @@ def task_accuracy(model, tok, records: list[dict], rank: int = 0, world: int = 1
     "borderline_over_refusal"} (None where the family is absent), "samples": this rank's
     [{"id", "family", "prompt", "response", "score", "refused"}]}.
     """
-    n = len(records)
-    per_rank = -(-n // world)
-    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
-    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
-    replies = chat_responses(model, tok, [records[i]["conversation"] for i in padded], max_new_tokens, batch_size)
     families = sorted({r["family"] for r in records})
     counts = torch.zeros(len(families), 3, dtype=torch.float64)  # (score, refused, total) per family
     samples = []
-    for i, reply in zip(mine, replies):
-        rec = records[i]
-        score, refused = grade(rec, reply), is_refusal(reply)
-        counts[families.index(rec["family"])] += torch.tensor([score, float(refused), 1.0], dtype=torch.float64)
-        samples.append({"id": rec.get("id", str(i)), "family": rec["family"], "prompt": rec["prompt"],
-                        "response": reply, "score": score, "refused": refused})
+    mine, per_rank = runtime.rank_share(list(range(len(records))), rank, world)
+    for chunk, real in runtime.lockstep_batches(mine, per_rank, batch_size, mine[-1:] or [0]):
+        replies = chat_responses(model, tok, [records[i]["conversation"] for i in chunk], max_new_tokens, batch_size)
+        for i, reply in zip(chunk if real else [], replies):
+            rec = records[i]
+            score, refused = grade(rec, reply), is_refusal(reply)
+            counts[families.index(rec["family"])] += torch.tensor([score, float(refused), 1.0], dtype=torch.float64)
+            samples.append({"id": rec.get("id", str(i)), "family": rec["family"], "prompt": rec["prompt"],
+                            "response": reply, "score": score, "refused": refused})
     if torch.distributed.is_initialized():
-        device = next(model.parameters()).device
-        counts = counts.to(device)
-        torch.distributed.all_reduce(counts)
-        counts = counts.cpu()
+        counts = runtime.all_reduce_sum(counts.to(next(model.parameters()).device)).cpu()
     return summarize(dict(zip(families, counts.tolist())), samples)
 
 
@@ -222,31 +219,20 @@ class EvalConfig:
             raise UserError("--max-new-tokens and --batch-size must be positive")
 
 
+@entry_point
 def main(argv=None) -> None:
-    import runtime
-    from cli import die, parse_config
-    from data.tokenizer import Tokenizer, TokenizerError
-
     cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if cfg.device == "auto" else cfg.device))
-        model, config = runtime.load_model(cfg.ckpt, device=device)
-        tok = Tokenizer.load(os.path.join(cfg.ckpt, "tokenizer.json"))
-    except (runtime.CheckpointError, TokenizerError, ValueError, RuntimeError, OSError) as e:
-        die(str(e))
-    if tok.vocab_size != model.cfg.vocab_size:
-        die(f"{cfg.ckpt}: tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
+    model, tok, config = runtime.load_for_inference(cfg.ckpt, device=runtime.resolve_device(cfg.device))
     data = cfg.data or os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
     if not os.path.isfile(data):
-        die(f"--data {data} does not exist")
+        raise UserError(f"--data {data} does not exist")
     skipped = Counter()
     records = load_task_records(data, skipped)
     skip_line = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
     print(f"# {cfg.ckpt} (stage {config.get('stage', '?')}, step {config.get('step', '?')}) on {data}: "
           f"{len(records)} records, skipped {sum(skipped.values())} ({skip_line})")
     if not records:
-        die(f"no gradable records in {data}")
+        raise UserError(f"no gradable records in {data}")
     result = task_accuracy(model, tok, records, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     print(f"accuracy {100 * result['accuracy']:.1f}% over {len(records)} records")
     for family, acc in result["per_family"].items():
@@ -264,12 +250,9 @@ def main(argv=None) -> None:
                                for s in result["samples"]]}
         try:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-            tmp = cfg.out + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(payload, f, indent=1)
-            os.replace(tmp, cfg.out)
+            runtime.write_json(cfg.out, payload)
         except OSError as e:
-            die(f"cannot write --out {cfg.out}: {e.strerror}")
+            raise UserError(f"cannot write --out {cfg.out}: {e.strerror}") from None
         print(f"wrote {cfg.out}")
 
 

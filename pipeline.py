@@ -9,7 +9,7 @@ continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) a
 starting it again picks up where it stopped. At the end OUT/report.md and report.json
 hold each stage's command, wall time and key numbers, plots and sample completions.
 
-    python pipeline.py                     # the CPU defaults: about 25 minutes on 2 cores
+    python pipeline.py                     # the CPU defaults: about 10 minutes on 2 cores
     python pipeline.py --preset mini       # seconds per stage: a smoke test of the whole chain
     python pipeline.py --preset gpu        # a larger model for one GPU
     NPROC=8 python pipeline.py --preset gpu  # each training stage under torchrun on 8 GPUs
@@ -23,6 +23,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+
+from cli import UserError, entry_point, parse_config
+from data.files import atomic_write, write_json
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("prepare", "tasks", "pretrain", "sft", "rm", "ppo", "eval")
@@ -72,7 +75,6 @@ class PipelineConfig:
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
 
     def __post_init__(self):
-        from cli import UserError
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)} (choose from {', '.join(STAGES)})")
@@ -137,7 +139,6 @@ def stage_done(stage: str, cfg: PipelineConfig) -> bool:
 # ----------------------------------------------------------------------------- running
 
 def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
-    from cli import UserError
     command = stage_command(stage, cfg)
     progress = checkpoint_progress(os.path.join(cfg.out, stage)) if stage in TRAINING else None
     if progress and 0 < progress[0] < progress[1]:
@@ -178,18 +179,15 @@ def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
 
 def save_state(cfg: PipelineConfig, state: dict) -> None:
     os.makedirs(cfg.out, exist_ok=True)
-    tmp = os.path.join(cfg.out, "pipeline.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, os.path.join(cfg.out, "pipeline.json"))
+    write_json(os.path.join(cfg.out, "pipeline.json"), state)
 
 
+@entry_point
 def main(argv=None) -> None:
-    from cli import UserError, die, parse_config
     cfg = parse_config(PipelineConfig, argv, description=__doc__.split("\n")[0])
     state = _read_json(os.path.join(cfg.out, "pipeline.json")) or {}
     if state.get("preset") not in (None, cfg.preset) and not cfg.force:
-        die(f"{cfg.out} holds a --preset {state['preset']} run; use another --out or add --force")
+        raise UserError(f"{cfg.out} holds a --preset {state['preset']} run; use another --out or add --force")
     state = {"preset": cfg.preset, "stages": state.get("stages", {})}
     redo = set(STAGES) if cfg.force else set(STAGES[STAGES.index(cfg.from_stage):]) if cfg.from_stage else set()
     t0 = time.time()
@@ -206,11 +204,9 @@ def main(argv=None) -> None:
                 import shutil
                 shutil.rmtree(os.path.join(cfg.out, stage), ignore_errors=True)
             run_stage(stage, cfg, state)
-    except UserError as e:
-        die(str(e))
     except KeyboardInterrupt:
         save_state(cfg, state)
-        die("interrupted; run the same command again to continue from the last finished stage")
+        raise UserError("interrupted; run the same command again to continue from the last finished stage") from None
     print(f"\npipeline finished in {time.time() - t0:.0f} s; report: {os.path.join(cfg.out, 'report.md')}")
 
 
@@ -240,7 +236,6 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
 
     import runtime
     from data.chat import encode_prompt
-    from data.tokenizer import Tokenizer
     from data.tasks import TASK_FAMILIES
     from evals import load_task_records, paired_change, task_accuracy, win_rate
 
@@ -252,9 +247,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     report = {"preset": cfg.preset, "stages": {}, "seconds": {}, "samples": {}}
     accuracy = {}
     for stage in ("pretrain", "sft", "ppo"):
-        model, _ = runtime.load_model(ckpt(stage), device=device)
-        model.eval()
-        tok = Tokenizer.load(os.path.join(ckpt(stage), "tokenizer.json"))
+        model, tok, _ = runtime.load_for_inference(ckpt(stage), device=device)
         accuracy[stage] = task_accuracy(model, tok, records)
         outs = model.generate([encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in examples], 24,
                               tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
@@ -299,10 +292,8 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
             stages.setdefault(name, {})["command"] = state["stages"][name].get("command")
     report["plots"] = make_plots(cfg.out, pre_rows, sft_rows, ppo_rows, accuracy)
     report["complete"] = True
-    with open(os.path.join(cfg.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(cfg.out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(render_markdown(report))
+    write_json(os.path.join(cfg.out, "report.json"), report)
+    atomic_write(os.path.join(cfg.out, "report.md"), render_markdown(report))
     print(f"gold accuracy: pretrain {100 * stages['pretrain']['gold_accuracy']:.1f}%, "
           f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, ppo {100 * stages['ppo']['gold_accuracy']:.1f}% "
           f"(ppo KL {stages['ppo']['kl']}; vs sft: fixed {stages['ppo']['vs_sft']['fixed']}, "

@@ -23,13 +23,18 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import ClassVar, NoReturn
+from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import ModelConfig, Transformer
+from cli import UserError
+from data.files import atomic_write, read_json, write_json  # noqa: F401 (runtime.write_json for the stages)
+from model import ModelConfig, ScalarHeadModel, Transformer
+
+if TYPE_CHECKING:
+    from data.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -53,15 +58,21 @@ class Env:
 _ENV: Env | None = None
 
 
-def setup(device: str = "auto") -> Env:
-    """Join torchrun's process group if there is one; pick the device."""
-    global _ENV
+def resolve_device(device: str) -> torch.device:
+    """--device auto|cpu|cuda -> the torch device (auto: CUDA when there is one)."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
+        raise UserError("--device cuda was asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def setup(device: str = "auto") -> Env:
+    """Join torchrun's process group if there is one; pick the device."""
+    global _ENV
+    device = resolve_device(device).type
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -87,9 +98,10 @@ def teardown() -> bool:
     return gloo
 
 
-def exit_skipping_finalization(code) -> NoReturn:
-    """End a process that used a gloo process group: flush stdout and stderr, then
-    os._exit(code), so that the interpreter's finalization never runs.
+def exit_skipping_finalization(code: int, message: str | None = None) -> NoReturn:
+    """End a process that used a gloo process group: print `message` (if any) to stderr,
+    flush stdout and stderr, then os._exit(code), so that the interpreter's finalization
+    never runs.
 
     Why: destroy_process_group() does not stop gloo's worker threads (pt_gloo_runloop).
     They are joined only when the last reference to the ProcessGroup goes, and torch keeps
@@ -103,11 +115,8 @@ def exit_skipping_finalization(code) -> NoReturn:
     that succeeded (core dump: runLoop -> ~AsyncBarrierWork -> ~AsyncAllreduceWork ->
     TensorImpl::decref_pyobject -> take_gil -> PyThread_exit_thread). Everything a run writes
     is written and closed before this, so skipping finalization loses nothing."""
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # sys.exit("message") semantics
-        print(code, file=sys.stderr)
-        code = 1
+    if message is not None:
+        print(message, file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -147,6 +156,35 @@ def max_over_ranks(value: int, device) -> int:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum t over ranks in place (a no-op in a single process); returns t."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """(this rank's contiguous share of items, the share size every rank pads to)."""
+    per_rank = -(-len(items) // world)
+    return items[rank * per_rank:(rank + 1) * per_rank], per_rank
+
+
+def lockstep_batches(mine: list, per_rank: int, batch_size: int, filler: list):
+    """Batches of `mine` as (batch, real) pairs, padded with (filler, False) to the number
+    of batches a share of per_rank items makes: every rank runs the same number of
+    forwards (under FSDP each one is a collective), and filler results are not counted."""
+    for i in range(0, per_rank, batch_size):
+        chunk = mine[i:i + batch_size]
+        yield (chunk, True) if chunk else (filler, False)
+
+
+def sharded_batches(items: list, batch_size: int, rank: int, world: int):
+    """Sharded evaluation: this rank's share of items in lockstep batches (see above);
+    reduce the counted results with all_reduce_sum."""
+    mine, per_rank = rank_share(items, rank, world)
+    return lockstep_batches(mine, per_rank, batch_size, items[:1])
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
@@ -231,19 +269,8 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int, schedule: str = "c
 
 # ----------------------------------------------------------------------------- checkpoints
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint directory that cannot be used: missing, truncated, inconsistent, incompatible."""
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _rng_state() -> dict:
@@ -324,14 +351,8 @@ def read_checkpoint_config(ckpt: str) -> dict:
     path = os.path.join(ckpt, "config.json")
     if not os.path.isdir(ckpt):
         raise CheckpointError(f"checkpoint directory {ckpt} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt} is not a checkpoint (no config.json)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable or not JSON: {e}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    config = read_json(path, CheckpointError, f"{ckpt} is not a checkpoint (no config.json)")
+    if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path} has no model config")
     try:
         ModelConfig.from_dict(config["model"])
@@ -384,6 +405,80 @@ def load_model(ckpt: str, device="cpu", model_class=Transformer, **overrides) ->
         model.init_score_head()
     model.init_rope()
     return model, config
+
+
+def load_for_inference(ckpt: str, device="cpu", model_class=Transformer,
+                       dtype: torch.dtype | None = None) -> tuple[Transformer, "Tokenizer", dict]:
+    """(model in eval mode, its tokenizer, config.json) for sampling, evaluation, scoring and
+    serving. dtype casts the weights (the rotary tables, buffers, stay fp32)."""
+    from data.tokenizer import Tokenizer
+    model, config = load_model(ckpt, device=device, model_class=model_class)
+    tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model.eval(), tok, config
+
+
+def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) right-padded, index of each row's last real token)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    return ids, torch.tensor([len(s) - 1 for s in seqs])
+
+
+class RewardScorer:
+    """A scalar-head model (model.ScalarHeadModel) read as a reward: the raw score at a
+    sequence's last token, normalized with the mean and std train_rm.py stored in the
+    checkpoint (`score_norm`), so held-out responses score mean 0 and std 1 (PPO's
+    reward scale). The one scorer of the reward-model stage, PPO and serving's classifier."""
+
+    def __init__(self, model, tok=None, norm: dict | None = None, autocast=contextlib.nullcontext):
+        self.model, self.tok, self.autocast = model, tok, autocast
+        norm = norm or {"mean": 0.0, "std": 1.0}
+        self.mean, self.std = float(norm["mean"]), float(norm["std"])
+
+    @classmethod
+    def load(cls, ckpt: str, device="cpu") -> "RewardScorer":
+        model, tok, config = load_for_inference(ckpt, device=device, model_class=ScalarHeadModel)
+        return cls(model, tok, config.get("score_norm"))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw.float() - self.mean) / self.std
+
+    @torch.no_grad()
+    def score_ids(self, ids: torch.Tensor, last: torch.Tensor, kv_start: torch.Tensor | None = None,
+                  normalize: bool = True) -> torch.Tensor:
+        """Scores of a token batch (B, T) read at each row's `last` index; kv_start marks
+        left padding (None: no left padding)."""
+        with self.autocast():
+            raw = self.model(ids.to(self.device), kv_start=None if kv_start is None else kv_start.to(self.device),
+                             last_index=last.to(self.device))
+        return self.normalize(raw) if normalize else raw.float()
+
+    def score_conversations(self, conversations: list[list[dict]], normalize: bool = True) -> torch.Tensor:
+        """Scores of whole conversations (message lists), one right-padded batch. A sequence
+        longer than the context keeps its first token (<|bos|>) and its end."""
+        from data.chat import encode_chat
+        n = self.model.cfg.max_seq_len
+        seqs = [encode_chat(self.tok, messages)[0] for messages in conversations]
+        seqs = [s[:1] + s[-(n - 1):] if len(s) > n else s for s in seqs]
+        ids, last = right_padded(seqs, self.tok.pad_id)
+        return self.score_ids(ids, last, normalize=normalize)
+
+    def score(self, prompts: list, responses: list[str], normalize: bool = True) -> torch.Tensor:
+        """Scores of responses to prompts (strings or message lists)."""
+        from data.chat import prompt_messages
+        return self.score_conversations([prompt_messages({"prompt": p}) + [{"role": "assistant", "content": r}]
+                                         for p, r in zip(prompts, responses)], normalize)
 
 
 def load_training_state(out: str, model, optimizer, env: Env) -> dict:
@@ -441,13 +536,13 @@ class MetricsLogger:
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        _atomic_write_text(self.path, "".join(kept))
+        atomic_write(self.path, "".join(kept))
         resume = resume_step is not None
         if wandb_mode != "off":
             try:
                 import wandb
             except ImportError:
-                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb.init(project=project, name=run_name, config=config, mode=wandb_mode,
                                     dir=out, resume="allow" if resume else None)
 
@@ -534,26 +629,26 @@ class StopSignal:
 # ----------------------------------------------------------------------------- the shared loop
 
 def run_main(config_class, train_fn, argv=None, description: str = "") -> None:
-    """Parse the config, join the process group, run train_fn(cfg, env); a user mistake
-    (bad option, file, checkpoint or data) ends as one error line and a non-zero exit."""
-    from cli import UserError, die, parse_config
-    from data.shards import DataDirError
-    from data.tokenizer import TokenizerError
+    """Parse the config, join the process group, run train_fn(cfg, env), leave the group.
+    Each train script's `main` calls this under cli.entry_point: a user mistake (bad option,
+    file, checkpoint or data: a cli.UserError) propagates to it as one error line; any
+    other exception is a bug and keeps its traceback."""
+    from cli import parse_config
     cfg = parse_config(config_class, argv, description=description)
-    exit_code = None  # stays None while an unexpected exception propagates (it keeps its traceback)
+    error, finished = None, False
     try:
-        try:
-            env = setup(cfg.device)
-            train_fn(cfg, env)
-        except (UserError, DataDirError, TokenizerError, CheckpointError, ValueError, OSError) as e:
-            die(str(e))
-        exit_code = 0
-    except SystemExit as e:
-        exit_code = e.code
-        raise
+        env = setup(cfg.device)
+        train_fn(cfg, env)
+        finished = True
+    except UserError as e:
+        error = e
     finally:
-        if teardown() and exit_code is not None:
-            exit_skipping_finalization(exit_code)
+        gloo = teardown()
+    if gloo and (finished or error is not None):
+        # the one exit outside an entry point: gloo's threads must not meet finalization
+        exit_skipping_finalization(0 if finished else 2, None if finished else f"error: {error}")
+    if error is not None:
+        raise error
 
 
 @dataclass

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 import runtime
-from cli import UserError, die, parse_config
+from cli import UserError, entry_point, parse_config
 from data.chat import encode_prompt
-from data.tokenizer import Tokenizer, TokenizerError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,18 +38,11 @@ class SampleConfig:
             raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
 
+@entry_point
 def main(argv=None) -> None:
     cfg = parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
-    try:
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if cfg.device == "auto" else cfg.device))
-        model, config = runtime.load_model(cfg.ckpt, device=device)
-        tok = Tokenizer.load(os.path.join(cfg.ckpt, "tokenizer.json"))
-    except (runtime.CheckpointError, TokenizerError, ValueError, RuntimeError) as e:
-        die(str(e))
-    if tok.vocab_size != model.cfg.vocab_size:
-        die(f"{cfg.ckpt}: tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
-    model.eval()
+    device = runtime.resolve_device(cfg.device)
+    model, tok, config = runtime.load_for_inference(cfg.ckpt, device=device)
     if cfg.chat:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
             [{"role": "user", "content": cfg.prompt}]
@@ -58,7 +50,7 @@ def main(argv=None) -> None:
     else:
         prompt_ids, stop, shown_prompt = [tok.eot_id] + tok.encode(cfg.prompt), [tok.eot_id], cfg.prompt
     if len(prompt_ids) >= model.cfg.max_seq_len:
-        die(f"the prompt is {len(prompt_ids)} tokens; this model's context is {model.cfg.max_seq_len}")
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens; this model's context is {model.cfg.max_seq_len}")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     outputs = model.generate([prompt_ids] * cfg.num_samples, cfg.max_new_tokens, pad_id=tok.pad_id,
                              temperature=cfg.temperature, top_k=cfg.top_k or None,

@@ -50,16 +50,15 @@ from dataclasses import dataclass, field
 import torch
 
 import runtime
-from cli import UserError, print_config
+from cli import UserError, entry_point, print_config
 from data import tasks
 from data.chat import encode_chat, encode_prompt, iter_jsonl, load_chat_jsonl, prompt_messages
+from data.loader import BucketLoader, EpochCursor
 from data.tokenizer import Tokenizer
 from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
 from model import ScalarHeadModel, Transformer
-from train_sft import BucketLoader
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-TASKS_DIR = os.path.join(REPO, "prepared", "tasks")
 
 
 @dataclass
@@ -374,15 +373,30 @@ class Critic:
 
 @dataclass
 class Rollout:
-    """One step's responses on this rank: k per prompt, group after group, each packed as
-    left-padded prompt | right-padded response."""
-    rows: list[int]  # the prompt index of each response
+    """One step's batch from rollout to update. rollout() fills in this rank's responses,
+    k per prompt, group after group, each packed as left-padded prompt | right-padded
+    response; score() adds their scores and the log-probs (and values) every later step
+    needs; gather() makes it the global batch on every rank; advantages() adds the rest."""
+    rows: list[int]  # the prompt index of each response (this rank's)
     ids: torch.Tensor
     kv_start: torch.Tensor
     mask: torch.Tensor  # (B, R): 1 on response tokens
     width_p: int
     texts: list[str]
     eos: torch.Tensor  # the response stopped at <|end|>
+    scores: torch.Tensor | None = None
+    logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # False for the groups --drop-equal-groups leaves out
+
+    @property
+    def update_mask(self) -> torch.Tensor:
+        return self.mask * self.keep[:, None]
 
 
 def rollout(policy, trainer, prompts: list[list[int]], rows: list[int], cfg: PPOConfig, env, tok) -> Rollout:
@@ -408,41 +422,57 @@ def rollout(policy, trainer, prompts: list[list[int]], rows: list[int], cfg: PPO
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model, norm: dict, autocast, ids, kv_start, last) -> torch.Tensor:
-    """Normalized reward-model scores, read at each row's last response token."""
-    with autocast():
-        raw = reward_model(ids, kv_start=kv_start, last_index=last)
-    return (raw.float() - norm["mean"]) / norm["std"]
-
-
-def score(batch: Rollout, records: list[dict], rm_score_fn, cfg: PPOConfig) -> torch.Tensor:
+def score(batch: Rollout, run: "PPORun", cfg: PPOConfig) -> None:
     """2. Each response's score: the reward model's, the grader's 0/1 (helpfulness prompts
     with answers), or the grader's where it applies and the reward model's elsewhere; a
-    response that never stopped is penalized."""
+    response that never stopped is penalized. Then the forwards every later step needs:
+    the policy's and the reference's log-probs of the responses (and the critic's values)."""
     rm_score = graded = None
-    gradable = torch.tensor([graded_by_task(records[i]) for i in batch.rows], device=batch.ids.device)
-    if cfg.reward in ("rm", "mix"):
-        rm_score = rm_score_fn(batch.ids, batch.kv_start, batch.width_p + batch.mask.sum(dim=1).long() - 1)
-    if cfg.reward in ("task", "mix"):
-        graded = torch.tensor([tasks.grade(records[i], text) if graded_by_task(records[i]) else 0.0
-                               for i, text in zip(batch.rows, batch.texts)], device=batch.ids.device)
-    return combine_scores(rm_score, graded, gradable, batch.eos, cfg.task_weight, cfg.missing_eos_penalty)
+    records, device = run.records, batch.ids.device
+    gradable = torch.tensor([graded_by_task(records[i]) for i in batch.rows], device=device)
+    with run.trainer.autocast():
+        if cfg.reward in ("rm", "mix"):
+            last = batch.width_p + batch.mask.sum(dim=1).long() - 1
+            rm_score = run.scorer.score_ids(batch.ids, last, batch.kv_start)
+        if cfg.reward in ("task", "mix"):
+            graded = torch.tensor([tasks.grade(records[i], text) if graded_by_task(records[i]) else 0.0
+                                   for i, text in zip(batch.rows, batch.texts)], device=device)
+        batch.scores = combine_scores(rm_score, graded, gradable, batch.eos, cfg.task_weight, cfg.missing_eos_penalty)
+        batch.logp, batch.entropy = response_logprobs(run.policy, batch.ids, batch.kv_start, batch.mask,
+                                                      batch.width_p, cfg.temperature, entropy=True)
+        batch.ref_logp = response_logprobs(run.reference, batch.ids, batch.kv_start, batch.mask, batch.width_p,
+                                           cfg.temperature)
+        if run.critic:
+            batch.values = run.critic.values(batch.ids, batch.kv_start, batch.mask, batch.width_p)
 
 
-def advantages(scores, logp, ref_logp, values, mask, beta: float, cfg: PPOConfig):
+def gather(batch: Rollout) -> Rollout:
+    """Every rank gets the whole batch (groups stay whole, in rank order): advantages and
+    minibatches are then exactly those of a single process."""
+    g = {name: runtime.gather_rows(getattr(batch, name)) for name in
+         ("ids", "kv_start", "mask", "logp", "ref_logp", "scores", "entropy")}
+    eos = runtime.gather_rows(batch.eos.float())
+    values = runtime.gather_rows(batch.values) if batch.values is not None else None
+    return Rollout([], g["ids"], g["kv_start"], g["mask"], batch.width_p, [], eos, g["scores"], g["logp"],
+                   g["ref_logp"], g["entropy"], values)
+
+
+def advantages(batch: Rollout, beta: float, cfg: PPOConfig) -> None:
     """3 and 4. Per-token rewards (the KL penalty, the score on the last token), then the
-    advantages of the chosen estimator. Returns (advantages, returns for the critic or None,
-    per-token KL, kept rows: False for the groups --drop-equal-groups leaves out)."""
-    k = cfg.samples_per_prompt
+    advantages of the chosen estimator (and with gae the critic's returns); the per-token
+    KL, and the rows kept (--drop-equal-groups leaves out groups whose scores are equal)."""
+    k, scores, mask = cfg.samples_per_prompt, batch.scores, batch.mask
     keep = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
     if cfg.drop_equal_groups and k > 1:
         keep = ~equal_groups(scores, k).repeat_interleave(k)
-    rewards, kl = token_rewards(logp, ref_logp, scores, mask, beta)
+    rewards, kl = token_rewards(batch.logp, batch.ref_logp, scores, mask, beta)
     if cfg.advantage == "gae":
-        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        return masked_whiten(adv, mask * keep[:, None]), returns, kl, keep
-    sequence = group_advantages(scores, k, cfg.advantage, cfg.grpo_std)
-    return (sequence[:, None] + kl_penalty_to_go(kl, mask, beta)) * mask, None, kl, keep
+        adv, batch.returns = gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
+        batch.advantages = masked_whiten(adv, mask * keep[:, None])
+    else:
+        sequence = group_advantages(scores, k, cfg.advantage, cfg.grpo_std)
+        batch.advantages = (sequence[:, None] + kl_penalty_to_go(kl, mask, beta)) * mask
+    batch.kl, batch.keep = kl, keep
 
 
 def ptx_loss(policy, ptx, pad_id: int, env) -> torch.Tensor:
@@ -456,14 +486,14 @@ def ptx_loss(policy, ptx, pad_id: int, env) -> torch.Tensor:
     return policy(x, y, reduction="none").sum() / n_tokens.clamp(min=1).float()
 
 
-def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, learn_policy: bool,
+def update(trainer, critic: Critic | None, batch: Rollout, cfg: PPOConfig, env, learn_policy: bool,
            ptx=None, pad_id: int = 0) -> dict:
     """5. --ppo-epochs passes over minibatches of the global batch, each rank computing its
     slice: the clipped surrogate for the policy (unless the critic is warming up), plus with
     PPO-ptx --ptx-coef times the language-model loss on a batch of demonstrations, and the
     clipped value loss for the critic. Returns the minibatches' mean statistics."""
     policy, world = trainer.model, env.world_size
-    ids, kv_start, mask, width_p = batch["ids"], batch["kv_start"], batch["update_mask"], batch["width_p"]
+    ids, kv_start, mask, width_p = batch.ids, batch.kv_start, batch.update_mask, batch.width_p
     mb_global = cfg.minibatch_size * world
     sums, n_updates = Counter(), 0  # this rank's shares of each minibatch's averages
     for epoch in range(cfg.ppo_epochs):
@@ -479,7 +509,7 @@ def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, lea
             if learn_policy:
                 with trainer.autocast():
                     new_logp = response_logprobs(policy, ids[mine], kv_start[mine], m, width_p, cfg.temperature)
-                    pg, stats = policy_loss(new_logp, batch["logp"][mine], batch["advantages"][mine], m,
+                    pg, stats = policy_loss(new_logp, batch.logp[mine], batch.advantages[mine], m,
                                             cfg.cliprange, n_tokens)
                     loss = pg
                     if ptx is not None:
@@ -492,7 +522,7 @@ def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, lea
             if critic is not None:
                 with trainer.autocast():
                     new_values = critic.values(ids[mine], kv_start[mine], m, width_p)
-                vf, value_stats = critic.learn(new_values, batch["values"][mine], batch["returns"][mine], m, n_tokens,
+                vf, value_stats = critic.learn(new_values, batch.values[mine], batch.returns[mine], m, n_tokens,
                                                world)
                 stats.update(value_stats)
                 stats["loss/value"] = vf
@@ -503,83 +533,98 @@ def update(trainer, critic: Critic | None, batch: dict, cfg: PPOConfig, env, lea
             for key, value in sums.items()}
 
 
-def step_metrics(batch: dict, scores, kl, entropy, eos, keep, beta: float, cfg: PPOConfig, times: dict) -> dict:
+def step_metrics(batch: Rollout, beta: float, cfg: PPOConfig, times: dict) -> dict:
     """6. TRL's names for the step's numbers (plus the groups left out)."""
-    mask = batch["mask"]
+    mask, scores, kl = batch.mask, batch.scores, batch.kl
     metrics = {
         "objective/kl": kl.sum(dim=1).mean().item(),
-        "objective/entropy": entropy.sum(dim=1).mean().item(),
+        "objective/entropy": batch.entropy.sum(dim=1).mean().item(),
         "objective/scores": scores.mean().item(),
         "objective/rlhf_reward": (scores - beta * kl.sum(dim=1)).mean().item(),
         "objective/kl_coef": beta,
         "tokens/response_len": mask.sum(dim=1).mean().item(),
-        "eos_fraction": eos.float().mean().item(),
-        "groups/dropped": int((~keep).sum().item()) // cfg.samples_per_prompt,
+        "eos_fraction": batch.eos.float().mean().item(),
+        "groups/dropped": int((~batch.keep).sum().item()) // cfg.samples_per_prompt,
         **times,
     }
-    if batch.get("returns") is not None:
-        residual = (batch["returns"] - batch["values"]) * mask
-        var_returns = masked_mean((batch["returns"] - masked_mean(batch["returns"], mask)) ** 2, mask)
+    if batch.returns is not None:
+        residual = (batch.returns - batch.values) * mask
+        var_returns = masked_mean((batch.returns - masked_mean(batch.returns, mask)) ** 2, mask)
         metrics["val/var_explained"] = 1 - (masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
                                             / var_returns.clamp(min=1e-8)).item()
     return metrics
 
 
 @torch.no_grad()
-def evaluate(policy, tok, eval_records, rm_score_fn, cfg: PPOConfig, env, max_len: int) -> dict:
+def evaluate(policy, tok, eval_records, scorer: runtime.RewardScorer, cfg: PPOConfig, env, max_len: int) -> dict:
     """Held-out gold accuracy and refusal rates of the greedy answers, and the reward
     model's mean score on them: the two sides of Gao et al.'s over-optimization picture.
     Each rank scores its share in the same number of forwards (a sharded forward is a
     collective)."""
     result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
     samples = result["samples"]
-    per_rank = -(-len(eval_records) // env.world_size)
+    _, per_rank = runtime.rank_share(eval_records, env.rank, env.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for i in range(0, per_rank, cfg.batch_size):
-        chunk = samples[i:i + cfg.batch_size] or [{"prompt": eval_records[0]["prompt"], "response": ""}]
+    filler = [{"prompt": eval_records[0]["prompt"], "response": ""}]
+    for chunk, real in runtime.lockstep_batches(samples, per_rank, cfg.batch_size, filler):
         seqs = [encode_chat(tok, [{"role": "user", "content": s["prompt"]},
                                   {"role": "assistant", "content": s["response"]}])[0][-max_len:] for s in chunk]
         ids, kv_start, _ = pack(seqs, [[]] * len(seqs), max(map(len, seqs)), 0, tok.pad_id)
-        scores = rm_score_fn(ids.to(env.device), kv_start.to(env.device),
-                             torch.full((len(seqs),), ids.shape[1] - 1, device=env.device))
-        if samples[i:i + cfg.batch_size]:
+        scores = scorer.score_ids(ids.to(env.device), torch.full((len(seqs),), ids.shape[1] - 1, device=env.device),
+                                  kv_start.to(env.device))
+        if real:
             total += torch.stack([scores.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
                                                                       device=env.device)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
+    runtime.all_reduce_sum(total)
     result["rm_score"] = float(total[0] / total[1].clamp(min=1))
     return result
 
 
 # ----------------------------------------------------------------------------- training
 
+@entry_point
 def main(argv=None) -> None:
     runtime.run_main(PPOConfig, train, argv, description=__doc__.split("\n")[0])
 
 
-def train(cfg: PPOConfig, env: runtime.Env) -> None:
-    if env.is_main:
-        print_config(cfg, "ppo config")
-    prompt_files, eval_file = task_files(cfg.prompts, "prompts.jsonl", cfg.eval_data, TASKS_DIR)
+@dataclass
+class PPORun:
+    """What the loop works with: the models, the prompts, the trainers and the position."""
+    tok: Tokenizer
+    policy: Transformer  # the trainer's (possibly sharded) model
+    reference: Transformer
+    scorer: runtime.RewardScorer
+    critic: Critic | None
+    trainer: runtime.Trainer
+    records: list[dict]
+    prompts: list[list[int]]
+    eval_records: list[dict]
+    eval_file: str
+    ptx: BucketLoader | None
+    cursor: EpochCursor
+    kl_coef: float
 
-    # ---- the models: the policy (and with gae the critic) learn; reference and reward model are frozen
+
+def load_models(cfg: PPOConfig, env: runtime.Env):
+    """The policy (it learns) from --init; the frozen reference (also --init) and reward model."""
     init_config = runtime.read_checkpoint_config(cfg.init)
     rm_config = runtime.read_checkpoint_config(cfg.reward_model)
     if rm_config.get("stage") != "rm":
         raise UserError(f"--reward-model {cfg.reward_model} is a {rm_config.get('stage')!r} checkpoint, "
                         "not a reward model (train one with train_rm.py)")
-    norm = rm_config.get("score_norm") or {"mean": 0.0, "std": 1.0}
-    tokenizer_path = os.path.join(cfg.init, "tokenizer.json")
-    tok = Tokenizer.load(tokenizer_path)
+    tok = Tokenizer.load(os.path.join(cfg.init, "tokenizer.json"))
     if not same_tokenizer(tok, Tokenizer.load(os.path.join(cfg.reward_model, "tokenizer.json"))):
         raise UserError(f"the reward model {cfg.reward_model} uses a different tokenizer from the policy {cfg.init}")
     policy, _ = runtime.load_model(cfg.init, dropout=0.0)
     dtype = runtime.compute_dtype(cfg.dtype, env.device)
     reference, _ = load_frozen(cfg.init, env, dtype)
     reward_model, _ = load_frozen(cfg.reward_model, env, dtype, ScalarHeadModel)
-    max_len = policy.cfg.max_seq_len
+    return tok, policy, reference, reward_model, rm_config.get("score_norm"), init_config
 
-    # ---- prompts
+
+def load_data(cfg: PPOConfig, env: runtime.Env, tok: Tokenizer, max_len: int):
+    """The RL prompts, the held-out records and, with PPO-ptx, the demonstrations."""
+    prompt_files, eval_file = task_files(cfg.prompts, "prompts.jsonl", cfg.eval_data)
     records, prompts, skipped = load_prompts(prompt_files, tok, max_len - cfg.max_new_tokens, cfg.reward)
     runtime.print0(f"ppo prompts: {len(prompts)} from {len(prompt_files)} file(s); skipped {sum(skipped.values())} "
                    f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items())) or 'none'})")
@@ -587,116 +632,112 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
     if len(prompts) < rows_per_step:
         raise UserError(f"{len(prompts)} usable prompts in {' '.join(prompt_files)}: fewer than one rollout "
                         f"batch of {rows_per_step} (lower --batch-size or --max-new-tokens)")
-    eval_records = load_task_records(eval_file)
     ptx = None
     if cfg.ptx_coef > 0:  # PPO-ptx (InstructGPT): keep the demonstrated skills while the policy moves
-        ptx_files, _ = task_files(cfg.ptx_data, "ptx.jsonl", None, TASKS_DIR)
+        ptx_files, _ = task_files(cfg.ptx_data, "ptx.jsonl", None)
         examples, ptx_skipped, _ = load_chat_jsonl(ptx_files, tok, max_len)
         runtime.print0(f"ptx data: {len(examples)} conversations from {len(ptx_files)} file(s); skipped "
                        f"{sum(ptx_skipped.values())}, weight {cfg.ptx_coef}")
         ptx = BucketLoader(examples, cfg.ptx_batch_size * env.world_size, env.rank, env.world_size, cfg.seed)
+    return records, prompts, load_task_records(eval_file), eval_file, ptx
 
-    # ---- trainers: the critic saves into OUT/critic, just before the policy saves into OUT
+
+def setup_run(cfg: PPOConfig, env: runtime.Env) -> PPORun:
+    """Models, data and trainers (the critic saves into OUT/critic just before the policy
+    saves into OUT), resumed from --out with --resume."""
+    tok, policy, reference, reward_model, norm, init_config = load_models(cfg, env)
+    records, prompts, eval_records, eval_file, ptx = load_data(cfg, env, tok, policy.cfg.max_seq_len)
     runtime.seed_everything(cfg.seed, env.rank)
+    norm = norm or {"mean": 0.0, "std": 1.0}
+    tokenizer_path = os.path.join(cfg.init, "tokenizer.json")
     critic = Critic(cfg, env, norm, tokenizer_path) if cfg.advantage == "gae" else None
-    state = {"epoch": 0, "index": 0, "kl_coef": cfg.kl_coef}
+    cursor = EpochCursor(len(prompts), cfg.batch_size * env.world_size, cfg.seed)
+    run = None
     trainer = runtime.Trainer(cfg, env, policy, stage="ppo", tokenizer_path=tokenizer_path,
-                              data_state=lambda: {**state, **({"ptx": ptx.state_dict()} if ptx else {})},
+                              data_state=lambda: {**cursor.state_dict(), "kl_coef": run.kl_coef,
+                                                  **({"ptx": ptx.state_dict()} if ptx else {})},
                               before_save=(lambda: critic.save_at(trainer.step)) if critic else None,
                               extra_config={"init": cfg.init, "reward_model": cfg.reward_model,
                                             "base_stage": init_config.get("stage"), "reward": cfg.reward,
                                             "advantage": cfg.advantage, "samples_per_prompt": cfg.samples_per_prompt})
-    policy = trainer.model
+    scorer = runtime.RewardScorer(reward_model, tok, norm, autocast=trainer.autocast)
+    run = PPORun(tok, trainer.model, reference, scorer, critic, trainer, records, prompts, eval_records, eval_file,
+                 ptx, cursor, cfg.kl_coef)
     if cfg.resume:
-        state.update(trainer.resume()["data"])
-        if ptx and "ptx" in state:
-            ptx.load_state_dict(state.pop("ptx"))
+        data = trainer.resume()["data"]
+        cursor.load_state_dict(data)
+        run.kl_coef = data["kl_coef"]
+        if ptx and "ptx" in data:
+            ptx.load_state_dict(data["ptx"])
         if critic:
             critic.resume_at(trainer.step)
-    trainer.start(flops_per_token=policy.flops_per_token(max_len))
-    rm_score_fn = lambda ids, kv_start, last: reward_model_scores(  # noqa: E731
-        reward_model, norm, trainer.autocast, ids, kv_start, last)
+    trainer.start(flops_per_token=run.policy.flops_per_token(policy.cfg.max_seq_len))
+    return run
 
-    def run_eval(kl: float) -> dict | None:
-        if not eval_records:
-            runtime.print0(f"eval step {trainer.step}: no gradable records in {eval_file}, skipped")
-            return None
-        result = evaluate(policy, tok, eval_records, rm_score_fn, cfg, env, max_len)
-        runtime.print0(f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
-                       f"mean reward-model score {result['rm_score']:+.3f}" + format_samples(result["samples"],
-                                                                                          cfg.eval_samples))
-        trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], "eval/kl": kl,
-                     **accuracy_metrics(result, "eval/")})
-        trainer.pause_clock()
-        summary = {"accuracy": result["task_accuracy"], "per_family": result["per_family"],
-                   "safety": result["safety"], "rm_score": result["rm_score"], "kl": kl}
-        trainer.extra_config["eval"] = summary
-        return summary
 
-    if trainer.step == 0:
-        trainer.extra_config["eval_start"] = run_eval(0.0)  # the SFT starting point
-    order = lambda epoch: torch.randperm(  # noqa: E731
-        len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    perm = order(state["epoch"])
-    with trainer:
-        while trainer.step < cfg.max_steps:
-            trainer.set_lr()
-            if critic:
-                critic.trainer.step = trainer.step  # the critic follows the policy's schedule
-                critic.trainer.set_lr()
-            t0 = time.time()
-            if state["index"] + rows_per_step > len(perm):
-                state.update(epoch=state["epoch"] + 1, index=0)
-                perm = order(state["epoch"])
-            rows = perm[state["index"]:state["index"] + rows_per_step][env.rank * cfg.batch_size:
-                                                                      (env.rank + 1) * cfg.batch_size]
-            state["index"] += rows_per_step
+def run_eval(run: PPORun, cfg: PPOConfig, env: runtime.Env, kl: float) -> dict | None:
+    """Held-out evaluation, printed, logged and kept in the checkpoint's config."""
+    trainer = run.trainer
+    if not run.eval_records:
+        runtime.print0(f"eval step {trainer.step}: no gradable records in {run.eval_file}, skipped")
+        return None
+    result = evaluate(run.policy, run.tok, run.eval_records, run.scorer, cfg, env, run.policy.cfg.max_seq_len)
+    runtime.print0(f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
+                   f"mean reward-model score {result['rm_score']:+.3f}" + format_samples(result["samples"],
+                                                                                      cfg.eval_samples))
+    trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], "eval/kl": kl,
+                 **accuracy_metrics(result, "eval/")})
+    trainer.pause_clock()
+    summary = {"accuracy": result["task_accuracy"], "per_family": result["per_family"],
+               "safety": result["safety"], "rm_score": result["rm_score"], "kl": kl}
+    trainer.extra_config["eval"] = summary
+    return summary
 
-            # ---- 1. rollout
-            batch = rollout(policy, trainer, prompts, rows, cfg, env, tok)
-            # ---- 2. score, and the log-probs and values every later step needs
-            with torch.no_grad(), trainer.autocast():
-                scores = score(batch, records, rm_score_fn, cfg)
-                logp, entropy = response_logprobs(policy, batch.ids, batch.kv_start, batch.mask, batch.width_p,
-                                                  cfg.temperature, entropy=True)
-                ref_logp = response_logprobs(reference, batch.ids, batch.kv_start, batch.mask, batch.width_p,
-                                             cfg.temperature)
-                values = critic.values(batch.ids, batch.kv_start, batch.mask, batch.width_p) if critic else None
-            # every rank gets the whole batch (groups stay whole, in rank order): advantages and
-            # minibatches are then exactly those of a single process
-            gathered = {name: runtime.gather_rows(t) for name, t in (
-                ("ids", batch.ids), ("kv_start", batch.kv_start), ("mask", batch.mask), ("logp", logp),
-                ("ref_logp", ref_logp), ("scores", scores), ("entropy", entropy), ("eos", batch.eos.float()))}
-            if critic:
-                gathered["values"] = runtime.gather_rows(values)
-            # ---- 3. and 4. per-token rewards and advantages
-            beta = state["kl_coef"]
-            adv, returns, kl, keep = advantages(gathered["scores"], gathered["logp"], gathered["ref_logp"],
-                                                gathered.get("values"), gathered["mask"], beta, cfg)
-            gathered.update(advantages=adv, returns=returns, width_p=batch.width_p,
-                            update_mask=gathered["mask"] * keep[:, None])
-            t_rollout = time.time() - t0
-            # ---- 5. update
-            learn_policy = trainer.step >= cfg.critic_warmup_steps
-            losses = update(trainer, critic, gathered, cfg, env, learn_policy, ptx, tok.pad_id)
-            # ---- 6. log, and adapt beta toward the target KL
-            metrics = {**step_metrics(gathered, gathered["scores"], kl, gathered["entropy"], gathered["eos"], keep,
-                                      beta, cfg, {"time/generation": t_rollout,
-                                                  "time/training": time.time() - t0 - t_rollout}), **losses}
-            if cfg.target_kl:
-                state["kl_coef"] = adaptive_kl_coef(beta, metrics["objective/kl"], cfg.target_kl, cfg.kl_horizon,
-                                                    len(gathered["ids"]))
-            loss = losses.get("loss/policy", 0.0) + cfg.vf_coef * losses.get("loss/value", 0.0)
-            trainer.end_step(loss, int((gathered["ids"] != tok.pad_id).sum()), metrics,
-                             suffix=f" | score {metrics['objective/scores']:+.3f} | kl {metrics['objective/kl']:.3f}"
-                                    f" | len {metrics['tokens/response_len']:.1f}"
-                                    + (f" | dropped {metrics['groups/dropped']}/{len(rows) * env.world_size} groups"
-                                       if cfg.drop_equal_groups and cfg.samples_per_prompt > 1 else "")
-                                    + ("" if learn_policy else " | critic warm-up"))
-            if trainer.due(cfg.eval_every):
-                run_eval(metrics["objective/kl"])
-            trainer.maybe_save()
-            if trainer.stop_requested():
+
+def ppo_step(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> dict:
+    """One PPO iteration, steps 1-6 of the module docstring; returns the step's metrics."""
+    trainer, critic = run.trainer, run.critic
+    trainer.set_lr()
+    if critic:
+        critic.trainer.step = trainer.step  # the critic follows the policy's schedule
+        critic.trainer.set_lr()
+    t0 = time.time()
+    rows = run.cursor.next()[env.rank * cfg.batch_size:(env.rank + 1) * cfg.batch_size]
+    local = rollout(run.policy, trainer, run.prompts, rows, cfg, env, run.tok)  # 1. rollout
+    score(local, run, cfg)  # 2. score, and the log-probs and values every later step needs
+    batch = gather(local)
+    beta = run.kl_coef
+    advantages(batch, beta, cfg)  # 3. and 4. per-token rewards and advantages
+    t_rollout = time.time() - t0
+    learn_policy = trainer.step >= cfg.critic_warmup_steps  # 5. update
+    losses = update(trainer, critic, batch, cfg, env, learn_policy, run.ptx, run.tok.pad_id)
+    metrics = {**step_metrics(batch, beta, cfg, {"time/generation": t_rollout,  # 6. log, adapt beta
+                                                 "time/training": time.time() - t0 - t_rollout}), **losses}
+    if cfg.target_kl:
+        run.kl_coef = adaptive_kl_coef(beta, metrics["objective/kl"], cfg.target_kl, cfg.kl_horizon, len(batch.ids))
+    loss = losses.get("loss/policy", 0.0) + cfg.vf_coef * losses.get("loss/value", 0.0)
+    trainer.end_step(loss, int((batch.ids != run.tok.pad_id).sum()), metrics,
+                     suffix=f" | score {metrics['objective/scores']:+.3f} | kl {metrics['objective/kl']:.3f}"
+                            f" | len {metrics['tokens/response_len']:.1f}"
+                            + (f" | dropped {metrics['groups/dropped']}/{len(rows) * env.world_size} groups"
+                               if cfg.drop_equal_groups and cfg.samples_per_prompt > 1 else "")
+                            + ("" if learn_policy else " | critic warm-up"))
+    return metrics
+
+
+def train(cfg: PPOConfig, env: runtime.Env) -> None:
+    if env.is_main:
+        print_config(cfg, "ppo config")
+    run = setup_run(cfg, env)
+    if run.trainer.step == 0:
+        run.trainer.extra_config["eval_start"] = run_eval(run, cfg, env, 0.0)  # the SFT starting point
+    with run.trainer:
+        while run.trainer.step < cfg.max_steps:
+            metrics = ppo_step(run, cfg, env)
+            if run.trainer.due(cfg.eval_every):
+                run_eval(run, cfg, env, metrics["objective/kl"])
+            run.trainer.maybe_save()
+            if run.trainer.stop_requested():
                 break
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import runtime
-from cli import UserError, print_config
+from cli import UserError, entry_point, print_config
 from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, has_split, parse_mixture
 from data.tokenizer import Tokenizer
 from model import PRESETS, ModelConfig, Transformer
@@ -142,15 +142,14 @@ def sample_text(model, tok: Tokenizer, cfg: PretrainConfig, env, dtype, prompt: 
     return prompt + tok.decode([t for t in out if t < len(tok.token_bytes)])
 
 
+@entry_point
 def main(argv=None) -> None:
     runtime.run_main(PretrainConfig, train, argv, description=__doc__.split("\n")[0])
 
 
-def train(cfg: PretrainConfig, env: runtime.Env) -> None:
-    if env.is_main:
-        print_config(cfg, "pretrain config")
-
-    # ---- data (the embedded corpus is prepared on first use)
+def load_sources(cfg: PretrainConfig, env: runtime.Env) -> tuple[list, Tokenizer, str]:
+    """The --data mixture's sources, its tokenizer and the tokenizer's path; the embedded
+    corpus is prepared on first use."""
     sources = parse_mixture(cfg.data)
     if cfg.data == DEFAULT_DATA and not default_data_ready(DEFAULT_DATA):
         if env.is_main:
@@ -162,9 +161,11 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
         if not os.path.isdir(path):
             raise UserError(f"--data {name}: {path} does not exist (make it with python -m data.prepare --out {path})")
     tokenizer_path = os.path.join(sources[0][1], "tokenizer.json")
-    tok = Tokenizer.load(tokenizer_path)
+    return sources, Tokenizer.load(tokenizer_path), tokenizer_path
 
-    # ---- model
+
+def build_model(cfg: PretrainConfig, tok: Tokenizer) -> Transformer:
+    """A new model of the configured size (the same weights on every rank), or --init's."""
     if cfg.init:
         model, _ = runtime.load_model(cfg.init, attn_impl=cfg.attn_impl)
         if model.cfg.vocab_size != tok.vocab_size:
@@ -172,6 +173,32 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
     else:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = Transformer(build_model_config(cfg, tok.vocab_size))
+    return model
+
+
+def log_eval(model, val_sources, byte_lengths, baseline: float, tok, trainer, cfg: PretrainConfig, env) -> None:
+    """Validation loss and bits per byte (pooled and per source), and a sample."""
+    results = evaluate(model, val_sources, byte_lengths, cfg, env, trainer.dtype)
+    pooled = results["all"]
+    per_source = {n: r for n, r in results.items() if n != "all" and len(results) > 2}
+    runtime.print0(f"eval step {trainer.step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
+                   f"val bpb {pooled['val_bpb']:.4f}"
+                   + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in per_source.items()))
+    record = {"step": trainer.step, **pooled, "unigram_val_loss": baseline}
+    for name, r in per_source.items():
+        record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})
+    trainer.log(record)
+    if cfg.sample_tokens:
+        text = sample_text(model, tok, cfg, env, trainer.dtype)
+        runtime.print0("sample: " + text.replace("\n", "\n        ")[:600])
+    trainer.pause_clock()
+
+
+def train(cfg: PretrainConfig, env: runtime.Env) -> None:
+    if env.is_main:
+        print_config(cfg, "pretrain config")
+    sources, tok, tokenizer_path = load_sources(cfg, env)
+    model = build_model(cfg, tok)
     model_cfg = model.cfg
     seq_len = model_cfg.max_seq_len
     world_rows = cfg.batch_size * env.world_size
@@ -214,22 +241,8 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
             if not trainer.optimizer_step(loss_sum / accum, tokens=global_tokens,
                                           extra={"tokens": (trainer.step + 1) * global_tokens}):
                 continue
-            step = trainer.step
             if val_sources and trainer.due(cfg.eval_every):
-                results = evaluate(model, val_sources, byte_lengths, cfg, env, trainer.dtype)
-                pooled = results["all"]
-                per_source = {n: r for n, r in results.items() if n != "all" and len(results) > 2}
-                runtime.print0(f"eval step {step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
-                               f"val bpb {pooled['val_bpb']:.4f}"
-                               + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in per_source.items()))
-                record = {"step": step, **pooled, "unigram_val_loss": baseline}
-                for name, r in per_source.items():
-                    record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})
-                trainer.log(record)
-                if cfg.sample_tokens:
-                    text = sample_text(model, tok, cfg, env, trainer.dtype)
-                    runtime.print0("sample: " + text.replace("\n", "\n        ")[:600])
-                trainer.pause_clock()
+                log_eval(model, val_sources, byte_lengths, baseline, tok, trainer, cfg, env)
             trainer.maybe_save()
             if trainer.stop_requested():
                 break

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 import runtime
-from cli import UserError, print_config
+from cli import UserError, entry_point, print_config
 from data.chat import load_chat_jsonl
+from data.loader import BucketLoader, collate
 from data.tokenizer import Tokenizer
 from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-TASKS_DIR = os.path.join(REPO, "prepared", "tasks")
 
 
 @dataclass
@@ -54,81 +54,22 @@ class SFTConfig(runtime.TrainConfig):
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def batches_for_epoch(lengths: list[int], rows: int, epoch: int, seed: int) -> list[list[int]]:
-    """Shuffle, then sort within pools of 50 batches by length, cut into batches, shuffle
-    the batches: similar lengths share a batch, and the order stays random."""
-    order = list(range(len(lengths)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    out = []
-    pool = 50 * rows
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start:start + pool], key=lambda i: lengths[i])
-        out += [chunk[i:i + rows] for i in range(0, len(chunk) - rows + 1, rows)]
-    random.Random(f"{seed}:{epoch}:batches").shuffle(out)
-    return out
-
-
-class BucketLoader:
-    """Global batches of `rows` examples; each rank takes its slice. State: (epoch, position)."""
-
-    def __init__(self, examples, rows: int, rank: int, world: int, seed: int):
-        if len(examples) < rows:
-            raise UserError(f"{len(examples)} training examples are fewer than one global batch of {rows}")
-        self.examples, self.rows, self.rank, self.world, self.seed = examples, rows, rank, world, seed
-        self.lengths = [len(e.ids) for e in examples]
-        self.epoch, self.position = 0, 0
-        self._batches = batches_for_epoch(self.lengths, rows, 0, seed)
-
-    def next_batch(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position >= len(self._batches):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._batches = batches_for_epoch(self.lengths, self.rows, self.epoch, self.seed)
-        batch = self._batches[self.position]
-        self.position += 1
-        per_rank = self.rows // self.world
-        return collate([self.examples[i] for i in batch[self.rank * per_rank:(self.rank + 1) * per_rank]], pad_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._batches = batches_for_epoch(self.lengths, self.rows, self.epoch, self.seed)
-
-
-def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs and targets; a target is -100 (ignored) unless the mask is 1."""
-    width = max(len(e.ids) for e in examples) - 1
-    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids, mask = torch.tensor(e.ids), torch.tensor(e.mask)
-        n = len(e.ids) - 1
-        x[row, :n] = ids[:-1]
-        y[row, :n] = torch.where(mask[1:] == 1, ids[1:], torch.tensor(-100))
-    return x, y
-
-
 @torch.no_grad()
 def heldout_loss(model, examples, pad_id: int, trainer, env, batch_size: int) -> float:
     """Mean loss per assistant token over held-out conversations (ranks split the work)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
-    per_rank = -(-len(examples) // env.world_size)
-    mine = examples[env.rank * per_rank:(env.rank + 1) * per_rank]
-    for i in range(0, per_rank, batch_size):  # same number of forwards on every rank
-        chunk = mine[i:i + batch_size] or examples[:1]
-        weight = 1.0 if mine[i:i + batch_size] else 0.0
+    for chunk, real in runtime.sharded_batches(examples, batch_size, env.rank, env.world_size):
         x, y = collate(chunk, pad_id)
         with trainer.autocast():
             nll = model(x.to(env.device), y.to(env.device), reduction="none").double()
-        total += weight * torch.stack([nll.sum(), (y != -100).sum().to(env.device).double()])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
+        total += float(real) * torch.stack([nll.sum(), (y != -100).sum().to(env.device).double()])
+    runtime.all_reduce_sum(total)
     model.train()
     return float(total[0] / total[1].clamp(min=1))
 
 
+@entry_point
 def main(argv=None) -> None:
     runtime.run_main(SFTConfig, train, argv, description=__doc__.split("\n")[0])
 
@@ -136,7 +77,7 @@ def main(argv=None) -> None:
 def train(cfg: SFTConfig, env: runtime.Env) -> None:
     if env.is_main:
         print_config(cfg, "sft config")
-    data_files, eval_file = task_files(cfg.data, "sft.jsonl", cfg.eval_data, TASKS_DIR)
+    data_files, eval_file = task_files(cfg.data, "sft.jsonl", cfg.eval_data)
 
     # ---- model and tokenizer from the pretrained checkpoint
     init_config = runtime.read_checkpoint_config(cfg.init)

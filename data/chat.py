@@ -21,12 +21,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+from cli import UserError
+
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                    "assistant": "assistant", "bot": "assistant", "model": "assistant"}
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason

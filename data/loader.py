@@ -1,4 +1,8 @@
-"""Pretraining batches from prepared shards: a weighted mixture, distributed, resumable.
+"""Training batches: pretraining windows from prepared shards (a weighted mixture,
+distributed, resumable); conversations for SFT and PPO-ptx in length buckets; epochs of
+shuffled indices for the reward model's pairs and PPO's prompts.
+
+Pretraining:
 
 Each source (a `data.prepare` output directory) is cut into windows of seq_len + 1
 tokens (inputs and their next-token targets); every epoch visits its windows in a
@@ -9,12 +13,20 @@ ranks see disjoint data, and the rows of a step are the same whatever the world 
 so one process with the same global batch trains on exactly the same tokens.
 
 The whole position is (step, cursor per source): that is the resume state.
+
+Conversations (`BucketLoader`): right-padded batches of similar length, each rank its
+slice of a global batch; state (epoch, position). Indices (`EpochCursor`): a seeded
+permutation per epoch, read in global batches; state (epoch, index).
 """
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
+import torch
+
+from cli import UserError
 
 from data.shards import DataDirError, load_split, read_meta
 
@@ -142,3 +154,89 @@ def has_split(data_dir: str, split: str) -> bool:
 
 def default_data_ready(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "meta.json"))
+
+
+# ----------------------------------------------------------------------------- conversations and indices
+
+def batches_for_epoch(lengths: list[int], rows: int, epoch: int, seed: int) -> list[list[int]]:
+    """Shuffle, then sort within pools of 50 batches by length, cut into batches, shuffle
+    the batches: similar lengths share a batch, and the order stays random."""
+    order = list(range(len(lengths)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    out = []
+    pool = 50 * rows
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: lengths[i])
+        out += [chunk[i:i + rows] for i in range(0, len(chunk) - rows + 1, rows)]
+    random.Random(f"{seed}:{epoch}:batches").shuffle(out)
+    return out
+
+
+class BucketLoader:
+    """Global batches of `rows` examples; each rank takes its slice. State: (epoch, position)."""
+
+    def __init__(self, examples, rows: int, rank: int, world: int, seed: int):
+        if len(examples) < rows:
+            raise UserError(f"{len(examples)} training examples are fewer than one global batch of {rows}")
+        self.examples, self.rows, self.rank, self.world, self.seed = examples, rows, rank, world, seed
+        self.lengths = [len(e.ids) for e in examples]
+        self.epoch, self.position = 0, 0
+        self._batches = batches_for_epoch(self.lengths, rows, 0, seed)
+
+    def next_batch(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = batches_for_epoch(self.lengths, self.rows, self.epoch, self.seed)
+        batch = self._batches[self.position]
+        self.position += 1
+        per_rank = self.rows // self.world
+        return collate([self.examples[i] for i in batch[self.rank * per_rank:(self.rank + 1) * per_rank]], pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = batches_for_epoch(self.lengths, self.rows, self.epoch, self.seed)
+
+
+def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets; a target is -100 (ignored) unless the mask is 1."""
+    width = max(len(e.ids) for e in examples) - 1
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids, mask = torch.tensor(e.ids), torch.tensor(e.mask)
+        n = len(e.ids) - 1
+        x[row, :n] = ids[:-1]
+        y[row, :n] = torch.where(mask[1:] == 1, ids[1:], torch.tensor(-100))
+    return x, y
+
+
+class EpochCursor:
+    """Global batches of indices into n items: epoch e visits them in the permutation
+    seeded by seed + e; a batch that would run past the end starts the next epoch (the
+    tail is left out). State: {"epoch", "index"}, the whole resume position."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next(self) -> list[int]:
+        if self.index + self.batch > self.n:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation()
+        rows = self._order[self.index:self.index + self.batch]
+        self.index += self.batch
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation()

@@ -30,13 +30,14 @@ from multiprocessing import get_context
 from typing import Optional
 
 
-from cli import UserError, config_dict, die, parse_config, print_config
+from cli import UserError, config_dict, entry_point, parse_config, print_config
 from data import clean, langid, pii, quality
 from data.parallel import bounded_imap
 from data.dedup import MinHasher, NearDedup, exact_hash, shingle_hashes
+from data.files import write_json
 from data.shards import ShardWriter, dtype_for_vocab, write_meta
 from data.sources import Document, Rejected, iter_records, list_files
-from data.tokenizer import Tokenizer, TokenizerError
+from data.tokenizer import Tokenizer
 from data.toxicity import DEFAULT_BLOCKLIST, ToxicityFilter, load_blocklist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,66 +214,73 @@ def _prepare_out_dir(out: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        die(f"cannot write to output directory {out}: {e.strerror or e}")
+        raise UserError(f"cannot write to output directory {out}: {e.strerror or e}") from None
     # A previous run's shards must not be mistaken for this run's.
     for name in os.listdir(out):
         if name == "meta.json" or re.fullmatch(r"(train|val)_\d{4}\.bin(\.tmp)?", name):
             os.remove(os.path.join(out, name))
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the run, step by step
 
-def run(cfg: PrepareConfig) -> dict:
-    t_start = time.time()
-    seconds: dict[str, float] = {}
+def open_inputs(cfg: PrepareConfig) -> tuple[list[str], list[str], Tokenizer | None]:
+    """(input files, blocklist terms, the --tokenizer to reuse or None); an output directory
+    that is writable and holds no earlier shards."""
     try:
         files = list_files(cfg.input)
     except FileNotFoundError as e:
-        die(f"input path not found: {e.args[0]}")
+        raise UserError(f"input path not found: {e.args[0]}") from None
     if not files:
-        die(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(cfg.input)}")
+        raise UserError(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(cfg.input)}")
     blocklist_terms: list[str] = []
     if cfg.toxicity:
         try:
             blocklist_terms = load_blocklist(cfg.blocklist)
         except OSError as e:
-            die(f"cannot read --blocklist {cfg.blocklist}: {e.strerror}")
-    tokenizer = None
-    if cfg.tokenizer:
-        try:
-            tokenizer = Tokenizer.load(cfg.tokenizer)
-        except TokenizerError as e:
-            die(str(e))
+            raise UserError(f"cannot read --blocklist {cfg.blocklist}: {e.strerror}") from None
+    tokenizer = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     _prepare_out_dir(cfg.out)
-    with open(os.path.join(cfg.out, "prepare_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_dict(cfg), f, indent=2)
-    workers = cfg.workers or min(8, os.cpu_count() or 1)
-    print(f"prepare: {len(files)} input file(s) -> {cfg.out} ({workers} worker(s))", flush=True)
+    return files, blocklist_terms, tokenizer
 
-    # ---- pass 1: read, clean, filter, scrub, exact dedup, signatures
-    removed: Counter = Counter()
-    pii_counts: Counter = Counter()
-    removed_log = open(os.path.join(cfg.out, "removed.jsonl"), "w", encoding="utf-8")
 
-    def remove(rec_id: str, source: str, reason: str, detail: str = "", duplicate_of: Optional[str] = None) -> None:
-        removed[reason] += 1
+class RemovedLog:
+    """removed.jsonl (one line per removed document, with its reason) and the counts."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "w", encoding="utf-8")
+        self.counts: Counter = Counter()
+
+    def remove(self, rec_id: str, source: str, reason: str, detail: str = "", duplicate_of: Optional[str] = None):
+        self.counts[reason] += 1
         entry = {"id": rec_id, "source": source, "reason": reason}
         if detail:
             entry["detail"] = detail
         if duplicate_of is not None:
             entry["duplicate_of"] = duplicate_of
-        removed_log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    spill_path = os.path.join(cfg.out, ".spill.jsonl")
-    spill = open(spill_path, "w", encoding="utf-8")
-    near = NearDedup(cfg.bands, cfg.rows, cfg.verify_jaccard if cfg.verify_jaccard > 0 else None) if cfg.near_dedup else None
-    seen_hash: dict[bytes, str] = {}
-    ids: list[str] = []
-    sources: list[str] = []
-    read = lines_removed = bytes_in = 0
+
+@dataclass
+class FilterResult:
+    """What pass 1 leaves: the documents that passed (in input order, their text spilled
+    to disk), and the counts for the report."""
+    ids: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    read: int = 0
+    lines_removed: int = 0
+    bytes_in: int = 0
+    pii: Counter = field(default_factory=Counter)
+
+
+def filter_pass(cfg: PrepareConfig, files: list[str], blocklist_terms: list[str], workers: int,
+                log: RemovedLog, near, spill_path: str) -> FilterResult:
+    """Pass 1: read, clean, filter, scrub PII, drop exact duplicates, add MinHash signatures
+    to the near-duplicate index; the survivors' text goes to the spill file."""
+    result, seen_hash = FilterResult(), {}
     progress = Progress("filter")
     records = iter_records(files, cfg.text_field, cfg.max_doc_bytes)
     pool = None
+    spill = open(spill_path, "w", encoding="utf-8")
     try:
         if workers > 1:
             pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, blocklist_terms))
@@ -281,82 +289,45 @@ def run(cfg: PrepareConfig) -> dict:
             _init_worker(cfg, blocklist_terms)
             results = map(_process, records)
         for record, stats in results:
-            read += 1
+            result.read += 1
             if stats:
-                lines_removed += stats.get("lines_removed", 0)
-                bytes_in += stats.get("bytes_in", 0)
+                result.lines_removed += stats.get("lines_removed", 0)
+                result.bytes_in += stats.get("bytes_in", 0)
             if isinstance(record, Rejected):
-                remove(record.id, record.source, record.reason, record.detail)
+                log.remove(record.id, record.source, record.reason, record.detail)
             else:
-                pii_counts.update(stats.get("pii") or {})
+                result.pii.update(stats.get("pii") or {})
                 if cfg.exact_dedup and stats["hash"] in seen_hash:
-                    remove(record.id, record.source, "exact_duplicate", duplicate_of=seen_hash[stats["hash"]])
+                    log.remove(record.id, record.source, "exact_duplicate", duplicate_of=seen_hash[stats["hash"]])
                 else:
                     if cfg.exact_dedup:
                         seen_hash[stats["hash"]] = record.id
                     if near is not None:
-                        near.add(len(ids), stats["signature"], stats["shingles"])
-                    ids.append(record.id)
-                    sources.append(record.source)
+                        near.add(len(result.ids), stats["signature"], stats["shingles"])
+                    result.ids.append(record.id)
+                    result.sources.append(record.source)
                     spill.write(json.dumps({"id": record.id, "text": record.text}, ensure_ascii=False) + "\n")
-            progress.update(read, extra=f", {bytes_in / 1e6:.1f} MB, {len(ids)} kept so far")
+            progress.update(result.read, extra=f", {result.bytes_in / 1e6:.1f} MB, {len(result.ids)} kept so far")
     except (OSError, zlib.error) as e:  # the readers turn these into counted rejects; this is a last resort
-        die(f"reading input failed: {e}")
+        raise UserError(f"reading input failed: {e}") from None
     finally:
         if pool is not None:
             pool.close()
             pool.join()
         spill.close()
-    progress.update(read, force=True, extra=f", {bytes_in / 1e6:.1f} MB, {len(ids)} passed filters")
-    seconds["read_filter"] = time.time() - t_start
+    progress.update(result.read, force=True,
+                    extra=f", {result.bytes_in / 1e6:.1f} MB, {len(result.ids)} passed filters")
+    return result
 
-    # ---- near-duplicate clusters
-    t0 = time.time()
-    near_dups = near.duplicates() if near is not None else {}
-    for index in sorted(near_dups):
-        remove(ids[index], sources[index], "near_duplicate", duplicate_of=ids[near_dups[index]])
-    removed_log.close()
-    survivors = [i for i in range(len(ids)) if i not in near_dups]
-    seconds["dedup"] = time.time() - t0
-    kept = len(survivors)
-    report = {
-        "documents": {"read": read, "kept": kept, "removed": dict(sorted(removed.items()))},
-        "pii": {kind: pii_counts.get(kind, 0) for kind in cfg.pii_kinds} if cfg.pii else {},
-        "lines_removed": lines_removed,
-        "bytes": {"input": bytes_in},
-        "near_dedup": {"candidate_pairs": near.candidate_pairs, "rejected_by_jaccard": near.rejected_pairs} if near else {},
-    }
-    assert read == kept + sum(removed.values()), "every record must be kept or removed"
-    if kept == 0:
-        os.remove(spill_path)
-        _write_report(cfg.out, report, seconds, t_start)
-        die(f"no document survived filtering ({read} read); see {os.path.join(cfg.out, 'removed.jsonl')}", code=1)
 
-    val_set = _val_indices(ids, survivors, cfg.val_fraction, cfg.seed)
-    near_set = set(near_dups)
-
-    def texts(split: str):
-        for i, rec in enumerate(_iter_spill(spill_path)):
-            if i not in near_set and ((i in val_set) == (split == "val")):
-                yield rec["text"]
-
-    # ---- pass 2: tokenizer
-    t0 = time.time()
-    if tokenizer is None:
-        print(f"[tokenizer] training byte-level BPE, vocab {cfg.vocab_size}, on {kept - len(val_set)} train documents", flush=True)
-        tokenizer = Tokenizer.train(texts("train"), cfg.vocab_size, workers=workers)
-        if tokenizer.vocab_size < cfg.vocab_size:
-            print(f"[tokenizer] the corpus supports only {tokenizer.vocab_size} tokens (asked {cfg.vocab_size})")
-    tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
-    seconds["tokenizer"] = time.time() - t0
-
-    # ---- pass 3: encode and write shards
-    t0 = time.time()
+def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, spill_path: str, skip: set, val_set: set, kept: int,
+                 workers: int) -> dict:
+    """Pass 3: encode the kept documents (each after a separator) and write the train and
+    val shards and meta.json; returns the report's token and byte counts."""
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers = {s: ShardWriter(cfg.out, s, dtype, tokenizer.vocab_size, cfg.shard_tokens) for s in ("train", "val")}
     doc_tokens = kept_bytes = 0
-    docs_per_split = Counter()
-    chunks_per_split = Counter()
+    docs_per_split, chunks_per_split = Counter(), Counter()
     progress = Progress("tokenize")
     batch: list[tuple[int, str]] = []
 
@@ -369,17 +340,15 @@ def run(cfg: PrepareConfig) -> dict:
             doc_tokens += len(tokens)
             kept_bytes += len(text.encode("utf-8", "surrogatepass"))
             ids_with_sep = [tokenizer.eot_id] + tokens  # every document starts after a separator
-            if cfg.layout == "stream":
-                writers[split].write(ids_with_sep)
-            else:
-                rows = _chunk_rows(ids_with_sep, cfg, tokenizer.pad_id)
+            rows = [ids_with_sep] if cfg.layout == "stream" else _chunk_rows(ids_with_sep, cfg, tokenizer.pad_id)
+            if cfg.layout != "stream":
                 chunks_per_split[split] += len(rows)
-                for row in rows:
-                    writers[split].write(row)
+            for row in rows:
+                writers[split].write(row)
         batch.clear()
 
     for i, rec in enumerate(_iter_spill(spill_path)):
-        if i in near_set:
+        if i in skip:
             continue
         batch.append((i, rec["text"]))
         if len(batch) >= 256:
@@ -388,9 +357,6 @@ def run(cfg: PrepareConfig) -> dict:
     if batch:
         flush()
     splits = {s: w.close() for s, w in writers.items()}
-    os.remove(spill_path)
-    seconds["tokenize"] = time.time() - t0
-
     meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "splits": splits,
             "tokens": {s: w.total for s, w in writers.items()}, "layout": cfg.layout,
             "eot_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id, "tokenizer": "tokenizer.json",
@@ -398,16 +364,73 @@ def run(cfg: PrepareConfig) -> dict:
     if cfg.layout == "chunks":
         meta["chunk_len"] = cfg.chunk_len
     write_meta(cfg.out, meta)
-    report.update({
-        "tokens": {s: w.total for s, w in writers.items()},
-        "split_documents": {"train": docs_per_split["train"], "val": docs_per_split["val"]},
-        "bytes_per_token": round(kept_bytes / max(1, doc_tokens), 4),
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-    })
-    report["bytes"]["kept"] = kept_bytes
+    counts = {"tokens": {s: w.total for s, w in writers.items()},
+              "split_documents": {"train": docs_per_split["train"], "val": docs_per_split["val"]},
+              "bytes_per_token": round(kept_bytes / max(1, doc_tokens), 4),
+              "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "kept_bytes": kept_bytes}
     if cfg.layout == "chunks":
-        report["chunks"] = dict(chunks_per_split)
+        counts["chunks"] = dict(chunks_per_split)
+    return counts
+
+
+def run(cfg: PrepareConfig) -> dict:
+    """The whole preparation: inputs, pass 1 (filters), near-duplicate clusters, pass 2
+    (the tokenizer), pass 3 (shards), report.json. Raises cli.UserError for bad input and
+    when no document survives."""
+    t_start = time.time()
+    seconds: dict[str, float] = {}
+    files, blocklist_terms, tokenizer = open_inputs(cfg)
+    write_json(os.path.join(cfg.out, "prepare_config.json"), config_dict(cfg))
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    print(f"prepare: {len(files)} input file(s) -> {cfg.out} ({workers} worker(s))", flush=True)
+
+    log = RemovedLog(os.path.join(cfg.out, "removed.jsonl"))
+    spill_path = os.path.join(cfg.out, ".spill.jsonl")
+    near = NearDedup(cfg.bands, cfg.rows, cfg.verify_jaccard if cfg.verify_jaccard > 0 else None) if cfg.near_dedup else None
+    passed = filter_pass(cfg, files, blocklist_terms, workers, log, near, spill_path)
+    seconds["read_filter"] = time.time() - t_start
+
+    t0 = time.time()  # near-duplicate clusters
+    near_dups = near.duplicates() if near is not None else {}
+    for index in sorted(near_dups):
+        log.remove(passed.ids[index], passed.sources[index], "near_duplicate", duplicate_of=passed.ids[near_dups[index]])
+    log.file.close()
+    survivors = [i for i in range(len(passed.ids)) if i not in near_dups]
+    seconds["dedup"] = time.time() - t0
+    kept, removed = len(survivors), log.counts
+    report = {
+        "documents": {"read": passed.read, "kept": kept, "removed": dict(sorted(removed.items()))},
+        "pii": {kind: passed.pii.get(kind, 0) for kind in cfg.pii_kinds} if cfg.pii else {},
+        "lines_removed": passed.lines_removed,
+        "bytes": {"input": passed.bytes_in},
+        "near_dedup": {"candidate_pairs": near.candidate_pairs, "rejected_by_jaccard": near.rejected_pairs} if near else {},
+    }
+    assert passed.read == kept + sum(removed.values()), "every record must be kept or removed"
+    if kept == 0:
+        os.remove(spill_path)
+        _write_report(cfg.out, report, seconds, t_start)
+        raise UserError(f"no document survived filtering ({passed.read} read); "
+                        f"see {os.path.join(cfg.out, 'removed.jsonl')}")
+    val_set = _val_indices(passed.ids, survivors, cfg.val_fraction, cfg.seed)
+    near_set = set(near_dups)
+
+    t0 = time.time()  # pass 2: the tokenizer
+    if tokenizer is None:
+        print(f"[tokenizer] training byte-level BPE, vocab {cfg.vocab_size}, on {kept - len(val_set)} train documents", flush=True)
+        train_texts = (rec["text"] for i, rec in enumerate(_iter_spill(spill_path))
+                       if i not in near_set and i not in val_set)
+        tokenizer = Tokenizer.train(train_texts, cfg.vocab_size, workers=workers)
+        if tokenizer.vocab_size < cfg.vocab_size:
+            print(f"[tokenizer] the corpus supports only {tokenizer.vocab_size} tokens (asked {cfg.vocab_size})")
+    tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
+    seconds["tokenizer"] = time.time() - t0
+
+    t0 = time.time()  # pass 3: encode and write shards
+    counts = write_shards(cfg, tokenizer, spill_path, near_set, val_set, kept, workers)
+    os.remove(spill_path)
+    seconds["tokenize"] = time.time() - t0
+    report["bytes"]["kept"] = counts.pop("kept_bytes")
+    report.update(counts)
     _write_report(cfg.out, report, seconds, t_start)
     return report
 
@@ -415,10 +438,7 @@ def run(cfg: PrepareConfig) -> dict:
 def _write_report(out: str, report: dict, seconds: dict, t_start: float) -> None:
     seconds["total"] = time.time() - t_start
     report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    tmp = os.path.join(out, "report.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out, "report.json"))
+    write_json(os.path.join(out, "report.json"), report)
 
 
 def print_summary(report: dict) -> None:
@@ -435,6 +455,7 @@ def print_summary(report: dict) -> None:
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
 
 
+@entry_point
 def main(argv=None) -> None:
     cfg = parse_config(PrepareConfig, argv, description=__doc__.split("\n")[0])
     print_config(cfg, "prepare config")

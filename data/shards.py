@@ -9,10 +9,12 @@ with a meta.json is always whole.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
+
+from cli import UserError
+from data.files import read_json, write_json
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -67,26 +69,17 @@ class ShardWriter:
 
 
 def write_meta(out_dir: str, meta: dict) -> None:
-    tmp = os.path.join(out_dir, "meta.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "meta.json"))
+    write_json(os.path.join(out_dir, "meta.json"), meta)
 
 
-class DataDirError(ValueError):
+class DataDirError(UserError, ValueError):
     """A prepared-data directory that is missing, incomplete or inconsistent."""
 
 
 def read_meta(data_dir: str) -> dict:
     path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise DataDirError(f"{data_dir} has no meta.json: run `python -m data.prepare --out {data_dir}` first") from None
-    except (OSError, ValueError) as e:
-        raise DataDirError(f"{path} is unreadable or not JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("dtype") not in ("uint16", "uint32") or not isinstance(meta.get("splits"), dict):
+    meta = read_json(path, DataDirError, f"{data_dir} has no meta.json: run `python -m data.prepare --out {data_dir}` first")
+    if meta.get("dtype") not in ("uint16", "uint32") or not isinstance(meta.get("splits"), dict):
         raise DataDirError(f"{path} is not a data.prepare meta file")
     return meta
 

@@ -33,9 +33,10 @@ import os
 import random
 import re
 import string
-import sys
 
+from cli import UserError, entry_point
 from data import redteam
+from data.files import atomic_write
 
 WORDS = ("apple banana cherry garden window river castle forest silver golden market candle pencil "
          "rabbit turtle dragon planet rocket summer winter spring autumn yellow purple orange bridge "
@@ -428,11 +429,7 @@ def write(out_dir: str, **kwargs) -> dict[str, int]:
     os.makedirs(out_dir, exist_ok=True)
     sets = build(**kwargs)
     for name, records in sets.items():
-        tmp = os.path.join(out_dir, f"{name}.jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, os.path.join(out_dir, f"{name}.jsonl"))
+        atomic_write(os.path.join(out_dir, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     return {name: len(records) for name, records in sets.items()}
 
 
@@ -444,6 +441,7 @@ def ensure_written(out_dir: str) -> None:
         write(out_dir)
 
 
+@entry_point
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="write the task suite (sft, prefs, prompts, eval, ptx JSONL): eight "
                                      "verifiable helpfulness families plus harmful and borderline prompts")
@@ -473,8 +471,7 @@ def main(argv=None) -> None:
     try:
         counts = write(args.out, seed=args.seed, harmful_refusal_rate=args.harmful_refusal_rate, **sizes)
     except OSError as e:
-        print(f"error: cannot write {args.out}: {e.strerror}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"cannot write {args.out}: {e.strerror}") from None
     print(f"wrote {args.out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items()))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from collections import Counter, defaultdict
 from multiprocessing import get_context
 from typing import Iterable
@@ -23,7 +22,9 @@ from typing import Iterable
 import regex
 import tiktoken
 
+from data.files import atomic_write
 from data.parallel import bounded_imap
+from cli import UserError
 
 # The GPT-4 (cl100k) split: contractions, letter runs with one optional leading
 # non-letter, digits in groups of at most three, punctuation runs, newlines, spaces.
@@ -41,7 +42,7 @@ _SURROGATE = regex.compile(r"[\ud800-\udfff]")
 _SURROGATE_RUNS = regex.compile(r"([\ud800-\udfff]+)")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be used (missing, malformed, inconsistent)."""
 
 
@@ -184,10 +185,7 @@ class Tokenizer:
         state = {"type": "byte_level_bpe", "version": 1, "pattern": self.pattern,
                  "vocab_size": self.vocab_size, "special_tokens": self.special_tokens,
                  "merges": [list(m) for m in self.merges]}
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(state))
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":

@@ -20,8 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import model  # noqa: E402
-import train_sft  # noqa: E402
-from data import chat, tasks  # noqa: E402
+from data import chat, loader, tasks  # noqa: E402
 from data.chat import ChatExample, RecordError, encode_chat, load_chat_jsonl, prompt_messages, to_messages, truncate  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 
@@ -162,7 +161,7 @@ def test_prompt_targets_do_not_count_in_sft_loss(tok):
     messages = [S, U, A, U2, A2]
     ids, mask = encode_chat(tok, messages)
     assert len(ids) <= 128
-    x, y = train_sft.collate([ChatExample(ids, mask, {})], tok.pad_id)
+    x, y = loader.collate([ChatExample(ids, mask, {})], tok.pad_id)
     assert x.shape == y.shape == (1, len(ids) - 1)
     assert x[0].tolist() == ids[:-1]
     for j in range(len(ids) - 1):
@@ -188,7 +187,7 @@ def test_prompt_targets_do_not_count_in_sft_loss(tok):
              (tok.eot_id, tok.user_id, tok.system_id, tok.assistant_id, tok.end_id))
     ids_changed = list(ids)
     ids_changed[k] = (ids[k] + 1) % 256
-    _, y_changed = train_sft.collate([ChatExample(ids_changed, mask, {})], tok.pad_id)
+    _, y_changed = loader.collate([ChatExample(ids_changed, mask, {})], tok.pad_id)
     assert torch.equal(y_changed, y)
     with torch.no_grad():
         assert torch.equal(net(x, y_changed), loss)

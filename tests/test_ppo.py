@@ -247,7 +247,7 @@ def test_ptx_loss_is_the_mean_loss_over_assistant_tokens(policy_and_tok, tmp_pat
     from types import SimpleNamespace
 
     from data.chat import load_chat_jsonl
-    from train_sft import BucketLoader
+    from data.loader import BucketLoader
     model, tok = policy_and_tok
     path = tmp_path / "demos.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import runtime
 import train_rm
 from data.prefs import load_pairs, parse_hh_text, split_at_divergence
 from data.tokenizer import Tokenizer
@@ -33,7 +34,7 @@ def test_score_is_read_at_the_last_token_whatever_the_padding(tok, rm):
             [tok.eot_id, tok.user_id, 8, tok.end_id, tok.assistant_id, 10, 11, 12, 13, tok.end_id],
             [tok.eot_id, tok.user_id, 4, tok.end_id, tok.assistant_id, 3, tok.end_id]]
     alone = torch.stack([rm.score(torch.tensor([s]), torch.tensor([len(s) - 1]))[0] for s in seqs])
-    ids, last = train_rm.right_padded(seqs, tok.pad_id)
+    ids, last = runtime.right_padded(seqs, tok.pad_id)
     right = rm.score(ids, last)
     width = max(map(len, seqs))
     left = torch.full((3, width), tok.pad_id)
@@ -57,7 +58,7 @@ def test_scorer_api_left_and_right_padding_and_normalization(tok, rm, tmp_path):
     runtime.save_checkpoint(str(ckpt), rm, None, env, stage="rm", step=1, train_config={}, trainer_state={},
                             tokenizer_path=str(ckpt / "tokenizer.json"),
                             extra_config={"score_norm": {"mean": 0.5, "std": 2.0}})
-    scorer = train_rm.RewardScorer(str(ckpt))
+    scorer = runtime.RewardScorer.load(str(ckpt))
     prompts, responses = ["What is two plus three?", "Reverse the word apple."], ["It is five.", "elppa"]
     raw = scorer.score(prompts, responses, normalize=False)
     normalized = scorer.score(prompts, responses)
@@ -69,7 +70,9 @@ def test_scorer_api_left_and_right_padding_and_normalization(tok, rm, tmp_path):
             for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
     left = torch.tensor([[tok.pad_id] * (width - len(s)) + s for s in seqs])
-    torch.testing.assert_close(scorer.score_tokens(left, "left", normalize=False), raw, atol=1e-5, rtol=0)
+    pads = torch.tensor([width - len(s) for s in seqs])
+    left_raw = scorer.score_ids(left, torch.full((len(seqs),), width - 1), kv_start=pads, normalize=False)
+    torch.testing.assert_close(left_raw, raw, atol=1e-5, rtol=0)
 
 
 def test_bradley_terry_loss_and_accuracy_by_hand():
@@ -136,10 +139,10 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     # the stored normalization makes the held-out responses mean 0, std 1
     train_pairs, val_pairs = train_rm.split_pairs(load_pairs([str(data / "prefs.jsonl")],
                                                              Tokenizer.load(str(out / "tokenizer.json")), 96)[0], 0.2)
-    scorer = train_rm.RewardScorer(str(out))
+    scorer = runtime.RewardScorer.load(str(out))
     seqs = [p.chosen for p in val_pairs] + [p.rejected for p in val_pairs]
-    ids, last = train_rm.right_padded(seqs, scorer.tok.pad_id)
-    scores = scorer.score_tokens(ids, "right", last + 1).double()
+    ids, last = runtime.right_padded(seqs, scorer.tok.pad_id)
+    scores = scorer.score_ids(ids, last).double()
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
     capsys.readouterr()

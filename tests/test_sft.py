@@ -8,7 +8,7 @@ import os
 import pytest
 
 import train_sft
-from data import tasks
+from data import loader, tasks
 
 SFT_FAST = ["--batch-size", "8", "--device", "cpu", "--dtype", "float32", "--warmup-steps", "2",
             "--eval-max-new-tokens", "4", "--log-every", "1"]
@@ -108,19 +108,19 @@ def test_collate_masks_everything_but_assistant_tokens():
     from data.chat import ChatExample
     ex = ChatExample(ids=[10, 11, 12, 13, 14], mask=[0, 0, 0, 1, 1], meta={})
     short = ChatExample(ids=[10, 20, 21], mask=[0, 0, 1], meta={})
-    x, y = train_sft.collate([ex, short], pad_id=99)
+    x, y = loader.collate([ex, short], pad_id=99)
     assert x.tolist() == [[10, 11, 12, 13], [10, 20, 99, 99]]
     assert y.tolist() == [[-100, -100, 13, 14], [-100, 21, -100, -100]]
 
 
 def test_bucketed_batches_cover_each_epoch_once_with_similar_lengths():
     lengths = [5 + (i * 37) % 60 for i in range(400)]
-    batches = train_sft.batches_for_epoch(lengths, rows=8, epoch=0, seed=1)
+    batches = loader.batches_for_epoch(lengths, rows=8, epoch=0, seed=1)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(400)) and all(len(b) == 8 for b in batches)
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 5  # vs ~50 for random batches: little padding
-    assert batches != train_sft.batches_for_epoch(lengths, rows=8, epoch=1, seed=1)
+    assert batches != loader.batches_for_epoch(lengths, rows=8, epoch=1, seed=1)
 
 
 def test_sample_chat_stops_at_end(tiny_pretrained, task_dir, tmp_path, capsys):

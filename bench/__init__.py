@@ -1,0 +1,25 @@
+"""Benchmarks: the programs behind BENCHMARKS.md's measured numbers.
+
+Each is run from the repository root as a module, with the stage scripts' CLI
+conventions (one dataclass config: dashed options, `--help` shows every default,
+`--config FILE.json` loads overrides, the resolved config is printed at start):
+
+    python -m bench.data [--append BENCHMARKS.md]        stage 0: BPE training and MinHash/LSH vs
+                                                         HF tokenizers and datasketch, and the whole
+                                                         default data.prepare (pip install datasketch)
+    python -m bench.pretrain [--steps 40] [--append BENCHMARKS.md]
+                                                         train_pretrain.py's tokens/s vs a minimal
+                                                         PyTorch loop (MFU on CUDA)
+    python -m bench.ppo --init runs/sft --reward-model runs/rm [--ks 2,4,8,16]
+                                                         PPO step time per rollout token vs group size k
+    python -m bench.serve --ckpt DIR [--concurrency 1,4,8,16]
+                                                         serving throughput and time to first token
+                                                         through the HTTP server (needs httpx)
+    python -m bench.kernels [--only attention|ce] [--sweep]
+                                                         fused_kernels vs PyTorch on a CUDA GPU
+    python -m bench.kernels --cpu-loss                   the CPU loss path, plain vs fused
+    python -m bench.kernels --compile-check              kernels' sm_90 resource use (no GPU needed)
+
+These were formerly bench_pretrain.py, bench_ppo.py, bench_serve.py (top level),
+`python -m data.bench` and `python -m fused_kernels.bench`.
+"""
