@@ -110,11 +110,11 @@ def make_checkpoint(out, tokenizer_path: str, step: int = 7, max_seq_len: int = 
 def greedy_text(ckpt: str, messages: list[dict], max_tokens: int) -> str:
     """What the model writes at temperature 0, computed without the server."""
     import runtime
-    import serve
     from data.tokenizer import Tokenizer
+    from serving.text import chat_prompt_ids
     model, _ = runtime.load_model(ckpt)
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
-    ids = model.eval().generate([serve.chat_prompt_ids(tok, messages)], max_tokens, pad_id=tok.pad_id, temperature=0,
+    ids = model.eval().generate([chat_prompt_ids(tok, messages)], max_tokens, pad_id=tok.pad_id, temperature=0,
                                 stop_tokens=list(range(len(tok.token_bytes), tok.vocab_size)))[0]
     return tok.decode([t for t in ids if t < len(tok.token_bytes)])
 
@@ -176,10 +176,10 @@ def test_chat_streamed_equals_non_streamed_and_usage_adds_up(open_srv, ckpt):
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.message.content == greedy_text(ckpt, MESSAGES, 24)  # what the model alone writes
     assert full.id.startswith("chatcmpl-") and full.object == "chat.completion"
-    import serve
     from data.tokenizer import Tokenizer
+    from serving.text import chat_prompt_ids
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
-    assert full.usage.prompt_tokens == len(serve.chat_prompt_ids(tok, MESSAGES))
+    assert full.usage.prompt_tokens == len(chat_prompt_ids(tok, MESSAGES))
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
 
     chunks = list(client.chat.completions.create(model="tiny-step7", messages=MESSAGES, temperature=0, max_tokens=24,

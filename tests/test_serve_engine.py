@@ -1,4 +1,4 @@
-"""serve.py without HTTP: the continuous-batching engine computes what model.generate
+"""The serving package without HTTP: the continuous-batching engine computes what model.generate
 computes for each prompt alone, rows join and leave mid-generation, an abort frees its row,
 the chat prompt keeps special-token text as text, streamed text never splits a character,
 stop strings and the output filter hold back what they must, and the limits and the
@@ -12,10 +12,16 @@ import re
 import pytest
 import torch
 
-import serve
+from cli import UserError
 from data.prefs import load_pairs
 from data.tokenizer import Tokenizer
+from data.toxicity import load_blocklist
 from model import ModelConfig, Transformer
+from serving.engine import BatchKVCache, Engine, EngineFull, GenRequest
+from serving.limits import KeyStore, Limiter, key_id
+from serving.moderation import Classifier, Moderator
+from serving.store import export_feedback
+from serving.text import TextStream, chat_prompt_ids
 
 TEXT = ("What is two plus three? It is five. Reverse the word apple. elppa. Hello there, how are you? "
         "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e ") * 20
@@ -64,9 +70,9 @@ def test_batched_greedy_equals_sequential_with_requests_joining_mid_generation(t
     want = [model.generate([p], n, pad_id=tok.pad_id, temperature=0, stop_tokens=stops)[0]
             for p, n in zip(prompts, lengths)]
     assert len({len(p) for p in prompts}) > 4 and len({tuple(w) for w in want}) == 9
-    engine = serve.Engine(model, tok, max_running=3, max_waiting=16).start()
+    engine = Engine(model, tok, max_running=3, max_waiting=16).start()
     try:
-        reqs = [serve.GenRequest(p, n, moderate=False) for p, n in zip(prompts, lengths)]
+        reqs = [GenRequest(p, n, moderate=False) for p, n in zip(prompts, lengths)]
         for r in reqs[:2]:
             engine.submit(r)
         first = reqs[0].queue.get(timeout=30)  # generation is under way before the rest arrive
@@ -89,13 +95,13 @@ def test_batched_greedy_equals_sequential_with_requests_joining_mid_generation(t
 def test_an_aborted_request_frees_its_row_and_others_are_unaffected(tok, model):
     prompts = prompts_of(tok, 3)
     want = [model.generate([p], 12, pad_id=tok.pad_id, temperature=0)[0] for p in prompts[1:]]
-    engine = serve.Engine(model, tok, max_running=2, max_waiting=4).start()
+    engine = Engine(model, tok, max_running=2, max_waiting=4).start()
     try:
-        long = serve.GenRequest(prompts[0], 1000 - len(prompts[0]), ignore_eos=True, moderate=False)
+        long = GenRequest(prompts[0], 1000 - len(prompts[0]), ignore_eos=True, moderate=False)
         engine.submit(long)
         long.queue.put(long.queue.get(timeout=30))  # it has started generating
         engine.abort(long)
-        others = [serve.GenRequest(p, 12, ignore_eos=True, moderate=False) for p in prompts[1:]]
+        others = [GenRequest(p, 12, ignore_eos=True, moderate=False) for p in prompts[1:]]
         for r in others:
             engine.submit(r)
         infos, _ = run_all(engine, [long] + others)
@@ -111,13 +117,13 @@ def test_an_aborted_request_frees_its_row_and_others_are_unaffected(tok, model):
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tok, model):
     p = prompts_of(tok, 2)
-    engine = serve.Engine(model, tok, max_running=4).start()
+    engine = Engine(model, tok, max_running=4).start()
     try:
-        alone = serve.GenRequest(p[0], 15, temperature=1.0, seed=7, ignore_eos=True, moderate=False)
+        alone = GenRequest(p[0], 15, temperature=1.0, seed=7, ignore_eos=True, moderate=False)
         run_all(engine, [engine.submit(alone)])
-        crowd = [serve.GenRequest(p[1], 15, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, moderate=False),
-                 serve.GenRequest(p[0], 15, temperature=1.0, seed=7, ignore_eos=True, moderate=False),
-                 serve.GenRequest(p[0], 15, temperature=1.0, seed=8, ignore_eos=True, moderate=False)]
+        crowd = [GenRequest(p[1], 15, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, moderate=False),
+                 GenRequest(p[0], 15, temperature=1.0, seed=7, ignore_eos=True, moderate=False),
+                 GenRequest(p[0], 15, temperature=1.0, seed=8, ignore_eos=True, moderate=False)]
         run_all(engine, [engine.submit(r) for r in crowd])
     finally:
         engine.shutdown()
@@ -128,7 +134,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tok, model):
 def test_batch_cache_insert_remove_compact_keep_each_row(tok, model):
     """Row bookkeeping alone: what a row's keys are does not depend on where it sits."""
     cfg = model.cfg
-    cache = serve.BatchKVCache(cfg, 3, "cpu", torch.float32)
+    cache = BatchKVCache(cfg, 3, "cpu", torch.float32)
     src = type("Src", (), {})()
     rows = []
     for i, n in enumerate([5, 9, 3]):
@@ -156,7 +162,7 @@ def test_batch_cache_insert_remove_compact_keep_each_row(tok, model):
 
 def test_chat_prompt_keeps_special_token_text_as_text(tok):
     content = "hi <|assistant|> and <|end|><|endoftext|> there"
-    ids = serve.chat_prompt_ids(tok, [{"role": "user", "content": content}])
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": content}])
     assert ids[0] == tok.eot_id and ids[1] == tok.user_id and ids[-2:] == [tok.end_id, tok.assistant_id]
     assert ids.count(tok.assistant_id) == 1 and ids.count(tok.end_id) == 1 and ids.count(tok.eot_id) == 1
     assert tok.decode(ids[2:-2]) == content
@@ -165,33 +171,33 @@ def test_chat_prompt_keeps_special_token_text_as_text(tok):
 def test_text_stream_never_splits_a_multibyte_character(tok):
     text = "a\u00e9\u65e5\U0001F600b"
     ids = list(text.encode("utf-8"))  # one token per byte: every multi-byte character is split
-    stream = serve.TextStream(tok.token_bytes)
+    stream = TextStream(tok.token_bytes)
     deltas = [stream.push(i)[0] for i in ids] + [stream.close()[0]]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
     assert deltas[1] == "" and deltas[2] == "\u00e9"  # held until the second byte arrives
     # a broken sequence at the end becomes one replacement character, not an exception
-    stream = serve.TextStream(tok.token_bytes)
+    stream = TextStream(tok.token_bytes)
     assert stream.push(0xE6)[0] == "" and stream.close()[0] == "\ufffd"
 
 
 def test_text_stream_stop_strings_are_held_back_and_cut(tok):
-    stream = serve.TextStream(tok.token_bytes, stops=("END", "##"))
+    stream = TextStream(tok.token_bytes, stops=("END", "##"))
     out = []
     for ch in "abc EN":
         out.append(stream.push(tok.encode(ch)[0])[0])
     assert "".join(out) == "abc "  # "EN" may start "END": held
     delta, reason = stream.push(tok.encode("D")[0])
     assert reason == "stop" and delta == "" and stream.emitted == "abc "
-    stream = serve.TextStream(tok.token_bytes, stops=("END",))
+    stream = TextStream(tok.token_bytes, stops=("END",))
     for ch in "xEN":
         stream.push(tok.encode(ch)[0])
     assert stream.close() == ("EN", None) and stream.emitted == "xEN"
 
 
 def test_text_stream_output_filter_never_sends_a_blocklisted_word(tok):
-    moderator = serve.Moderator(["badword", "two words"])
-    stream = serve.TextStream(tok.token_bytes, moderator=moderator)
+    moderator = Moderator(["badword", "two words"])
+    stream = TextStream(tok.token_bytes, moderator=moderator)
     sent, reason = [], None
     for piece in ["Hello ", "ba", "dwo", "rd", " more"]:
         for b in piece.encode():
@@ -202,13 +208,13 @@ def test_text_stream_output_filter_never_sends_a_blocklisted_word(tok):
         if reason:
             break
     assert reason == "content_filter" and "".join(sent) == "Hello " and stream.flags == ["harassment"]
-    clean = serve.TextStream(tok.token_bytes, moderator=moderator)
+    clean = TextStream(tok.token_bytes, moderator=moderator)
     deltas = [clean.push(b)[0] for b in "badwords are fine".encode()] + [clean.close()[0]]
     assert "".join(deltas) == "badwords are fine"  # whole words only
 
 
 def test_moderator_categories():
-    m = serve.Moderator(serve.load_blocklist())
+    m = Moderator(load_blocklist())
     assert m.check("nice weather")["flagged"] is False
     assert m.check("Send NUDE   selfies")["categories"] == ["sexual"]
     assert m.check("go kill yourself, shit")["categories"] == ["harassment", "harassment/threatening",
@@ -222,9 +228,9 @@ def test_engine_output_filter_ends_with_content_filter(tok, model):
     words = re.findall(r"\b[a-zA-Z]{3,}\b", text)
     assert words, "the model's greedy text has no plain word to put on the blocklist"
     word = words[0]
-    engine = serve.Engine(model, tok, moderator=serve.Moderator([word])).start()
+    engine = Engine(model, tok, moderator=Moderator([word])).start()
     try:
-        r = serve.GenRequest(p, 30, ignore_eos=True)
+        r = GenRequest(p, 30, ignore_eos=True)
         (info,), (deltas,) = run_all(engine, [engine.submit(r)])
     finally:
         engine.shutdown()
@@ -234,18 +240,18 @@ def test_engine_output_filter_ends_with_content_filter(tok, model):
 
 
 def test_engine_rejects_beyond_capacity(tok, model):
-    engine = serve.Engine(model, tok, max_running=1, max_waiting=1)  # not started: nothing drains
+    engine = Engine(model, tok, max_running=1, max_waiting=1)  # not started: nothing drains
     p = prompts_of(tok, 1)[0]
-    engine.submit(serve.GenRequest(p, 4))
-    engine.submit(serve.GenRequest(p, 4))
-    with pytest.raises(serve.EngineFull):
-        engine.submit(serve.GenRequest(p, 4))
+    engine.submit(GenRequest(p, 4))
+    engine.submit(GenRequest(p, 4))
+    with pytest.raises(EngineFull):
+        engine.submit(GenRequest(p, 4))
     with pytest.raises(ValueError):
-        engine.submit(serve.GenRequest(p, 1024))  # does not fit in the context
+        engine.submit(GenRequest(p, 1024))  # does not fit in the context
 
 
 def test_token_bucket_and_abuse_block():
-    limiter = serve.Limiter(rpm=2, tpm=100, max_flags=2, window=60, block_s=30)
+    limiter = Limiter(rpm=2, tpm=100, max_flags=2, window=60, block_s=30)
     assert limiter.take_request("k", 0.0) == 0 and limiter.take_request("k", 0.0) == 0
     wait = limiter.take_request("k", 0.0)
     assert wait == pytest.approx(30.0)  # 2 per minute: the next one in 30 s
@@ -263,13 +269,13 @@ def test_token_bucket_and_abuse_block():
 def test_keys_are_checked_and_hashed(tmp_path):
     path = tmp_path / "keys.txt"
     path.write_text("# comment\nsk-one\n\n  sk-two  # second\n")
-    keys = serve.KeyStore.load(str(path))
+    keys = KeyStore.load(str(path))
     assert keys.check("sk-one") and keys.check("sk-two")
     assert not keys.check("sk-on") and not keys.check("") and not keys.check("sk-one ")
-    assert "sk-one" not in serve.key_id("sk-one") and serve.key_id("sk-one") != serve.key_id("sk-two")
+    assert "sk-one" not in key_id("sk-one") and key_id("sk-one") != key_id("sk-two")
     (tmp_path / "empty.txt").write_text("# none\n")
-    with pytest.raises(serve.UserError):
-        serve.KeyStore.load(str(tmp_path / "empty.txt"))
+    with pytest.raises(UserError):
+        KeyStore.load(str(tmp_path / "empty.txt"))
 
 
 def test_export_feedback_joins_votes_and_thumbs(tmp_path, tok):
@@ -294,7 +300,7 @@ def test_export_feedback_joins_votes_and_thumbs(tmp_path, tok):
     with open(tmp_path / "feedback.jsonl", "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in feedback)
     out = tmp_path / "prefs.jsonl"
-    summary = serve.export_feedback(str(tmp_path), str(out))
+    summary = export_feedback(str(tmp_path), str(out))
     records = [json.loads(line) for line in open(out)]
     pairs = {(r["chosen"], r["rejected"], r["kind"]) for r in records}
     assert pairs == {("5", "six", "feedback_pairwise"), ("cba", "abc", "feedback_thumbs"),
@@ -306,7 +312,7 @@ def test_export_feedback_joins_votes_and_thumbs(tmp_path, tok):
 
 
 def test_request_queue_is_plain_without_a_loop(tok):
-    assert isinstance(serve.GenRequest([1], 1).queue, queue.SimpleQueue)
+    assert isinstance(GenRequest([1], 1).queue, queue.SimpleQueue)
 
 
 def test_classifier_checkpoint_flags_by_its_score(tok, tmp_path):
@@ -326,7 +332,7 @@ def test_classifier_checkpoint_flags_by_its_score(tok, tmp_path):
         ckpt.mkdir()
         runtime.save_checkpoint(str(ckpt), m, None, runtime.Env(0, 0, 1, torch.device("cpu")), stage="rm", step=1,
                                 train_config={}, trainer_state={}, tokenizer_path=str(tmp_path / "tokenizer.json"))
-        moderator = serve.Moderator([], serve.Classifier(str(ckpt), 0.5, "violence"))
+        moderator = Moderator([], Classifier(str(ckpt), 0.5, "violence"))
         verdicts[bias] = moderator.check("a long text " * 40)  # longer than the context: truncated, not an error
     assert verdicts[-8.0]["flagged"] is False and verdicts[-8.0]["scores"]["violence"] < 0.01
     assert verdicts[8.0]["categories"] == ["violence"] and verdicts[8.0]["scores"]["violence"] > 0.99

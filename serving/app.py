@@ -1,0 +1,441 @@
+"""The HTTP API (FastAPI): a Server holds what one app needs, and each route is a short
+function over it. Handlers are async and never run the model: the engine thread does.
+
+A chat or text completion goes through three steps: `prepare` (who asks, may they, what
+did they send: a Generation, or an ApiError), `run` (charge the token budget and hand the
+request to the engine), then `collect` (one JSON body) or `stream` (server-sent events).
+Either way `finish` refunds unused tokens, counts output flags and writes the request log."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request  # Request at module level: handler annotations resolve in these globals
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from data.tokenizer import Tokenizer
+from data.toxicity import load_blocklist
+from serving import protocol
+from serving.config import STATIC_PAGE, ServeConfig
+from serving.engine import Engine, EngineFull, GenRequest
+from serving.limits import KeyStore, Limiter, key_id
+from serving.metrics import Metrics
+from serving.moderation import CATEGORIES, Moderator
+from serving.protocol import ApiError, Completion, retry_after
+from serving.store import FEEDBACK, REQUESTS, JsonlLog
+from serving.text import chat_prompt_ids, completion_prompt_ids
+
+
+@dataclass(eq=False)
+class Generation:
+    """One chat or text completion on its way through the server."""
+    ident: str  # the caller's hashed key (or address)
+    out: Completion  # id, created, model: what the response carries
+    prompt_ids: list[int]
+    params: dict  # protocol.parse_sampling's
+    stream: bool
+    record: dict  # the request log's record, completed when the request ends
+    req: GenRequest | None = None
+
+
+class Server:
+    """Everything one app needs: the model's engine, tokenizer, limits, logs and metrics."""
+
+    def __init__(self, cfg: ServeConfig, model, tok: Tokenizer, model_id: str, moderator: Moderator | None,
+                 keys: KeyStore | None):
+        self.cfg, self.tok, self.model_id = cfg, tok, model_id
+        self.metrics = Metrics()
+        self.moderator = moderator
+        self.engine = Engine(model, tok, max_running=cfg.max_running, max_waiting=cfg.max_waiting,
+                             metrics=self.metrics, moderator=moderator)
+        self.context = model.cfg.max_seq_len
+        self.keys = keys
+        self.limiter = Limiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.abuse_max_flags, cfg.abuse_window_s,
+                               cfg.abuse_block_s)
+        self.request_log = JsonlLog(os.path.join(cfg.log_dir, REQUESTS)) if cfg.request_log else None
+        self.feedback_log = JsonlLog(os.path.join(cfg.log_dir, FEEDBACK))
+        self.served_ids: collections.OrderedDict = collections.OrderedDict()  # completion ids of this process
+        self.created = int(time.time())
+
+    # -- per request: who is asking, may they, what did they send
+    def identity(self, request) -> str:
+        """The caller's key id (hashed), after checking the key; an open server uses the address."""
+        auth = request.headers.get("authorization", "")
+        if self.keys is None:
+            return key_id("addr:" + (request.client.host if request.client else "?"))
+        scheme, _, presented = auth.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip() or not self.keys.check(presented.strip()):
+            raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
+        return key_id(presented.strip())
+
+    def admit(self, request) -> str:
+        """The caller's identity, once its key is good and its request bucket not empty."""
+        ident = self.identity(request)
+        now = time.monotonic()
+        wait = self.limiter.blocked_for(ident, now)
+        if wait:
+            self.metrics.rate_limited.labels(reason="blocked").inc()
+            raise ApiError(429, "This key is blocked for a while: too many requests tripped the content filter.",
+                           "key_blocked", headers=retry_after(wait))
+        wait = self.limiter.take_request(ident, now)
+        if wait:
+            self.metrics.rate_limited.labels(reason="requests").inc()
+            raise ApiError(429, "Rate limit reached for requests per minute.", "rate_limit_exceeded",
+                           headers=retry_after(wait))
+        return ident
+
+    async def read_json(self, request) -> dict:
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(400, f"request body exceeds {limit} bytes", "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(400, f"request body exceeds {limit} bytes", "request_too_large")
+            chunks.append(chunk)
+        return protocol.parse_json_body(b"".join(chunks))
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise ApiError(400, "'model' is required (see GET /v1/models)", "invalid_value", "model")
+        if model not in (self.model_id, self.cfg.ckpt_name):
+            raise protocol.model_not_found(model)
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "serve.py",
+                "root": os.path.abspath(self.cfg.ckpt), "max_model_len": self.context}
+
+    # -- moderation, limits, ids
+    async def check_text(self, text: str, moderator: Moderator | None = None) -> dict:
+        """Moderator.check, off the event loop when a classifier has to run."""
+        moderator = moderator or self.moderator
+        if moderator.classifier is not None:
+            return await asyncio.to_thread(moderator.check, text)
+        return moderator.check(text)
+
+    async def moderate(self, text: str, ident: str, stage: str) -> dict | None:
+        """Blocklist and classifier on a text; flags are counted by category and stage, and
+        tracked per key."""
+        if self.moderator is None:
+            return None
+        result = await self.check_text(text)
+        if result["flagged"]:
+            self.flagged(result["categories"], ident, stage)
+        return result
+
+    def flagged(self, categories: list[str], ident: str, stage: str) -> None:
+        for c in categories:
+            self.metrics.safety_flags.labels(category=c, stage=stage).inc()
+        self.limiter.record_flag(ident, time.monotonic())
+
+    def charge_tokens(self, ident: str, amount: int) -> None:
+        if self.cfg.rate_limit_tpm and amount > self.cfg.rate_limit_tpm:
+            raise ApiError(400, f"this request needs {amount} tokens (prompt + max_tokens); the per-minute limit is "
+                                f"{int(self.cfg.rate_limit_tpm)}: lower max_tokens", "tokens_exceed_limit",
+                           "max_tokens")
+        wait = self.limiter.take_tokens(ident, amount, time.monotonic())
+        if wait:
+            self.metrics.rate_limited.labels(reason="tokens").inc()
+            raise ApiError(429, "Rate limit reached for tokens per minute.", "rate_limit_exceeded",
+                           headers=retry_after(wait))
+
+    def remember(self, completion_id: str) -> None:
+        self.served_ids[completion_id] = True
+        if len(self.served_ids) > 200_000:
+            self.served_ids.popitem(last=False)
+
+    def known_id(self, completion_id: str) -> bool:
+        """Served by this process, or in the request log (replicas may share a --log-dir)."""
+        if completion_id in self.served_ids:
+            return True
+        return self.request_log is not None and self.request_log.has_id(completion_id)
+
+    def log_request(self, record: dict) -> None:
+        if self.request_log is not None:
+            self.request_log.write(record)
+
+    # -- a chat or text completion: prepare, run, then collect or stream
+    async def prepare(self, request, chat: bool) -> Generation:
+        """Check the caller and the body, and moderate the input (400 content_filter)."""
+        ident = self.admit(request)
+        body = await self.read_json(request)
+        self.check_model(body)
+        if chat:
+            messages = protocol.parse_messages(body, self.cfg.max_messages, self.cfg.max_message_chars)
+            prompt_ids = chat_prompt_ids(self.tok, messages)
+            user_texts = [m["content"] for m in messages if m["role"] != "assistant"]
+            logged = {"messages": messages}
+        else:
+            prompt = protocol.parse_prompt(body, self.cfg.max_message_chars)
+            prompt_ids, user_texts, logged = completion_prompt_ids(self.tok, prompt), [prompt], {"prompt": prompt}
+        params = protocol.parse_sampling(body, len(prompt_ids), self.context, self.cfg.max_tokens_limit)
+        stream, include_usage = protocol.parse_stream(body)
+        out = Completion(chat, self.model_id, include_usage=include_usage)
+        record = {"id": out.id, "time": time.time(), "endpoint": "chat" if chat else "completions",
+                  "model": self.model_id, "key": ident, **logged,
+                  "params": {k: v for k, v in params.items() if k != "stop"} | {"stop": list(params["stop"])}}
+        verdict = await self.moderate("\n".join(user_texts), ident, "input")
+        if verdict is not None and verdict["flagged"]:
+            self.log_request({**record, "finish_reason": "content_filter", "stage": "input",
+                              "categories": verdict["categories"], "completion": None})
+            raise ApiError(400, "The request was rejected by the content filter (categories: "
+                                + ", ".join(verdict["categories"]) + ").", "content_filter",
+                           "messages" if chat else "prompt")
+        return Generation(ident, out, prompt_ids, params, stream, record)
+
+    def run(self, gen: Generation) -> None:
+        """Charge prompt + max_tokens to the caller's bucket and queue the request (503 when full)."""
+        p = gen.params
+        budget = len(gen.prompt_ids) + p["max_tokens"]
+        self.charge_tokens(gen.ident, budget)
+        gen.req = GenRequest(gen.prompt_ids, p["max_tokens"], p["temperature"], p["top_p"], p["top_k"], p["stop"],
+                             p["seed"], p["ignore_eos"], moderate=self.moderator is not None,
+                             loop=asyncio.get_running_loop())
+        try:
+            self.engine.submit(gen.req)
+        except EngineFull:
+            self.limiter.refund_tokens(gen.ident, budget)
+            raise ApiError(503, "The server is overloaded: too many requests are running and waiting. Retry later.",
+                           "server_overloaded", headers=retry_after(1)) from None
+
+    async def classify_output(self, info: dict) -> None:
+        """The classifier reads the whole response once it is complete (the blocklist ran on
+        every step in the engine); a flagged response ends as content_filter."""
+        if self.moderator is None or self.moderator.classifier is None or not info["text"]:
+            return
+        if info["finish_reason"] not in ("stop", "length"):
+            return
+        verdict = await asyncio.to_thread(self.moderator.check, info["text"])
+        if verdict["flagged"]:
+            info["finish_reason"], info["flags"] = "content_filter", verdict["categories"]
+            info["withheld"] = True  # a non-streamed response is not delivered
+
+    def finish(self, gen: Generation, info: dict | None, error: str | None = None) -> None:
+        """The request ended (info: the engine's finish event) or failed (error)."""
+        if info is not None:
+            self.limiter.refund_tokens(gen.ident, gen.params["max_tokens"] - info["completion_tokens"])
+            self.remember(gen.out.id)
+            if info["finish_reason"] == "content_filter":
+                for c in info["flags"]:
+                    self.metrics.safety_flags.labels(category=c, stage="output").inc()
+                self.limiter.record_flag(gen.ident, time.monotonic())
+        self.log_request({**gen.record, "completion": info["text"] if info else None,
+                          "finish_reason": info["finish_reason"] if info else "error",
+                          "error": error, "usage": protocol.usage(info) if info else None,
+                          "timings": info["timings"] if info else None})
+
+    def abort(self, gen: Generation) -> None:
+        """The client went away: free its row."""
+        self.engine.abort(gen.req)
+        self.finish(gen, None, "client disconnected")
+
+    async def collect(self, gen: Generation, request) -> dict | Response:
+        """Wait for the whole response (499 when the client disconnects first)."""
+        info = None
+        try:
+            while info is None:
+                try:
+                    kind, payload = await asyncio.wait_for(gen.req.queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.abort(gen)
+                        return Response(status_code=499)
+                    continue
+                if kind == "error":
+                    self.finish(gen, None, payload)
+                    raise ApiError(500, f"generation failed: {payload}", "engine_error")
+                if kind == "finish":
+                    info = payload
+        except asyncio.CancelledError:
+            self.engine.abort(gen.req)
+            raise
+        await self.classify_output(info)
+        self.finish(gen, info)
+        if info.get("withheld"):
+            info["text"] = ""
+        return gen.out.body(info["text"], protocol.public_reason(info["finish_reason"]), protocol.usage(info))
+
+    async def _next_events(self, gen: Generation) -> tuple[str, tuple | None]:
+        """(the text deltas that piled up while we were writing, joined; the end event or None)."""
+        items = [await gen.req.queue.get()]
+        while not gen.req.queue.empty():
+            items.append(gen.req.queue.get_nowait())
+        text = "".join(p for k, p in items if k == "delta")
+        return text, next(((k, p) for k, p in items if k != "delta"), None)
+
+    async def _ending(self, gen: Generation, kind: str, payload) -> list[str]:
+        """The last events of a stream: an error, or the finish reason, usage and [DONE]."""
+        if kind == "error":
+            self.finish(gen, None, payload)
+            return [protocol.sse(ApiError(500, f"generation failed: {payload}", "engine_error").body())]
+        await self.classify_output(payload)
+        self.finish(gen, payload)
+        tail = [gen.out.chunk(None, protocol.public_reason(payload["finish_reason"]))]
+        if gen.out.include_usage:
+            tail.append(gen.out.usage_chunk(protocol.usage(payload)))
+        return tail + [protocol.DONE]
+
+    async def stream(self, gen: Generation):
+        """Server-sent events: the role (chat), text deltas, then _ending's."""
+        done = False
+        try:
+            if gen.out.chat:
+                yield gen.out.chunk(None, None, role=True)
+            while not done:
+                text, end = await self._next_events(gen)
+                done = end is not None
+                if text and not (done and end[0] == "error"):
+                    yield gen.out.chunk(text, None)
+                if done:
+                    for event in await self._ending(gen, *end):
+                        yield event
+        finally:
+            if not done:
+                self.abort(gen)
+
+
+# ----------------------------------------------------------------------------- the routes
+
+def _server(request) -> Server:
+    return request.app.state.server
+
+
+async def generate(request: Request, chat: bool):
+    server = _server(request)
+    gen = await server.prepare(request, chat)
+    server.run(gen)
+    if not gen.stream:
+        return await server.collect(gen, request)
+    return StreamingResponse(server.stream(gen), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def chat_completions(request: Request):
+    return await generate(request, chat=True)
+
+
+async def completions(request: Request):
+    return await generate(request, chat=False)
+
+
+async def moderations(request: Request):
+    server = _server(request)
+    cfg = server.cfg
+    server.admit(request)
+    body = await server.read_json(request)
+    texts = protocol.parse_moderation_input(body, cfg.max_messages, cfg.max_message_chars)
+    moderator = server.moderator or Moderator(load_blocklist(cfg.blocklist))
+    results = []
+    for text in texts:
+        verdict = await server.check_text(text, moderator)
+        for c in verdict["categories"]:
+            server.metrics.safety_flags.labels(category=c, stage="moderations").inc()
+        results.append(protocol.moderation_result(verdict, CATEGORIES))
+    name = f"blocklist:{os.path.basename(cfg.blocklist)}"
+    if cfg.classifier:
+        name += f"+classifier:{os.path.basename(os.path.normpath(cfg.classifier))}"
+    return protocol.moderation_response(results, name)
+
+
+async def feedback(request: Request):
+    server = _server(request)
+    ident = server.admit(request)
+    body = await server.read_json(request)
+    check, entry, rating = protocol.parse_feedback(body)
+    for cid in check:
+        if not await asyncio.to_thread(server.known_id, cid):
+            raise ApiError(404, f"No completion with id {cid} was served here.", "completion_not_found", "id")
+    feedback_id = "fb-" + secrets.token_hex(12)
+    server.feedback_log.write({"feedback_id": feedback_id, "time": time.time(), "key": ident, **entry})
+    server.metrics.feedback.labels(rating=rating).inc()
+    return {"id": feedback_id, "object": "feedback", "recorded": True}
+
+
+async def list_models(request: Request):
+    server = _server(request)
+    server.admit(request)
+    return {"object": "list", "data": [server.model_card()]}
+
+
+async def get_model(model_id: str, request: Request):
+    server = _server(request)
+    server.admit(request)
+    if model_id != server.model_id:
+        raise protocol.model_not_found(model_id)
+    return server.model_card()
+
+
+async def health(request: Request):
+    server = _server(request)
+    engine = server.engine
+    if not engine.alive():
+        return JSONResponse({"status": "engine stopped", "error": engine.error}, status_code=503)
+    return {"status": "ok", "model": server.model_id, "running": len(engine.running), "waiting": len(engine.waiting)}
+
+
+async def prometheus(request: Request):
+    return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def chat_page():
+    with open(STATIC_PAGE, encoding="utf-8") as f:
+        return HTMLResponse(f.read())
+
+
+# ----------------------------------------------------------------------------- errors and the app
+
+def error_response(request, e: ApiError) -> JSONResponse:
+    _server(request).metrics.http_errors.labels(status=str(e.status)).inc()
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def on_api_error(request, e: ApiError):
+    return error_response(request, e)
+
+
+async def on_http_error(request, e):
+    message = {404: f"Unknown route {request.method} {request.url.path}", 405: "Method not allowed"}.get(
+        e.status_code, str(e.detail))
+    return error_response(request, ApiError(e.status_code, message, "not_found" if e.status_code == 404 else None))
+
+
+async def on_validation_error(request, e):
+    return error_response(request, ApiError(400, "invalid request", "invalid_value"))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    engine = app.state.server.engine
+    if engine.thread is None:
+        engine.start()
+    yield
+    engine.shutdown()
+
+
+ROUTES = [("GET", "/health", health), ("GET", "/metrics", prometheus), ("GET", "/", chat_page),
+          ("GET", "/v1/models", list_models), ("GET", "/v1/models/{model_id:path}", get_model),
+          ("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/completions", completions),
+          ("POST", "/v1/moderations", moderations), ("POST", "/v1/feedback", feedback)]
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI app over one Server (app.state.server)."""
+    app = FastAPI(title="serve.py", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    for method, path, handler in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
+    return app
