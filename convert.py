@@ -9,21 +9,23 @@
 to one, with no permutation: our rotary embedding rotates the pair (x[i], x[i + D/2]),
 which is Hugging Face's rotate-half layout (not Meta's interleaved one). GPT-2 stores its
 linear layers as Conv1D, (in, out), so they are transposed, and q/k/v are fused into
-`c_attn`. A reward model or critic (a checkpoint with `score_head.*`) becomes
-`*ForSequenceClassification` with `num_labels=1`: `score.weight` is our head's weight; HF's
-head has no bias, so ours is stored in config.json as `score_bias`, next to the reward
-model's `score_norm`:
+`c_attn`. Each architecture's mapping is one table (`weight_table`: our names, theirs, and
+a transform with its inverse) that export walks forward and import walks back. A reward
+model or critic (a checkpoint with `score_head.*`) becomes `*ForSequenceClassification`
+with `num_labels=1`: `score.weight` is our head's weight; HF's head has no bias, so ours is
+stored in config.json as `score_bias`, next to the reward model's `score_norm`:
 
     raw score  = logits[:, 0] + config.score_bias            (read at the last non-pad token, our <|end|>)
-    our score  = (raw - score_norm.mean) / score_norm.std     (what train_rm.RewardScorer.score returns)
+    our score  = (raw - score_norm.mean) / score_norm.std     (what runtime.RewardScorer.score returns)
 
 The tokenizer is written as `tokenizer.json` (byte-level BPE with our split regex and the
 six special tokens as added tokens) and `tokenizer_config.json` (eos `<|end|>`, pad
-`<|pad|>`, and a Jinja chat template that renders data/chat.py's format). Our tokenizer
-never reads special-token text in user text as a special token; Hugging Face's does unless
-`split_special_tokens=True` (transformers) / `encode_special_tokens = True` (tokenizers),
-and with that flag the ids are ours exactly. The chat template refuses (raise_exception)
-a message whose content holds special-token text, rather than letting it inject a turn.
+`<|pad|>`, and a Jinja chat template that renders data/chat.py's format), by
+data/hf_tokenizer.py. Our tokenizer never reads special-token text in user text as a
+special token; Hugging Face's does unless `split_special_tokens=True` (transformers) /
+`encode_special_tokens = True` (tokenizers), and with that flag the ids are ours exactly.
+The chat template refuses (raise_exception) a message whose content holds special-token
+text, rather than letting it inject a turn.
 
 **Import** (`from-hf`). A local directory (nothing is downloaded) of `LlamaForCausalLM`,
 `MistralForCausalLM` (a sliding window caps the context at the window, where the two
@@ -46,18 +48,18 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
 import runtime
-from cli import UserError, die, parse_config, print_config
-from data.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from cli import UserError, entry_point, parse_config, print_config
+from data.files import read_json
+from data.hf_tokenizer import hf_tokenizer_config, hf_tokenizer_json, tokenizer_from_hf
+from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-# What Hugging Face's ByteLevel pre-tokenizer splits by when use_regex is true (GPT-2's pattern).
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # Stages whose models continue documents and stop at <|endoftext|>; every other stage's
 # model answers in the chat format and stops at <|end|> (as sample.py --chat does).
@@ -66,217 +68,68 @@ BASE_STAGES = ("pretrain", "hf-import")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A checkpoint or Hugging Face directory that cannot be converted (says what and why)."""
 
 
-# ----------------------------------------------------------------------------- byte-level alphabet
+# ----------------------------------------------------------------------------- weight mapping
+# One table per model: each Rule names our tensors, the Hugging Face tensors they become,
+# and the transform between them with its inverse. Export walks the table forward, import
+# walks the same table backward (`walk`), so the two directions cannot drift apart.
 
-def _byte_to_char() -> dict[int, str]:
-    """GPT-2's map from the 256 bytes to printable characters (the strings of every
-    byte-level BPE vocabulary): printable Latin-1 bytes stand for themselves, the others
-    (controls, space, ...) take the code points from 256 up, in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+class Transform(NamedTuple):
+    """A pair of inverse functions, each from a tuple of tensors to a tuple of tensors."""
+    to_hf: Callable[..., tuple]  # our tensors -> theirs
+    from_hf: Callable[..., tuple]  # theirs -> ours
+
+    def then(self, other: "Transform") -> "Transform":
+        """This transform, then `other` (its inverse: other's inverse, then this one's)."""
+        return Transform(lambda *ts: other.to_hf(*self.to_hf(*ts)), lambda *ts: self.from_hf(*other.from_hf(*ts)))
 
 
-BYTE_TO_CHAR = _byte_to_char()
-CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+SAME = Transform(lambda *ts: ts, lambda *ts: ts)
+# GPT-2's Conv1D stores a linear layer's weight as (in, out): ours transposed.
+CONV1D = Transform(lambda *ts: tuple(t.t() for t in ts), lambda *ts: tuple(t.t() for t in ts))
 
 
-def piece_of(data: bytes) -> str:
-    return "".join(BYTE_TO_CHAR[b] for b in data)
+def fused(n: int, dim: int) -> Transform:
+    """n of our tensors as one, concatenated along dim (GPT-2's c_attn: q, k, v)."""
+    return Transform(lambda *ts: (torch.cat(ts, dim),), lambda t: t.chunk(n, dim))
 
 
-def bytes_of(piece: str) -> bytes:
-    try:
-        return bytes(CHAR_TO_BYTE[c] for c in piece)
-    except KeyError as e:
-        raise ConvertError(f"tokenizer.json: vocabulary entry {piece!r} is not byte-level "
-                           f"(character {e.args[0]!r} stands for no byte)") from None
+def zeros(size: int, name: str) -> Transform:
+    """A bias Hugging Face has and our model does not (GPT-2 without biases): zeros on
+    export; on import nothing, which is only exact when it is zero."""
+    def from_hf(t):
+        if t.any():
+            raise ConvertError(f"{name} is not zero, and the model has no such bias")
+        return ()
+    return Transform(lambda: (torch.zeros(size),), from_hf)
 
 
-# ----------------------------------------------------------------------------- tokenizer export
-
-def hf_tokenizer_json(tok: Tokenizer) -> dict:
-    """Our tokenizer as a Hugging Face `tokenizers` file.
-
-    Ours encodes with tiktoken, which merges the adjacent pair of lowest rank among *all*
-    pairs whose concatenation is a token. Hugging Face's BPE only applies listed merges, so
-    every split of a token into two tokens is listed at that token's rank (our own merge
-    first, so an import reads our merges back exactly), as Hugging Face's own tiktoken
-    converter does; `ignore_merges` matches tiktoken's whole-chunk lookup."""
-    vocab = {piece_of(b): i for i, b in enumerate(tok.token_bytes)}
-    rank = {b: i for i, b in enumerate(tok.token_bytes)}
-    merges = []
-    for k, (a, b) in enumerate(tok.merges):
-        whole = tok.token_bytes[256 + k]
-        splits = sorted((rank[whole[:j]], rank[whole[j:]]) for j in range(1, len(whole))
-                        if whole[:j] in rank and whole[j:] in rank and (rank[whole[:j]], rank[whole[j:]]) != (a, b))
-        for left, right in [(a, b), *splits]:
-            merges.append(f"{piece_of(tok.token_bytes[left])} {piece_of(tok.token_bytes[right])}")
-    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for s, i in tok.special_tokens.items()]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": merges},
-    }
+class Rule(NamedTuple):
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...]
+    transform: Transform = SAME
 
 
-# data/chat.py's format: <|endoftext|>, then per turn the role token, the content, <|end|>;
-# the generation prompt is <|assistant|>. Roles are written as whole literals (never built
-# from the input), and content holding special-token text is refused: rendered into the
-# string it would become a control token, where our tokenizer keeps it text.
-CHAT_TEMPLATE = (
-    "{%- set specials = " + json.dumps(list(SPECIAL_TOKENS)) + " -%}"
-    "{{- '<|endoftext|>' -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is not string -%}"
-    "{{- raise_exception('message content must be a string') -}}"
-    "{%- endif -%}"
-    "{%- for token in specials -%}{%- if token in message['content'] -%}"
-    "{{- raise_exception('message content contains the special-token text ' ~ token ~ ', which our tokenizer "
-    "encodes as text and a chat template cannot: encode it with split_special_tokens=True') -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if message['role'] == 'system' -%}{{- '<|system|>' -}}"
-    "{%- elif message['role'] == 'user' -%}{{- '<|user|>' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- '<|assistant|>' -}}"
-    "{%- else -%}{{- raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') -}}"
-    "{%- endif -%}"
-    "{{- message['content'] -}}{{- '<|end|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-)
+def rename(ours: str, theirs: str, transform: Transform = SAME) -> Rule:
+    """One tensor of ours as one of theirs."""
+    return Rule((ours,), (theirs,), transform)
 
 
-def hf_tokenizer_config(tok: Tokenizer, max_len: int) -> dict:
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|endoftext|>", "eos_token": "<|end|>", "pad_token": "<|pad|>", "unk_token": None,
-        "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"],
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "split_special_tokens": False, "model_max_length": max_len, "padding_side": "left",
-        "chat_template": CHAT_TEMPLATE,
-    }
+def walk(table: list[Rule], tensors: dict, to_hf: bool) -> dict:
+    """The tensors named on one side of the table as those of the other side: ours ->
+    Hugging Face's with to_hf, else back. A name the table needs and `tensors` lacks
+    raises KeyError."""
+    out = {}
+    for rule in table:
+        src, dst, fn = ((rule.ours, rule.theirs, rule.transform.to_hf) if to_hf else
+                        (rule.theirs, rule.ours, rule.transform.from_hf))
+        results = fn(*(tensors[name] for name in src))
+        out.update(zip(dst, results, strict=True))
+    return out
 
-
-# ----------------------------------------------------------------------------- tokenizer import
-
-def _split_pattern(pre) -> str:
-    """The split regex of a byte-level pre-tokenizer, or ConvertError."""
-    def describe(p):
-        if not isinstance(p, dict):
-            return repr(p)
-        if p.get("type") == "Sequence":
-            return "Sequence(" + ", ".join(describe(q) for q in p.get("pretokenizers", [])) + ")"
-        return str(p.get("type"))
-
-    supported = "supported: ByteLevel(use_regex=true), or Sequence(Split(Regex, Isolated), ByteLevel(use_regex=false))"
-    if isinstance(pre, dict) and pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
-        pre = pre["pretokenizers"][0]
-    if isinstance(pre, dict) and pre.get("type") == "ByteLevel":
-        if pre.get("add_prefix_space"):
-            raise ConvertError("tokenizer.json: ByteLevel with add_prefix_space=true is not supported")
-        if pre.get("use_regex", True):
-            return GPT2_SPLIT_PATTERN
-    if isinstance(pre, dict) and pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 2:
-        split, byte_level = pre["pretokenizers"]
-        if (isinstance(split, dict) and split.get("type") == "Split" and isinstance(byte_level, dict)
-                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)):
-            pattern = split.get("pattern") or {}
-            if "Regex" not in pattern or split.get("behavior") != "Isolated" or split.get("invert"):
-                raise ConvertError(f"tokenizer.json: Split pre-tokenizer {json.dumps(split)[:200]} is not supported "
-                                   "(only a Regex pattern with behavior Isolated)")
-            if byte_level.get("add_prefix_space"):
-                raise ConvertError("tokenizer.json: ByteLevel with add_prefix_space=true is not supported")
-            return pattern["Regex"]
-    raise ConvertError(f"tokenizer.json: pre-tokenizer {describe(pre)} is not supported ({supported})")
-
-
-def tokenizer_from_hf(spec: dict) -> tuple[Tokenizer, list[int | None], list[str]]:
-    """Our tokenizer from a Hugging Face byte-level BPE tokenizer.json (parsed).
-
-    Returns (tokenizer, hf_ids, notes): hf_ids[i] is the Hugging Face id of our token i
-    (None when it has none), notes say what differs. Our layout is the 256 bytes, then
-    one token per merge in the file's order (the first merge that makes a token; later
-    ones making the same bytes are the tiktoken-style extra splits), then our specials."""
-    model = spec.get("model") if isinstance(spec, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        kind = model.get("type") if isinstance(model, dict) else None
-        raise ConvertError(f"tokenizer.json: model type {kind!r} is not supported (only byte-level BPE)")
-    for key in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-        if model.get(key):
-            raise ConvertError(f"tokenizer.json: BPE with {key}={model[key]!r} is not supported "
-                               "(SentencePiece-style tokenizers are not byte-level)")
-    notes = []
-    normalizer = spec.get("normalizer")
-    if normalizer is not None:
-        if isinstance(normalizer, dict) and normalizer.get("type") == "NFC":
-            notes.append("the Hugging Face tokenizer NFC-normalizes text first; ours encodes text as given "
-                         "(data.prepare normalizes to NFC; do the same for other text)")
-        else:
-            kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
-            raise ConvertError(f"tokenizer.json: normalizer {kind!r} is not supported (only none or NFC)")
-    pattern = _split_pattern(spec.get("pre_tokenizer"))
-    vocab, merges = model.get("vocab"), model.get("merges")
-    if not isinstance(vocab, dict) or not isinstance(merges, list):
-        raise ConvertError("tokenizer.json: the BPE model has no vocab/merges")
-
-    rank: dict[bytes, int] = {bytes([b]): b for b in range(256)}
-    hf_ids: list[int | None] = [vocab.get(BYTE_TO_CHAR[b]) for b in range(256)]
-    ours: list[tuple[int, int]] = []
-    for m in merges:
-        parts = m.split(" ") if isinstance(m, str) else m
-        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
-            raise ConvertError(f"tokenizer.json: merge {m!r} is not a pair")
-        left, right = bytes_of(parts[0]), bytes_of(parts[1])
-        whole = left + right
-        if whole in rank or left not in rank or right not in rank:
-            continue
-        rank[whole] = 256 + len(ours)
-        ours.append((rank[left], rank[right]))
-        hf_ids.append(vocab.get(parts[0] + parts[1]))
-    added = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)}
-    hf_ids += [added.get(s, vocab.get(s)) for s in SPECIAL_TOKENS]
-    try:
-        tok = Tokenizer(ours, pattern)
-    except (TokenizerError, ValueError) as e:  # tiktoken cannot compile the split regex
-        raise ConvertError(f"tokenizer.json: cannot build the tokenizer: {e}") from None
-
-    missing_bytes = sum(i is None for i in hf_ids[:256])
-    if missing_bytes:
-        notes.append(f"{missing_bytes} of the 256 bytes have no token in the Hugging Face vocabulary: "
-                     "their embeddings start as the mean")
-    reached = set(hf_ids)
-    unreached = [p for p, i in vocab.items() if i not in reached and p not in added]
-    if unreached:
-        notes.append(f"{len(unreached)} Hugging Face vocabulary entries no merge produces are left out "
-                     f"(e.g. {unreached[:3]})")
-    dropped = [s for s in added if s not in SPECIAL_TOKENS]
-    if dropped:
-        notes.append(f"{len(dropped)} Hugging Face added tokens are left out (ours are {', '.join(SPECIAL_TOKENS)}): "
-                     f"{', '.join(map(str, dropped[:6]))}{' ...' if len(dropped) > 6 else ''}")
-    new = [s for s, i in zip(SPECIAL_TOKENS, hf_ids[-len(SPECIAL_TOKENS):]) if i is None]
-    if new:
-        notes.append(f"new special tokens (embeddings start as the mean; fine-tuning teaches them): {', '.join(new)}")
-    return tok, hf_ids, notes
-
-
-# ----------------------------------------------------------------------------- weight names
 
 def _family_of(cfg: ModelConfig) -> str:
     """Which Hugging Face architecture expresses this model exactly."""
@@ -291,72 +144,61 @@ def _family_of(cfg: ModelConfig) -> str:
                        "(Llama: rmsnorm + swiglu + rope; GPT-2: layernorm + gelu + learned)")
 
 
-def _llama_names(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(our name, Hugging Face name) for every weight of a Llama-family model but the lm head."""
-    pairs = [("tok_emb.weight", "model.embed_tokens.weight"), ("norm_f.weight", "model.norm.weight")]
+def weight_table(cfg: ModelConfig, family: str, scalar: bool = False) -> list[Rule]:
+    """Every weight of the Hugging Face model: the family's layers, then the head
+    (`score` for a reward model or critic, else the lm head unless tied)."""
+    table = _gpt2_table(cfg) if family == "gpt2" else _llama_table(cfg)
+    if scalar:
+        table.append(rename("score_head.weight", "score.weight"))
+    elif not cfg.tie_embeddings:
+        table.append(rename("lm_head.weight", "lm_head.weight"))
+    return table
+
+
+def _llama_table(cfg: ModelConfig) -> list[Rule]:
+    """Llama, Mistral and Qwen2: the same tensors under other names."""
     qkv_bias = cfg.bias or cfg.qkv_bias
     linear = [("attn.wq", "self_attn.q_proj", qkv_bias), ("attn.wk", "self_attn.k_proj", qkv_bias),
               ("attn.wv", "self_attn.v_proj", qkv_bias), ("attn.wo", "self_attn.o_proj", cfg.bias),
               ("mlp.w1", "mlp.gate_proj", cfg.bias), ("mlp.w3", "mlp.up_proj", cfg.bias),
               ("mlp.w2", "mlp.down_proj", cfg.bias)]
+    table = [rename("tok_emb.weight", "model.embed_tokens.weight"), rename("norm_f.weight", "model.norm.weight")]
     for i in range(cfg.n_layer):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        pairs += [(ours + "norm1.weight", theirs + "input_layernorm.weight"),
-                  (ours + "norm2.weight", theirs + "post_attention_layernorm.weight")]
-        for o, t, has_bias in linear:
-            pairs.append((f"{ours}{o}.weight", f"{theirs}{t}.weight"))
+        o, h = f"blocks.{i}.", f"model.layers.{i}."
+        table += [rename(o + "norm1.weight", h + "input_layernorm.weight"),
+                  rename(o + "norm2.weight", h + "post_attention_layernorm.weight")]
+        for ours, theirs, has_bias in linear:
+            table.append(rename(f"{o}{ours}.weight", f"{h}{theirs}.weight"))
             if has_bias:
-                pairs.append((f"{ours}{o}.bias", f"{theirs}{t}.bias"))
-    return pairs
+                table.append(rename(f"{o}{ours}.bias", f"{h}{theirs}.bias"))
+    return table
 
 
-def _gpt2_to_hf(w: dict, cfg: ModelConfig) -> dict:
-    """GPT-2 names and layouts: Conv1D weights are (in, out), q/k/v fused into c_attn;
-    a bias or LayerNorm bias we do not have is zero."""
-    def bias(name: str, size: int) -> torch.Tensor:
-        return w[name] if name in w else torch.zeros(size, dtype=w["tok_emb.weight"].dtype)
+def _gpt2_table(cfg: ModelConfig) -> list[Rule]:
+    """GPT-2: Conv1D weights are (in, out); q/k/v are fused into c_attn; every layer has
+    a bias, zero where ours has none."""
+    def bias(ours: tuple[str, ...], theirs: str, size: int, present: bool, transform: Transform = SAME) -> Rule:
+        return Rule(ours, (theirs,), transform) if present else Rule((), (theirs,), zeros(size, theirs))
 
-    d, out = cfg.d_model, {"transformer.wte.weight": w["tok_emb.weight"], "transformer.wpe.weight": w["pos_emb.weight"]}
+    d, qkv_bias = cfg.d_model, cfg.bias or cfg.qkv_bias
+    table = [rename("tok_emb.weight", "transformer.wte.weight"), rename("pos_emb.weight", "transformer.wpe.weight")]
     for i in range(cfg.n_layer):
         o, h = f"blocks.{i}.", f"transformer.h.{i}."
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[h + theirs + ".weight"] = w[o + ours + ".weight"]
-            out[h + theirs + ".bias"] = bias(o + ours + ".bias", d)
-        qkv = ("attn.wq", "attn.wk", "attn.wv")
-        out[h + "attn.c_attn.weight"] = torch.cat([w[o + p + ".weight"].t() for p in qkv], dim=1)
-        out[h + "attn.c_attn.bias"] = torch.cat([bias(o + p + ".bias", d) for p in qkv])
+            table += [rename(f"{o}{ours}.weight", f"{h}{theirs}.weight"),
+                      bias((f"{o}{ours}.bias",), f"{h}{theirs}.bias", d, cfg.bias)]
+        qkv = [o + p for p in ("attn.wq", "attn.wk", "attn.wv")]
+        table += [Rule(tuple(p + ".weight" for p in qkv), (h + "attn.c_attn.weight",), CONV1D.then(fused(3, dim=1))),
+                  bias(tuple(p + ".bias" for p in qkv), h + "attn.c_attn.bias", 3 * d, qkv_bias, fused(3, dim=0))]
         for ours, theirs, size in (("attn.wo", "attn.c_proj", d), ("mlp.w1", "mlp.c_fc", cfg.d_ff),
                                    ("mlp.w2", "mlp.c_proj", d)):
-            out[h + theirs + ".weight"] = w[o + ours + ".weight"].t()
-            out[h + theirs + ".bias"] = bias(o + ours + ".bias", size)
-    out["transformer.ln_f.weight"] = w["norm_f.weight"]
-    out["transformer.ln_f.bias"] = bias("norm_f.bias", d)
-    return out
-
-
-def _gpt2_from_hf(hf: dict, cfg: ModelConfig) -> dict:
-    d, w = cfg.d_model, {"tok_emb.weight": hf["transformer.wte.weight"], "pos_emb.weight": hf["transformer.wpe.weight"]}
-    for i in range(cfg.n_layer):
-        o, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            w[o + ours + ".weight"], w[o + ours + ".bias"] = hf[h + theirs + ".weight"], hf[h + theirs + ".bias"]
-        for k, p in enumerate(("attn.wq", "attn.wk", "attn.wv")):
-            w[o + p + ".weight"] = hf[h + "attn.c_attn.weight"][:, k * d:(k + 1) * d].t()
-            w[o + p + ".bias"] = hf[h + "attn.c_attn.bias"][k * d:(k + 1) * d]
-        for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w1", "mlp.c_fc"), ("mlp.w2", "mlp.c_proj")):
-            w[o + ours + ".weight"], w[o + ours + ".bias"] = hf[h + theirs + ".weight"].t(), hf[h + theirs + ".bias"]
-    w["norm_f.weight"], w["norm_f.bias"] = hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"]
-    return w
+            table += [rename(f"{o}{ours}.weight", f"{h}{theirs}.weight", CONV1D),
+                      bias((f"{o}{ours}.bias",), f"{h}{theirs}.bias", size, cfg.bias)]
+    return table + [rename("norm_f.weight", "transformer.ln_f.weight"),
+                    bias(("norm_f.bias",), "transformer.ln_f.bias", d, cfg.bias)]
 
 
 # ----------------------------------------------------------------------------- export
-
-def _atomic_save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer, family: str, scalar: bool, eos: int, dtype: str) -> dict:
     """config.json for transformers (and vLLM / llama.cpp, which read the same keys)."""
@@ -403,14 +245,7 @@ def export_hf(ckpt: str, out: str, dtype: str = "float32") -> list[str]:
         raise ConvertError(f"--out {out} already holds other weights ({', '.join(stale)}); use an empty directory")
 
     try:
-        if family == "gpt2":
-            hf = _gpt2_to_hf(weights, cfg)
-        else:
-            hf = {theirs: weights[ours] for ours, theirs in _llama_names(cfg)}
-        if scalar:
-            hf["score.weight"] = weights["score_head.weight"]
-        elif not cfg.tie_embeddings:
-            hf["lm_head.weight"] = weights["lm_head.weight"]
+        hf = walk(weight_table(cfg, family, scalar), weights, to_hf=True)
     except KeyError as e:
         raise ConvertError(f"{ckpt}: weight {e.args[0]} is missing for its model config") from None
     hf = {k: v.to(DTYPES[dtype]) for k, v in hf.items()}
@@ -425,7 +260,9 @@ def export_hf(ckpt: str, out: str, dtype: str = "float32") -> list[str]:
     hf_cfg["our_checkpoint"] = {"stage": stage, "step": config.get("step"), "model": cfg.to_dict()}
 
     os.makedirs(out, exist_ok=True)
-    _atomic_save_safetensors(hf, os.path.join(out, "model.safetensors"), {"format": "pt"})
+    from safetensors.torch import save
+    runtime.atomic_write(os.path.join(out, "model.safetensors"),
+                         save({k: v.contiguous() for k, v in hf.items()}, metadata={"format": "pt"}))
     runtime.write_json(os.path.join(out, "tokenizer.json"), hf_tokenizer_json(tok))
     runtime.write_json(os.path.join(out, "tokenizer_config.json"), hf_tokenizer_config(tok, cfg.max_seq_len))
     runtime.write_json(os.path.join(out, "generation_config.json"),
@@ -445,16 +282,7 @@ SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2F
 
 
 def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(f"{os.path.dirname(path) or '.'} has no {what} ({os.path.basename(path)})") from None
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path} is unreadable or not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ConvertError(f"{path} does not hold a JSON object")
-    return obj
+    return read_json(path, ConvertError, f"{os.path.dirname(path) or '.'} has no {what} ({os.path.basename(path)})")
 
 
 def read_hf_weights(hf_dir: str) -> dict:
@@ -578,19 +406,6 @@ def _strip_prefix(hf: dict, family: str) -> dict:
     return out
 
 
-class _ReadRecorder(dict):
-    """A dict that remembers which keys were read (weights left unread are not understood)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.seen = set()
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        self.seen.add(key)
-        return value
-
-
 def _rows(matrix: torch.Tensor, hf_ids: list[int | None]) -> torch.Tensor:
     """Rows of matrix for our token ids; a token Hugging Face lacks gets the mean row."""
     have = torch.tensor([i is not None for i in hf_ids])
@@ -610,26 +425,26 @@ def import_hf(hf_dir: str, out: str, max_seq_len: int = 0, train_config: dict | 
     cfg, family, notes = model_config_from_hf(hc, tok.vocab_size, max_seq_len)
     hf = _strip_prefix(read_hf_weights(hf_dir), family)
 
-    emb_name = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
+    table = weight_table(cfg, family)
+    emb_name = next(rule.theirs[0] for rule in table if rule.ours == ("tok_emb.weight",))
     if emb_name not in hf:
         raise ConvertError(f"{hf_dir}: no {emb_name} in the weights")
     if max(i for i in hf_ids if i is not None) >= hf[emb_name].shape[0]:
         raise ConvertError(f"{hf_dir}: the tokenizer has ids beyond the {hf[emb_name].shape[0]} embedding rows")
-    read = _ReadRecorder(hf)
+    if not cfg.tie_embeddings and "lm_head.weight" not in hf:
+        raise ConvertError(f"{hf_dir}: no lm_head.weight, and tie_word_embeddings is false")
     try:
-        w = _gpt2_from_hf(read, cfg) if family == "gpt2" else {ours: read[theirs] for ours, theirs in _llama_names(cfg)}
+        w = walk(table, hf, to_hf=False)
     except KeyError as e:
         raise ConvertError(f"{hf_dir}: weight {e.args[0]} is missing for its config") from None
-    unknown = sorted(set(hf) - read.seen - {"lm_head.weight"})
+    unknown = sorted(set(hf) - {name for rule in table for name in rule.theirs} - {"lm_head.weight"})
     if unknown:
         raise ConvertError(f"{hf_dir}: weights not understood for {hc['architectures'][0]}: {unknown[:4]}")
-    w["tok_emb.weight"] = _rows(hf[emb_name], hf_ids)
+    for name in ("tok_emb.weight", "lm_head.weight"):  # rows in our token order
+        if name in w:
+            w[name] = _rows(w[name], hf_ids)
     if cfg.tie_embeddings:
         w["lm_head.weight"] = w["tok_emb.weight"]  # one tensor under two names, as in the model
-    elif "lm_head.weight" not in hf:
-        raise ConvertError(f"{hf_dir}: no lm_head.weight, and tie_word_embeddings is false")
-    else:
-        w["lm_head.weight"] = _rows(hf["lm_head.weight"], hf_ids)
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -687,15 +502,18 @@ COMMANDS = {"to-hf": (ToHFConfig, "our checkpoint -> Hugging Face directory (tra
             "from-hf": (FromHFConfig, "local Hugging Face directory (Llama, Mistral, Qwen2, GPT-2) -> our checkpoint")}
 
 
+@entry_point
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = "usage: python convert.py {to-hf,from-hf} [options]   (python convert.py to-hf --help)\n" + \
         "\n".join(f"  {name:8s} {text}" for name, (_, text) in COMMANDS.items())
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(usage)
-        sys.exit(0 if argv else 2)
+        return
+    if not argv:
+        raise UserError("no command: use to-hf or from-hf (python convert.py --help)")
     if argv[0] not in COMMANDS:
-        die(f"unknown command {argv[0]!r}: use to-hf or from-hf")
+        raise UserError(f"unknown command {argv[0]!r}: use to-hf or from-hf")
     config_class, text = COMMANDS[argv[0]]
     cfg = parse_config(config_class, argv[1:], description=text)
     print_config(cfg, f"convert {argv[0]} config")
@@ -704,8 +522,8 @@ def main(argv=None) -> None:
             lines = export_hf(cfg.ckpt, cfg.out, cfg.dtype)
         else:
             lines = import_hf(cfg.hf, cfg.out, cfg.max_seq_len, train_config={"command": "from-hf", **vars(cfg)})
-    except (ConvertError, runtime.CheckpointError, TokenizerError, UserError, OSError, ValueError) as e:
-        die(str(e))
+    except (OSError, ValueError) as e:  # a file that cannot be read or written, a value a library refused
+        raise UserError(str(e)) from None
     for line in lines:
         print(line)
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 
 @dataclass
@@ -170,17 +171,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x, rope, mask, layer: int, cache: KVCache | None, impl: str):
-        B, T, _ = x.shape
-        cfg = self.cfg
-        q = self.wq(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=self.cfg.head_dim)
+        k = rearrange(self.wk(x), "b t (h d) -> b h t d", d=self.cfg.head_dim)
+        v = rearrange(self.wv(x), "b t (h d) -> b h t d", d=self.cfg.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = attention(q, k, v, mask, impl)
-        return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+        return self.wo(rearrange(y, "b h t d -> b t (h d)"))
 
 
 def attention(q, k, v, mask, impl: str):
@@ -198,17 +197,16 @@ def attention(q, k, v, mask, impl: str):
             raise ValueError("the Triton attention takes kv_start (an integer (B,) tensor), not a dense mask")
         return flash_attention(q, k, v, causal=True, kv_start=mask)
     groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA: K/V head i serves query heads i*g .. i*g+g-1, as copies (contiguous: for a
+        # single K/V head repeat returns a stride-0 view, whose matmul gradient rounds differently)
+        k, v = (repeat(t, "b h t d -> b (h g) t d", g=groups).contiguous() for t in (k, v))
     if impl == "sdpa":
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if impl != "eager":
         raise ValueError(f"unknown attention implementation {impl!r}")
     # eager: the textbook formula, in fp32 (the reference the tests compare against)
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (upcast(q) @ upcast(k).transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if mask is None:
         Tq, Tk = q.shape[2], k.shape[2]

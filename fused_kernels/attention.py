@@ -26,7 +26,7 @@ The algorithm (what the kernels below do):
 
 Block sizes / warps / stages on CUDA come from a short list per kernel (first that
 fits the GPU's shared memory wins; see `_cuda_configs`). They are not tuned on
-hardware yet: `python -m fused_kernels.bench --sweep` times the alternatives on a GPU.
+hardware yet: `python -m bench.kernels --sweep` times the alternatives on a GPU.
 The interpreter (TRITON_INTERPRET=1, tests) uses small blocks so that tiny shapes still
 span several blocks. See fused_kernels/__init__.py for how the backend is chosen.
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 
 from fused_kernels import HAS_TRITON, kernel_pair, launch, select_backend
 
@@ -353,7 +354,7 @@ _CUDA_CONFIGS_FP32 = {
 _INTERPRET_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _DELTA_BLOCK = 64
 _chosen: dict = {}  # (kind, head-dim bucket, dtype) -> index of the config that compiled
-CONFIG_OVERRIDE: dict = {}  # kind -> (BLOCK_M, BLOCK_N, warps, stages); for fused_kernels.bench --sweep
+CONFIG_OVERRIDE: dict = {}  # kind -> (BLOCK_M, BLOCK_N, warps, stages); for bench.kernels --sweep
 
 
 def _block_d(D: int) -> int:
@@ -461,12 +462,10 @@ def attention_reference(q, k, v, causal: bool = True, sm_scale: float | None = N
     """The same function in plain PyTorch (the CPU path): scores in at least fp32, K/V
     shared by query groups through broadcasting (no copies), masked rows give zeros."""
     B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    group = H // H_kv
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     acc = torch.promote_types(q.dtype, torch.float32)
-    qg = q.to(acc).view(B, H_kv, group, T, D)
-    kf, vf = k.to(acc)[:, :, None], v.to(acc)[:, :, None]
+    qg = rearrange(q.to(acc), "b (h g) t d -> b h g t d", h=k.shape[1])  # g query heads per K/V head
+    kf, vf = (rearrange(t.to(acc), "b h t d -> b h 1 t d") for t in (k, v))  # broadcast over g
     s = (qg @ kf.transpose(-2, -1)) * sm_scale  # (B, H_kv, group, T, T)
     keys = torch.arange(T, device=q.device)
     ok = torch.ones(T, T, dtype=torch.bool, device=q.device)
@@ -475,14 +474,14 @@ def attention_reference(q, k, v, causal: bool = True, sm_scale: float | None = N
     ok = ok.expand(B, T, T)
     if kv_start is not None:
         ok = ok & (keys[None, None, :] >= kv_start.to(q.device)[:, None, None])
-    ok = ok[:, None, None]
+    ok = rearrange(ok, "b tq tk -> b 1 1 tq tk")
     s = s.masked_fill(~ok, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)
     o = (p @ vf) / torch.where(l == 0, torch.ones_like(l), l)
-    return o.view(B, H, T, D).to(q.dtype)
+    return rearrange(o, "b h g t d -> b (h g) t d").to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -43,6 +43,7 @@ Triton kernel on CPU tensors through Triton's interpreter).
 from __future__ import annotations
 
 import torch
+from einops import einsum
 
 from fused_kernels import HAS_TRITON, kernel_pair, launch, select_backend
 
@@ -145,7 +146,7 @@ def _torch_rows(logits, work, targets, loss, entropy, scale, ignore_index, z_los
         return
     p = torch.exp(logp, out=lf)  # lf (the logits or their upcast copy) is ours to overwrite
     if entropy is not None:
-        entropy.copy_(-torch.bmm(p[:, None, :], logp[:, :, None]).view(-1))
+        entropy.copy_(-einsum(p, logp, "n v, n v -> n"))  # a batched matmul: no (rows, V) product
     if write_grad:
         s = valid.to(acc) if scale is None else torch.where(valid, scale.to(acc), torch.zeros((), dtype=acc))
         coef = s * (1.0 + 2.0 * z_loss * lse) if z_loss else s

@@ -21,7 +21,8 @@ tokenizers = pytest.importorskip("tokenizers")
 import convert  # noqa: E402
 import runtime  # noqa: E402
 from data.chat import encode_chat, encode_prompt  # noqa: E402
-from data.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from data.hf_tokenizer import tokenizer_from_hf  # noqa: E402
+from data.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, TokenizerError  # noqa: E402
 from model import ModelConfig, ScalarHeadModel, Transformer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -205,7 +206,6 @@ def test_chat_template_gives_our_chat_encoding(tok, exported_tokenizer):
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_reward_model_export_scores_equal_ours(style, tok, tmp_path):
-    from train_rm import RewardScorer
     flags = dict(n_layer=2, n_head=3, n_kv_head=1, d_model=42, d_ff=66) if style == "llama" else \
         dict(n_layer=2, n_head=3, n_kv_head=3, d_model=42, norm="layernorm", mlp="gelu", pos_emb="learned", bias=True)
     rm = ScalarHeadModel(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **flags))
@@ -217,7 +217,7 @@ def test_reward_model_export_scores_equal_ours(style, tok, tmp_path):
     assert config["architectures"] == [("Llama" if style == "llama" else "GPT2") + "ForSequenceClassification"]
     assert config["score_norm"] == norm and config["score_bias"] == pytest.approx(rm.score_head.bias.item())
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    scorer = RewardScorer(ckpt)
+    scorer = runtime.RewardScorer.load(ckpt)
     prompts, responses = ["What is 7 + 5?", "Sort: 3, 1, 2", "Say hi"], ["12", "1, 2, 3 and some more words", "hi"]
     ours = scorer.score(prompts, responses)
     seqs = [encode_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])[0]
@@ -297,7 +297,7 @@ def test_import_gives_transformers_logits_and_export_restores_every_weight(kind,
     ours.eval()
     tok = Tokenizer.load(str(tmp_path / "ours" / "tokenizer.json"))
     assert config["stage"] == "hf-import" and config["source"]["architecture"] == type(model).__name__
-    _, hf_ids, _ = convert.tokenizer_from_hf(json.loads((src / "tokenizer.json").read_text()))
+    _, hf_ids, _ = tokenizer_from_hf(json.loads((src / "tokenizer.json").read_text()))
     assert tok.vocab_size == ours.cfg.vocab_size == len(hf_ids)
     if kind == "mistral":
         assert ours.cfg.max_seq_len == 48 and any("sliding-window" in line for line in lines)
@@ -380,8 +380,8 @@ def test_sft_runs_on_an_imported_model(works, tmp_path):
       "pre_tokenizer": {"type": "ByteLevel"}}, "normalizer 'Lowercase'"),
 ])
 def test_unsupported_tokenizers_are_named(spec, message):
-    with pytest.raises(convert.ConvertError, match=message):
-        convert.tokenizer_from_hf(spec)
+    with pytest.raises(TokenizerError, match=message):
+        tokenizer_from_hf(spec)
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
