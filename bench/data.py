@@ -1,7 +1,7 @@
 """Benchmarks for stage 0, side by side with the reference libraries.
 
     pip install tokenizers datasketch     # only for this script
-    python -m data.bench [--append BENCHMARKS.md]
+    python -m bench.data [--append BENCHMARKS.md]
 
 1. BPE training to vocab 8192 on the embedded corpus: our incremental trainer vs
    HF `tokenizers` (Rust) with the same split pattern and byte-level alphabet; wall
@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gzip
 import json
@@ -26,12 +25,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
+from cli import UserError, entry_point, parse_config, print_config
 from data.dedup import MinHasher, NearDedup, jaccard, shingle_hashes, simplify_words
 from data.prepare import DEFAULT_CORPUS
 from data.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class BenchConfig:
+    vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size of both trainers"})
+    workers: int = field(default=os.cpu_count() or 1, metadata={"help": "worker processes of our BPE trainer"})
+    repeats: int = field(default=3, metadata={"help": "BPE trainings of each (best of)"})
+    docs: int = field(default=4000, metadata={"help": "unrelated documents for the MinHash benchmark"})
+    planted: int = field(default=1000, metadata={"help": "planted near-duplicates"})
+    words: int = field(default=400, metadata={"help": "words per document"})
+    append: str = field(default="", metadata={"help": "append a results section to this markdown file"})
 
 
 def corpus_texts() -> list[str]:
@@ -144,7 +156,8 @@ def bench_prepare() -> dict:
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise SystemExit(f"data.prepare failed:\n{proc.stderr}")
+            sys.stderr.write(proc.stderr)
+            raise UserError(f"data.prepare failed (exit code {proc.returncode}); its output is above")
         with open(os.path.join(tmp, "report.json")) as f:
             report = json.load(f)
     return {"wall_s": wall, "stage_seconds": report["seconds"], "kept": report["documents"]["kept"],
@@ -161,16 +174,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="stage-0 benchmarks vs HF tokenizers and datasketch")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--docs", type=int, default=4000, help="unrelated documents for the MinHash benchmark")
-    parser.add_argument("--planted", type=int, default=1000, help="planted near-duplicates")
-    parser.add_argument("--words", type=int, default=400, help="words per document")
-    parser.add_argument("--append", default=None, help="append a results section to this markdown file")
-    args = parser.parse_args()
+@entry_point
+def main(argv=None) -> None:
+    args = parse_config(BenchConfig, argv, description="stage-0 benchmarks vs HF tokenizers and datasketch")
+    print_config(args, "bench config")
+    try:
+        import datasketch  # noqa: F401
+        import tokenizers  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"bench.data needs tokenizers and datasketch (pip install tokenizers datasketch): "
+                        f"{e}") from None
 
     bpe = bench_bpe(args.vocab_size, args.workers, args.repeats)
     print(f"BPE vocab {args.vocab_size} on {bpe['corpus_mb']:.1f} MB: ours {bpe['ours_s']:.2f}s, "
@@ -186,7 +199,7 @@ def main() -> None:
 
     if args.append:
         date = datetime.date.today().isoformat()
-        cmd = "python -m data.bench " + " ".join(sys.argv[1:])
+        cmd = "python -m bench.data " + " ".join(sys.argv[1:] if argv is None else argv)
         lines = [
             f"\n## Stage 0 (data) — {date}\n",
             f"Machine: {machine()}. Command: `{cmd.strip()}`.\n",

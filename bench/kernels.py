@@ -1,8 +1,8 @@
 """GPU benchmarks of the kernels against PyTorch; prints tables and appends them to BENCHMARKS.md.
 
-    python -m fused_kernels.bench [--append BENCHMARKS.md] [--only attention|ce] [--sweep]
-    python -m fused_kernels.bench --cpu-loss [--append BENCHMARKS.md]     (the one CPU benchmark)
-    python -m fused_kernels.bench --compile-check                          (no GPU needed)
+    python -m bench.kernels [--append BENCHMARKS.md] [--only attention|ce] [--sweep]
+    python -m bench.kernels --cpu-loss [--append BENCHMARKS.md]     (the one CPU benchmark)
+    python -m bench.kernels --compile-check                          (no GPU needed)
 
 Attention: causal, bf16, grouped-query (4 query heads per K/V head), head dim 64 and
 128, T = 1k..8k at 16k tokens per batch. Forward and forward+backward TFLOP/s of
@@ -34,19 +34,34 @@ Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between ru
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
-import sys
-
-if __package__ in (None, ""):  # run as a file: python fused_kernels/bench.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from cli import UserError, entry_point, parse_config, print_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class BenchConfig:
+    append: str = field(default=os.path.join(REPO, "BENCHMARKS.md"),
+                        metadata={"help": "markdown file to append the results to ('' to only print)"})
+    only: str | None = field(default=None, metadata={"choices": ["attention", "ce"],
+                                                     "help": "run only one of the two GPU benchmarks"})
+    sweep: bool = field(default=False, metadata={"help": "also time every attention launch configuration"})
+    cpu_loss: bool = field(default=False, metadata={
+        "help": "instead: the CPU loss path, plain (former lm_loss) vs fused_kernels.cross_entropy"})
+    compile_check: bool = field(default=False, metadata={
+        "help": "instead: compile the kernels for sm_90 and print their resource use (no GPU needed)"})
+
+    def __post_init__(self):
+        if self.only not in (None, "attention", "ce"):  # a --config file is not checked by argparse
+            raise UserError(f"--only {self.only!r}: choose attention or ce")
 
 TOKENS = 16384
 DTYPE = torch.bfloat16
@@ -315,17 +330,10 @@ def compile_check() -> list[str]:
     return rows
 
 
+@entry_point
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--append", default=os.path.join(REPO, "BENCHMARKS.md"),
-                   help="markdown file to append the results to ('' to only print)")
-    p.add_argument("--only", choices=["attention", "ce"], default=None, help="run one of the two benchmarks")
-    p.add_argument("--sweep", action="store_true", help="also time every attention launch configuration")
-    p.add_argument("--cpu-loss", action="store_true",
-                   help="instead: the CPU loss path, plain (former lm_loss) vs fused_kernels.cross_entropy")
-    p.add_argument("--compile-check", action="store_true",
-                   help="instead: compile the kernels for sm_90 and print their resource use (no GPU needed)")
-    args = p.parse_args(argv)
+    args = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    print_config(args, "bench config")
     if args.compile_check:
         compile_check()
         return
@@ -333,7 +341,7 @@ def main(argv=None) -> None:
         import platform
         header = (f"Machine: CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, "
                   f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
-                  "Command: `python -m fused_kernels.bench --cpu-loss`. V 8192, D 256, fp32, best of 7 A/B runs.")
+                  "Command: `python -m bench.kernels --cpu-loss`. V 8192, D 256, fp32, best of 7 A/B runs.")
         print(header)
         rows = cpu_loss_table()
         if args.append:
@@ -343,16 +351,16 @@ def main(argv=None) -> None:
             print(f"appended to {args.append}")
         return
     if not torch.cuda.is_available():
-        raise SystemExit("fused_kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); "
-                         "on the CPU the kernels are checked by tests/test_fused_kernels.py instead")
+        raise UserError("bench.kernels needs a CUDA GPU (torch.cuda.is_available() is False); "
+                        "on the CPU the kernels are checked by tests/test_fused_kernels.py instead")
     from fused_kernels import HAS_TRITON
     if not HAS_TRITON:
-        raise SystemExit("fused_kernels.bench needs triton (pip install triton)")
+        raise UserError("bench.kernels needs triton (pip install triton)")
     import triton
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
     header = (f"Machine: {name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}. "
-              f"Command: `python -m fused_kernels.bench{' --only ' + args.only if args.only else ''}"
+              f"Command: `python -m bench.kernels{' --only ' + args.only if args.only else ''}"
               f"{' --sweep' if args.sweep else ''}`.")
     print(header)
     sections = []

@@ -7,7 +7,7 @@ not change. Runs train_ppo.py for a few steps per k (every group kept, so the tr
 does not depend on how many groups happen to be equal) and reads its metrics.jsonl;
 "rollout" is TRL's time/generation: sampling, scoring and the reference log-probs.
 
-    python bench_ppo.py --init runs/sft --reward-model runs/rm --ks 2,4,8,16
+    python -m bench.ppo --init runs/sft --reward-model runs/rm --ks 2,4,8,16
 """
 from __future__ import annotations
 
@@ -19,26 +19,29 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from cli import die, parse_config
+from cli import UserError, entry_point, parse_config, print_config
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
 class BenchConfig:
     init: str = field(default=os.path.join(REPO, "runs", "sft"), metadata={"help": "SFT checkpoint"})
     reward_model: str = field(default=os.path.join(REPO, "runs", "rm"), metadata={"help": "reward model"})
-    prompts: str = field(default=os.path.join(REPO, "prepared", "tasks", "prompts.jsonl"))
+    prompts: str = field(default=os.path.join(REPO, "prepared", "tasks", "prompts.jsonl"),
+                         metadata={"help": "PPO prompts (train_ppo.py --prompts)"})
     ks: list[int] = field(default_factory=lambda: [2, 4, 8, 16], metadata={"help": "group sizes to time"})
     rollouts: int = field(default=64, metadata={"help": "responses per step (each k must divide it)"})
     steps: int = field(default=6, metadata={"help": "steps per k; the first is not timed"})
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata={"help": "train_ppo.py --device"})
 
 
+@entry_point
 def main(argv=None) -> None:
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    print_config(cfg, "bench config")
     if any(k < 2 or cfg.rollouts % k for k in cfg.ks) or cfg.steps < 2:
-        die("each k must be >= 2 and divide --rollouts; --steps must be >= 2")
+        raise UserError("each k must be >= 2 and divide --rollouts; --steps must be >= 2")
     print(f"{'k':>3} {'prompts':>7} {'rollout ms/token':>17} {'train ms/token':>15} {'step ms/token':>14} {'resp len':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         held_out = os.path.join(tmp, "one.jsonl")  # evaluation is not what is timed: one record
@@ -54,7 +57,7 @@ def main(argv=None) -> None:
                        "--eval-every", str(10 * cfg.steps), "--save-every", str(10 * cfg.steps)]
             proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
             if proc.returncode != 0:
-                die(f"k={k}: train_ppo.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+                raise UserError(f"k={k}: train_ppo.py failed: {proc.stderr.strip().splitlines()[-1:]}")
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 rows = [r for r in map(json.loads, f) if "time/generation" in r][1:]
             tokens = [cfg.rollouts * r["tokens/response_len"] for r in rows]

@@ -1,6 +1,6 @@
 """Throughput of train_pretrain.py against a minimal plain-PyTorch loop, side by side.
 
-    python bench_pretrain.py [--steps 40] [--append BENCHMARKS.md]
+    python -m bench.pretrain [--steps 40] [--append BENCHMARKS.md]
 
 The minimal loop is the least a training step can do: the same Transformer and batch
 shape, AdamW, forward, backward, step; no schedule, clipping, guards, logging or data
@@ -12,7 +12,6 @@ On CUDA it also reports MFU for the preset (add --compile to compare).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -20,17 +19,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from cli import UserError, entry_point, parse_config, print_config
 from data.shards import load_split
 from data.tokenizer import Tokenizer
 from model import PRESETS, ModelConfig, Transformer
 from runtime import peak_flops
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "prepared", "shakespeare")
+
+
+@dataclass
+class BenchConfig:
+    preset: str = field(default="tiny", metadata={"help": "model preset (model.PRESETS)"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per step (of the preset's context length)"})
+    steps: int = field(default=40, metadata={"help": "timed steps per run"})
+    warmup: int = field(default=5, metadata={"help": "warm-up steps, and the length of each timed interval"})
+    repeats: int = field(default=2, metadata={"help": "alternating runs of each side"})
+    compile: bool = field(default=False, metadata={"help": "pass --compile to train_pretrain.py"})
+    append: str = field(default="", metadata={"help": "append a results section to this markdown file"})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise UserError(f"--preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
 
 
 def minimal_loop(preset: str, batch: int, steps: int, warmup: int, device: str, dtype: torch.dtype) -> float:
@@ -71,7 +87,8 @@ def pipeline_run(preset: str, batch: int, steps: int, warmup: int, extra: list[s
                "--save-every", "1000000", "--warmup-steps", "1", *extra]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(proc.stderr)
+            sys.stderr.write(proc.stderr)
+            raise UserError(f"train_pretrain.py failed (exit code {proc.returncode}); its output is above")
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f if '"tokens_per_s"' in line]
     # intervals after the first (warm-up); each is the rate over `warmup` steps
@@ -79,18 +96,12 @@ def pipeline_run(preset: str, batch: int, steps: int, warmup: int, extra: list[s
     return float(np.median(later))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--append", default=None)
-    args = parser.parse_args()
+@entry_point
+def main(argv=None) -> None:
+    args = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    print_config(args, "bench config")
     if not os.path.exists(os.path.join(DATA, "meta.json")):
-        raise SystemExit("run `python -m data.prepare` first")
+        raise UserError("run `python -m data.prepare` first")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.set_num_threads(os.cpu_count() or 1)
@@ -114,8 +125,8 @@ def main() -> None:
         name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
         with open(args.append, "a", encoding="utf-8") as f:
             f.write(f"\n## Stage 1 (pretraining throughput) — {datetime.date.today().isoformat()}\n\n"
-                    f"Machine: {name}, torch {torch.__version__}. Command: `python bench_pretrain.py "
-                    f"{' '.join(sys.argv[1:])}`.\n\n"
+                    f"Machine: {name}, torch {torch.__version__}. Command: `python -m bench.pretrain "
+                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n"
                     f"| preset | batch | minimal loop | train_pretrain.py | ratio |\n|---|---|---|---|---|\n"
                     f"| {args.preset} | {args.batch_size} x {model_cfg.max_seq_len} | {np.mean(plain):,.0f} tok/s "
                     f"| {np.mean(ours):,.0f} tok/s{mfu} | {ratio:.2f}x |\n\n"

@@ -2,8 +2,8 @@
 against one stream at a time, and time to first token (p50/p95), through the real HTTP
 server (a `python serve.py` process) with streaming requests.
 
-    python bench_serve.py --ckpt /tmp/bench_ckpt                  # 1, 4, 8, 16 streams
-    python bench_serve.py --ckpt runs/ppo --concurrency 1,8 --max-tokens 64
+    python -m bench.serve --ckpt /tmp/bench_ckpt                  # 1, 4, 8, 16 streams
+    python -m bench.serve --ckpt runs/ppo --concurrency 1,8 --max-tokens 64
 
 Every request asks for exactly --max-tokens tokens (`ignore_eos`), so an untrained model
 measures the same work as a trained one. The client runs in this process on the same
@@ -24,9 +24,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from cli import UserError, die, parse_config, print_config
+from cli import UserError, entry_point, parse_config, print_config
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -36,11 +36,12 @@ class BenchConfig:
                                    metadata={"help": "numbers of concurrent streams, comma-separated"})
     requests_per_stream: int = field(default=2, metadata={"help": "requests each concurrent stream sends in turn"})
     sequential_requests: int = field(default=8, metadata={"help": "requests of the one-at-a-time baseline"})
-    max_tokens: int = 128
-    prompt: str = "Tell me a story about a king and his three daughters."
+    max_tokens: int = field(default=128, metadata={"help": "tokens generated per request (ignore_eos)"})
+    prompt: str = field(default="Tell me a story about a king and his three daughters.",
+                        metadata={"help": "the user message of every request"})
     max_running: int = field(default=16, metadata={"help": "serve.py --max-running"})
     threads: int = field(default=0, metadata={"help": "serve.py --threads (0: torch's default)"})
-    device: str = field(default="cpu", metadata={"choices": ["auto", "cpu", "cuda"]})
+    device: str = field(default="cpu", metadata={"choices": ["auto", "cpu", "cuda"], "help": "serve.py --device"})
     out: str = field(default="", metadata={"help": "also write the results as JSON here"})
 
     def __post_init__(self):
@@ -92,13 +93,14 @@ async def level(url: str, body: dict, streams: int, per_stream: int) -> dict:
             "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))]}
 
 
+@entry_point
 def main(argv=None) -> None:
-    cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    cfg = parse_config(BenchConfig, argv, description=" ".join(__doc__.split("\n\n")[0].split()))
     print_config(cfg, "bench config")
     try:
         import httpx
     except ImportError:
-        die("bench_serve.py needs httpx (pip install -r requirements-dev.txt)")
+        raise UserError("bench.serve needs httpx (pip install -r requirements-dev.txt)") from None
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     logs = tempfile.mkdtemp(prefix="bench_serve_")
@@ -111,14 +113,14 @@ def main(argv=None) -> None:
         deadline = time.monotonic() + 300
         while True:
             if server.poll() is not None:
-                die(f"serve.py exited: {server.stdout.read()[-2000:]}")
+                raise UserError(f"serve.py exited: {server.stdout.read()[-2000:]}")
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                die("serve.py did not start within 300 s")
+                raise UserError("serve.py did not start within 300 s")
             time.sleep(0.3)
         model = httpx.get(url + "/v1/models").json()["data"][0]
         body = {"model": model["id"], "messages": [{"role": "user", "content": cfg.prompt}], "temperature": 0,

@@ -7,7 +7,7 @@ The package is not called `kernels`: that import name is Hugging Face's `kernels
   or not, grouped-query attention without repeating K/V, left padding via `kv_start`.
 - `fused_kernels.cross_entropy.fused_linear_cross_entropy`: the lm-head matmul and the
   cross-entropy in chunks of rows, so the (N, V) logits never exist at once.
-- `fused_kernels.bench`: GPU benchmarks against PyTorch (`python -m fused_kernels.bench`).
+- GPU benchmarks against PyTorch live in `bench/kernels.py` (`python -m bench.kernels`).
 
 Which code runs (`backend="auto"`, the default of both functions), decided per call:
 
