@@ -149,6 +149,15 @@ class UnionFind:
             else:
                 self.parent[rx] = ry
 
+    def non_roots(self) -> dict[int, int]:
+        """{member: root} for every member that is not its cluster's root (its smallest)."""
+        out = {}
+        for x in list(self.parent):
+            root = self.find(x)
+            if root != x:
+                out[x] = root
+        return out
+
 
 class NearDedup:
     """Streaming LSH index: add signatures in order, then ask which documents to drop.
@@ -197,9 +206,54 @@ class NearDedup:
 
     def duplicates(self) -> dict[int, int]:
         """{removed index: surviving index} for every non-survivor."""
-        out = {}
-        for x in list(self.uf.parent):
-            root = self.uf.find(x)
-            if root != x:
-                out[x] = root
-        return out
+        return self.uf.non_roots()
+
+
+# ----------------------------------------------------------------------------- LSH grouped in parallel
+# The same candidates as NearDedup.add (without verify_threshold), found by grouping
+# instead of streaming, so the grouping can be cut by band key across machines: every
+# document's band keys go to one of P partitions by key, each partition is grouped on its
+# own, and the union-find over all candidate pairs gives NearDedup's clusters. A pair is
+# (first document with the key, a later one), as NearDedup.add makes it, so the counts
+# match too; the clusters and their survivors (the smallest index) do not depend on P or
+# on the order in which the pairs are merged.
+
+def band_partitions(signatures: np.ndarray, order: np.ndarray, bands: int, rows: int,
+                    parts: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Split the band keys of some documents ((n, bands*rows) signatures, and `order`, the
+    documents' global ranks, n int64) into `parts` partitions by key: one (band numbers,
+    (m, rows) band values, ranks) per partition."""
+    n = len(order)
+    sig = np.asarray(signatures, dtype=np.uint32).reshape(n, bands, rows)
+    band = np.broadcast_to(np.arange(bands, dtype=np.int16), (n, bands)).ravel()
+    values = sig.reshape(n * bands, rows)
+    ranks = np.repeat(np.asarray(order, dtype=np.int64), bands)
+    part = (values[:, 0].astype(np.uint64) + band.astype(np.uint64)) % np.uint64(parts)
+    by_part = np.argsort(part, kind="stable")
+    cuts = np.cumsum(np.bincount(part.astype(np.int64), minlength=parts))[:-1]
+    return [(band[i], values[i], ranks[i]) for i in np.split(by_part, cuts)]
+
+
+def band_candidate_pairs(band: np.ndarray, values: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """(k, 2) array of candidate pairs (first rank with a band key, a later rank with the same
+    key) among the given band keys: NearDedup.add's pairs, in no particular order. One band
+    at a time, so the temporaries are a band's share."""
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for b in np.unique(band):
+        mine = band == b
+        v, r = values[mine], ranks[mine]
+        order = np.lexsort((r, *v.T[::-1]))  # by band value (first row first), then rank
+        v, r = v[order], r[order]
+        starts = np.ones(len(r), dtype=bool)
+        starts[1:] = np.any(v[1:] != v[:-1], axis=1)
+        first = r[np.maximum.accumulate(np.where(starts, np.arange(len(r)), 0))]
+        pairs.append(np.stack([first[~starts], r[~starts]], axis=1))
+    return np.concatenate(pairs)
+
+
+def clusters_from_pairs(pairs) -> dict[int, int]:
+    """{removed index: surviving index}, as NearDedup.duplicates, from candidate pairs."""
+    uf = UnionFind()
+    for a, b in pairs:
+        uf.union(int(a), int(b))
+    return uf.non_roots()

@@ -15,6 +15,11 @@ tokenizer, trained on the final training text so its merges fit what the model s
 
 Every input record ends up kept or removed with a reason (report.json, removed.jsonl):
 documents.read == documents.kept + sum(documents.removed).
+
+Where the work runs is the engine's business: `--engine local` (LocalEngine, below: a
+process pool on this machine) or `--engine ray` (data/ray_engine.py: Ray tasks on a
+cluster). Both run the same per-document function (`_process`) and the same bookkeeping
+(`FilterResult.add`, `write_shards`), so their outputs are identical byte for byte.
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from multiprocessing import get_context
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 
 from cli import UserError, config_dict, entry_point, parse_config, print_config
@@ -53,7 +59,14 @@ class PrepareConfig(clean.LineFilterConfig, quality.QualityConfig):
     text_field: str = field(default="text", metadata={"help": "JSONL/parquet field holding the text"})
     vocab_size: int = field(default=8192, metadata={"help": "tokenizer size incl. 256 bytes and 6 special tokens"})
     tokenizer: Optional[str] = field(default=None, metadata={"help": "reuse this tokenizer.json instead of training"})
-    workers: int = field(default=0, metadata={"help": "processes for filtering and tokenizer counting (0 = all cores, at most 8)"})
+    workers: int = field(default=0, metadata={"help": "processes for filtering and tokenizer counting (0 = all cores, at most 8); "
+                                                      "--engine ray: tasks at a time (0 = the cluster's CPUs)"})
+    engine: str = field(default="local", metadata={"choices": ["local", "ray"],
+                                                    "help": "local: this machine's processes; ray: Ray tasks (pip install -r requirements-scale.txt), same output"})
+    ray_address: Optional[str] = field(default=None, metadata={"help": "--engine ray: join this cluster (host:port, or auto) instead of "
+                                                                       "starting a Ray instance here with --workers CPUs"})
+    split_bytes: int = field(default=8 << 20, metadata={"help": "--engine ray: bytes per task: larger plain JSONL files are read as "
+                                                                 "byte ranges of about this size, smaller files grouped up to it"})
     max_doc_bytes: int = field(default=32 << 20, metadata={"help": "longer documents/lines are removed as too_long"})
     unicode_form: str = field(default="NFC", metadata={"choices": ["NFC", "NFKC", "none"]})
     drop_lorem_ipsum: bool = True
@@ -96,6 +109,10 @@ class PrepareConfig(clean.LineFilterConfig, quality.QualityConfig):
             raise UserError(f"unknown --pii-kinds {sorted(unknown)}; known: {list(pii.PLACEHOLDERS)}")
         if self.shard_tokens < 1:
             raise UserError("--shard-tokens must be positive")
+        if self.split_bytes < 1:
+            raise UserError("--split-bytes must be positive")
+        if self.ray_address and self.engine != "ray":
+            raise UserError("--ray-address needs --engine ray")
 
 
 # ----------------------------------------------------------------------------- pass 1 (per document)
@@ -262,21 +279,58 @@ class RemovedLog:
 
 @dataclass
 class FilterResult:
-    """What pass 1 leaves: the documents that passed (in input order, their text spilled
-    to disk), and the counts for the report."""
+    """What pass 1 leaves: the documents that passed (in input order; their text stays with
+    the engine), and the counts for the report."""
     ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     read: int = 0
     lines_removed: int = 0
     bytes_in: int = 0
     pii: Counter = field(default_factory=Counter)
+    seen_hash: dict = field(default_factory=dict)  # exact-duplicate key -> id of its first document
+
+    def add(self, record, stats: Optional[dict], cfg: PrepareConfig, log: RemovedLog, near) -> bool:
+        """Account for one record of pass 1, in input order: log it as removed (a reject,
+        or an exact duplicate of an earlier document) or give it the next survivor index
+        (and its signature to `near`, the streaming near-duplicate index, if any). True when
+        it survives."""
+        self.read += 1
+        if stats:
+            self.lines_removed += stats.get("lines_removed", 0)
+            self.bytes_in += stats.get("bytes_in", 0)
+        if isinstance(record, Rejected):
+            log.remove(record.id, record.source, record.reason, record.detail)
+            return False
+        self.pii.update(stats.get("pii") or {})
+        if cfg.exact_dedup and stats["hash"] in self.seen_hash:
+            log.remove(record.id, record.source, "exact_duplicate", duplicate_of=self.seen_hash[stats["hash"]])
+            return False
+        if cfg.exact_dedup:
+            self.seen_hash[stats["hash"]] = record.id
+        if near is not None:
+            near.add(len(self.ids), stats["signature"], stats["shingles"])
+        self.ids.append(record.id)
+        self.sources.append(record.source)
+        return True
+
+    def progress(self, progress: Progress, final: bool = False) -> None:
+        progress.update(self.read, force=final, extra=f", {self.bytes_in / 1e6:.1f} MB, {len(self.ids)} "
+                                                      f"{'passed filters' if final else 'kept so far'}")
+
+
+def new_near_dedup(cfg: PrepareConfig) -> Optional[NearDedup]:
+    return NearDedup(cfg.bands, cfg.rows, cfg.verify_jaccard if cfg.verify_jaccard > 0 else None) if cfg.near_dedup else None
+
+
+def near_dedup_report(near: Optional[NearDedup]) -> dict:
+    return {"candidate_pairs": near.candidate_pairs, "rejected_by_jaccard": near.rejected_pairs} if near else {}
 
 
 def filter_pass(cfg: PrepareConfig, files: list[str], blocklist_terms: list[str], workers: int,
                 log: RemovedLog, near, spill_path: str) -> FilterResult:
-    """Pass 1: read, clean, filter, scrub PII, drop exact duplicates, add MinHash signatures
-    to the near-duplicate index; the survivors' text goes to the spill file."""
-    result, seen_hash = FilterResult(), {}
+    """Pass 1 on this machine: read, clean, filter, scrub PII, drop exact duplicates, add
+    MinHash signatures to the near-duplicate index; the survivors' text goes to the spill file."""
+    result = FilterResult()
     progress = Progress("filter")
     records = iter_records(files, cfg.text_field, cfg.max_doc_bytes)
     pool = None
@@ -289,25 +343,9 @@ def filter_pass(cfg: PrepareConfig, files: list[str], blocklist_terms: list[str]
             _init_worker(cfg, blocklist_terms)
             results = map(_process, records)
         for record, stats in results:
-            result.read += 1
-            if stats:
-                result.lines_removed += stats.get("lines_removed", 0)
-                result.bytes_in += stats.get("bytes_in", 0)
-            if isinstance(record, Rejected):
-                log.remove(record.id, record.source, record.reason, record.detail)
-            else:
-                result.pii.update(stats.get("pii") or {})
-                if cfg.exact_dedup and stats["hash"] in seen_hash:
-                    log.remove(record.id, record.source, "exact_duplicate", duplicate_of=seen_hash[stats["hash"]])
-                else:
-                    if cfg.exact_dedup:
-                        seen_hash[stats["hash"]] = record.id
-                    if near is not None:
-                        near.add(len(result.ids), stats["signature"], stats["shingles"])
-                    result.ids.append(record.id)
-                    result.sources.append(record.source)
-                    spill.write(json.dumps({"id": record.id, "text": record.text}, ensure_ascii=False) + "\n")
-            progress.update(result.read, extra=f", {result.bytes_in / 1e6:.1f} MB, {len(result.ids)} kept so far")
+            if result.add(record, stats, cfg, log, near):
+                spill.write(json.dumps({"id": record.id, "text": record.text}, ensure_ascii=False) + "\n")
+            result.progress(progress)
     except (OSError, zlib.error) as e:  # the readers turn these into counted rejects; this is a last resort
         raise UserError(f"reading input failed: {e}") from None
     finally:
@@ -315,47 +353,85 @@ def filter_pass(cfg: PrepareConfig, files: list[str], blocklist_terms: list[str]
             pool.close()
             pool.join()
         spill.close()
-    progress.update(result.read, force=True,
-                    extra=f", {result.bytes_in / 1e6:.1f} MB, {len(result.ids)} passed filters")
+    result.progress(progress, final=True)
     return result
 
 
-def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, spill_path: str, skip: set, val_set: set, kept: int,
-                 workers: int) -> dict:
-    """Pass 3: encode the kept documents (each after a separator) and write the train and
-    val shards and meta.json; returns the report's token and byte counts."""
+class LocalEngine:
+    """This machine: a process pool for pass 1 and for the tokenizer's counting, tiktoken's
+    threads for encoding; the survivors' text waits in a spill file between the passes.
+    (data/ray_engine.py is the same run as Ray tasks.)"""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg = cfg
+        self.workers = cfg.workers or min(8, os.cpu_count() or 1)
+        self.spill_path = os.path.join(cfg.out, ".spill.jsonl")
+        self.near = new_near_dedup(cfg)
+
+    def describe(self) -> str:
+        return f"{self.workers} worker(s)"
+
+    def filter_pass(self, files: list[str], blocklist_terms: list[str], log: RemovedLog) -> FilterResult:
+        return filter_pass(self.cfg, files, blocklist_terms, self.workers, log, self.near, self.spill_path)
+
+    def near_duplicates(self) -> tuple[dict[int, int], dict]:
+        """({removed survivor index: surviving index}, the report's near_dedup counts)."""
+        return (self.near.duplicates() if self.near else {}), near_dedup_report(self.near)
+
+    def _texts(self, skip: set) -> Iterator[tuple[int, str]]:
+        for i, rec in enumerate(_iter_spill(self.spill_path)):
+            if i not in skip:
+                yield i, rec["text"]
+
+    def train_tokenizer(self, skip: set) -> Tokenizer:
+        """The BPE tokenizer trained on the survivors not in `skip`."""
+        return Tokenizer.train((t for _, t in self._texts(skip)), self.cfg.vocab_size, workers=self.workers)
+
+    def encoded(self, tokenizer: Tokenizer, skip: set) -> Iterator[tuple[int, int, list[int]]]:
+        """(survivor index, UTF-8 bytes, token ids) of every survivor not in `skip`, in order."""
+        texts = self._texts(skip)
+        while True:
+            batch = list(islice(texts, 256))
+            if not batch:
+                return
+            encoded = tokenizer.encode_batch([t for _, t in batch], num_threads=self.workers)
+            for (i, text), tokens in zip(batch, encoded):
+                yield i, len(text.encode("utf-8", "surrogatepass")), tokens
+
+    def close(self) -> None:
+        if os.path.exists(self.spill_path):
+            os.remove(self.spill_path)
+
+
+def make_engine(cfg: PrepareConfig):
+    if cfg.engine == "ray":
+        from data.ray_engine import RayEngine  # Ray is imported only here
+        return RayEngine(cfg)
+    return LocalEngine(cfg)
+
+
+def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, encoded: Iterable[tuple[int, int, list[int]]],
+                 val_set: set, kept: int) -> dict:
+    """Pass 3: write the encoded documents ((index, UTF-8 bytes, token ids), in order), each
+    after a separator, to the train and val shards, then meta.json; returns the report's
+    token and byte counts."""
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers = {s: ShardWriter(cfg.out, s, dtype, tokenizer.vocab_size, cfg.shard_tokens) for s in ("train", "val")}
     doc_tokens = kept_bytes = 0
     docs_per_split, chunks_per_split = Counter(), Counter()
     progress = Progress("tokenize")
-    batch: list[tuple[int, str]] = []
-
-    def flush() -> None:
-        nonlocal doc_tokens, kept_bytes
-        encoded = tokenizer.encode_batch([t for _, t in batch], num_threads=workers)
-        for (i, text), tokens in zip(batch, encoded):
-            split = "val" if i in val_set else "train"
-            docs_per_split[split] += 1
-            doc_tokens += len(tokens)
-            kept_bytes += len(text.encode("utf-8", "surrogatepass"))
-            ids_with_sep = [tokenizer.eot_id] + tokens  # every document starts after a separator
-            rows = [ids_with_sep] if cfg.layout == "stream" else _chunk_rows(ids_with_sep, cfg, tokenizer.pad_id)
-            if cfg.layout != "stream":
-                chunks_per_split[split] += len(rows)
-            for row in rows:
-                writers[split].write(row)
-        batch.clear()
-
-    for i, rec in enumerate(_iter_spill(spill_path)):
-        if i in skip:
-            continue
-        batch.append((i, rec["text"]))
-        if len(batch) >= 256:
-            flush()
-            progress.update(sum(docs_per_split.values()), kept)
-    if batch:
-        flush()
+    for i, nbytes, tokens in encoded:
+        split = "val" if i in val_set else "train"
+        docs_per_split[split] += 1
+        doc_tokens += len(tokens)
+        kept_bytes += nbytes
+        ids_with_sep = [tokenizer.eot_id] + list(tokens)  # every document starts after a separator
+        rows = [ids_with_sep] if cfg.layout == "stream" else _chunk_rows(ids_with_sep, cfg, tokenizer.pad_id)
+        if cfg.layout != "stream":
+            chunks_per_split[split] += len(rows)
+        for row in rows:
+            writers[split].write(row)
+        progress.update(docs_per_split.total(), kept)
     splits = {s: w.close() for s, w in writers.items()}
     meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "splits": splits,
             "tokens": {s: w.total for s, w in writers.items()}, "layout": cfg.layout,
@@ -376,59 +452,56 @@ def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, spill_path: str, skip
 def run(cfg: PrepareConfig) -> dict:
     """The whole preparation: inputs, pass 1 (filters), near-duplicate clusters, pass 2
     (the tokenizer), pass 3 (shards), report.json. Raises cli.UserError for bad input and
-    when no document survives."""
+    when no document survives. The engine (local processes or Ray tasks) changes where the
+    work runs, never its result."""
     t_start = time.time()
     seconds: dict[str, float] = {}
     files, blocklist_terms, tokenizer = open_inputs(cfg)
     write_json(os.path.join(cfg.out, "prepare_config.json"), config_dict(cfg))
-    workers = cfg.workers or min(8, os.cpu_count() or 1)
-    print(f"prepare: {len(files)} input file(s) -> {cfg.out} ({workers} worker(s))", flush=True)
+    engine = make_engine(cfg)
+    try:
+        print(f"prepare: {len(files)} input file(s) -> {cfg.out} ({engine.describe()})", flush=True)
+        log = RemovedLog(os.path.join(cfg.out, "removed.jsonl"))
+        passed = engine.filter_pass(files, blocklist_terms, log)
+        seconds["read_filter"] = time.time() - t_start
 
-    log = RemovedLog(os.path.join(cfg.out, "removed.jsonl"))
-    spill_path = os.path.join(cfg.out, ".spill.jsonl")
-    near = NearDedup(cfg.bands, cfg.rows, cfg.verify_jaccard if cfg.verify_jaccard > 0 else None) if cfg.near_dedup else None
-    passed = filter_pass(cfg, files, blocklist_terms, workers, log, near, spill_path)
-    seconds["read_filter"] = time.time() - t_start
+        t0 = time.time()  # near-duplicate clusters
+        near_dups, near_counts = engine.near_duplicates()
+        for index in sorted(near_dups):
+            log.remove(passed.ids[index], passed.sources[index], "near_duplicate", duplicate_of=passed.ids[near_dups[index]])
+        log.file.close()
+        survivors = [i for i in range(len(passed.ids)) if i not in near_dups]
+        seconds["dedup"] = time.time() - t0
+        kept, removed = len(survivors), log.counts
+        report = {
+            "documents": {"read": passed.read, "kept": kept, "removed": dict(sorted(removed.items()))},
+            "pii": {kind: passed.pii.get(kind, 0) for kind in cfg.pii_kinds} if cfg.pii else {},
+            "lines_removed": passed.lines_removed,
+            "bytes": {"input": passed.bytes_in},
+            "near_dedup": near_counts,
+        }
+        assert passed.read == kept + sum(removed.values()), "every record must be kept or removed"
+        if kept == 0:
+            _write_report(cfg.out, report, seconds, t_start)
+            raise UserError(f"no document survived filtering ({passed.read} read); "
+                            f"see {os.path.join(cfg.out, 'removed.jsonl')}")
+        val_set = _val_indices(passed.ids, survivors, cfg.val_fraction, cfg.seed)
+        near_set = set(near_dups)
 
-    t0 = time.time()  # near-duplicate clusters
-    near_dups = near.duplicates() if near is not None else {}
-    for index in sorted(near_dups):
-        log.remove(passed.ids[index], passed.sources[index], "near_duplicate", duplicate_of=passed.ids[near_dups[index]])
-    log.file.close()
-    survivors = [i for i in range(len(passed.ids)) if i not in near_dups]
-    seconds["dedup"] = time.time() - t0
-    kept, removed = len(survivors), log.counts
-    report = {
-        "documents": {"read": passed.read, "kept": kept, "removed": dict(sorted(removed.items()))},
-        "pii": {kind: passed.pii.get(kind, 0) for kind in cfg.pii_kinds} if cfg.pii else {},
-        "lines_removed": passed.lines_removed,
-        "bytes": {"input": passed.bytes_in},
-        "near_dedup": {"candidate_pairs": near.candidate_pairs, "rejected_by_jaccard": near.rejected_pairs} if near else {},
-    }
-    assert passed.read == kept + sum(removed.values()), "every record must be kept or removed"
-    if kept == 0:
-        os.remove(spill_path)
-        _write_report(cfg.out, report, seconds, t_start)
-        raise UserError(f"no document survived filtering ({passed.read} read); "
-                        f"see {os.path.join(cfg.out, 'removed.jsonl')}")
-    val_set = _val_indices(passed.ids, survivors, cfg.val_fraction, cfg.seed)
-    near_set = set(near_dups)
+        t0 = time.time()  # pass 2: the tokenizer
+        if tokenizer is None:
+            print(f"[tokenizer] training byte-level BPE, vocab {cfg.vocab_size}, on {kept - len(val_set)} train documents", flush=True)
+            tokenizer = engine.train_tokenizer(near_set | val_set)
+            if tokenizer.vocab_size < cfg.vocab_size:
+                print(f"[tokenizer] the corpus supports only {tokenizer.vocab_size} tokens (asked {cfg.vocab_size})")
+        tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
+        seconds["tokenizer"] = time.time() - t0
 
-    t0 = time.time()  # pass 2: the tokenizer
-    if tokenizer is None:
-        print(f"[tokenizer] training byte-level BPE, vocab {cfg.vocab_size}, on {kept - len(val_set)} train documents", flush=True)
-        train_texts = (rec["text"] for i, rec in enumerate(_iter_spill(spill_path))
-                       if i not in near_set and i not in val_set)
-        tokenizer = Tokenizer.train(train_texts, cfg.vocab_size, workers=workers)
-        if tokenizer.vocab_size < cfg.vocab_size:
-            print(f"[tokenizer] the corpus supports only {tokenizer.vocab_size} tokens (asked {cfg.vocab_size})")
-    tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
-    seconds["tokenizer"] = time.time() - t0
-
-    t0 = time.time()  # pass 3: encode and write shards
-    counts = write_shards(cfg, tokenizer, spill_path, near_set, val_set, kept, workers)
-    os.remove(spill_path)
-    seconds["tokenize"] = time.time() - t0
+        t0 = time.time()  # pass 3: encode and write shards
+        counts = write_shards(cfg, tokenizer, engine.encoded(tokenizer, near_set), val_set, kept)
+        seconds["tokenize"] = time.time() - t0
+    finally:
+        engine.close()
     report["bytes"]["kept"] = counts.pop("kept_bytes")
     report.update(counts)
     _write_report(cfg.out, report, seconds, t_start)

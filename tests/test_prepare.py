@@ -587,6 +587,8 @@ def _error_argv(case, tmp_path, good_input):
     if case == "unknown_config_key":
         (tmp_path / "cfg.json").write_text(json.dumps({"vocab_size": 300, "no_such_option": 1}))
         return ["--config", tmp_path / "cfg.json", "--input", good_input, "--out", out]
+    if case == "ray_address_without_ray_engine":
+        return ["--input", good_input, "--out", out, "--ray-address", "auto"]
     if case == "config_not_json":
         (tmp_path / "cfg.json").write_text("{vocab_size: 300")
         return ["--config", tmp_path / "cfg.json", "--input", good_input, "--out", out]
@@ -594,7 +596,8 @@ def _error_argv(case, tmp_path, good_input):
 
 
 @pytest.mark.parametrize("case", ["missing_input", "unwritable_out", "vocab_too_small", "val_fraction",
-                                  "missing_tokenizer", "bad_tokenizer", "unknown_config_key", "config_not_json"])
+                                  "missing_tokenizer", "bad_tokenizer", "unknown_config_key", "config_not_json",
+                                  "ray_address_without_ray_engine"])
 def test_cli_errors_are_one_line(case, tmp_path, small_dir, capsys):
     d, _ = small_dir
     argv = _error_argv(case, tmp_path, d / "docs.jsonl")
@@ -606,13 +609,27 @@ def test_cli_errors_are_one_line(case, tmp_path, small_dir, capsys):
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
+def test_engine_ray_without_ray_installed_says_what_to_install(small_dir, tmp_path, capsys, monkeypatch):
+    d, _ = small_dir
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.delitem(sys.modules, "data.ray_engine", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(["--input", d, "--out", tmp_path / "out", "--engine", "ray"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "pip install -r requirements-scale.txt" in err
+
+
 def test_help_lists_options_with_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     for option in ("--input", "--out", "--vocab-size", "--val-fraction", "--layout", "--chunk-len",
-                   "--tokenizer", "--config", "--workers", "--no-gopher-quality", "--no-pii"):
+                   "--tokenizer", "--config", "--workers", "--no-gopher-quality", "--no-pii",
+                   "--engine", "--ray-address", "--split-bytes"):
         assert option in out, option
     flat = " ".join(out.split())
     assert "(default: 8192)" in flat
