@@ -466,7 +466,7 @@ class RewardScorer:
 
     def score_conversations(self, conversations: list[list[dict]], normalize: bool = True) -> torch.Tensor:
         """Scores of whole conversations (message lists), one right-padded batch. A sequence
-        longer than the context keeps its first token (<|bos|>) and its end."""
+        longer than the context keeps its first token (the separator that starts every chat) and its end."""
         from data.chat import encode_chat
         n = self.model.cfg.max_seq_len
         seqs = [encode_chat(self.tok, messages)[0] for messages in conversations]

@@ -18,12 +18,14 @@ export the feedback and exit). The server itself is the `serving` package:
                          plus an optional classifier (a scalar-head checkpoint);
   serving/limits.py      API keys, token buckets, the abuse tracker;
   serving/metrics.py     vLLM's metric names under the `serve:` prefix;
-  serving/store.py       the request and feedback logs, and the feedback export: votes joined
-                         with the request log into prompt/chosen/rejected records;
+  serving/store.py       what every replica shares (requests, feedback, rate-limit buckets,
+                         abuse blocks) in SQLite or PostgreSQL, and the feedback export: votes
+                         joined with the requests into prompt/chosen/rejected records;
   serving/config.py      ServeConfig: every option of `python serve.py --help`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +36,7 @@ from data.toxicity import load_blocklist
 from serving.config import ServeConfig
 from serving.limits import KeyStore
 from serving.moderation import Classifier, Moderator
-from serving.store import export_feedback
+from serving.store import export_feedback, open_store, redact
 
 if TYPE_CHECKING:
     from serving.app import Server
@@ -68,18 +70,18 @@ def load_server(cfg: ServeConfig) -> Server:
     name = cfg.served_model_name or f"{cfg.ckpt_name}-step{config.get('step', 0)}"
     moderator = load_moderator(cfg, device)
     keys = KeyStore.load(cfg.api_keys) if cfg.api_keys else None
-    try:
-        return Server(cfg, model, tok, name, moderator, keys)
-    except OSError as e:
-        raise UserError(f"cannot write the logs under --log-dir {cfg.log_dir}: {e.strerror}") from None
+    return Server(cfg, model, tok, name, moderator, keys, open_store(cfg.db, cfg.log_dir))
 
 
 def run_export(cfg: ServeConfig) -> None:
-    """--export-feedback: the votes under --log-dir as train_rm.py records."""
+    """--export-feedback: the votes in the store (--db, or --log-dir's) as train_rm.py records."""
+    store = open_store(cfg.db, cfg.log_dir, create=False)
     try:
-        summary = export_feedback(cfg.log_dir, cfg.export_feedback)
+        summary = export_feedback(store, cfg.export_feedback)
     except OSError as e:
         raise UserError(f"cannot write {cfg.export_feedback}: {e.strerror}") from None
+    finally:
+        store.close()
 
     def counts(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
@@ -98,9 +100,9 @@ def run_server(cfg: ServeConfig) -> None:
     print(f"serving {server.model_id} ({sum(p.numel() for p in server.engine.model.parameters()) / 1e6:.2f}M "
           f"parameters, context {server.context}) on http://{cfg.host}:{cfg.port} "
           f"({'API keys required' if server.keys else 'open: no API keys'})", flush=True)
-    try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=cfg.access_log,
-                    timeout_graceful_shutdown=5)
+    try:  # access lines are uvicorn's info level; keep-alive connections idle past 5 s are closed
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if cfg.access_log else "warning",
+                    access_log=cfg.access_log, timeout_keep_alive=5, timeout_graceful_shutdown=5)
     except OSError as e:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
 
@@ -111,7 +113,7 @@ def main(argv=None) -> None:
     if cfg.export_feedback:
         run_export(cfg)
         return
-    print_config(cfg, "serve config")
+    print_config(dataclasses.replace(cfg, db=redact(cfg.db)), "serve config")  # never a password in clear
     run_server(cfg)
 
 

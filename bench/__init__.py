@@ -7,6 +7,10 @@ conventions (one dataclass config: dashed options, `--help` shows every default,
     python -m bench.data [--append BENCHMARKS.md]        stage 0: BPE training and MinHash/LSH vs
                                                          HF tokenizers and datasketch, and the whole
                                                          default data.prepare (pip install datasketch)
+    python -m bench.data_engines [--mb 100] [--append BENCHMARKS.md]
+                                                         data.prepare MB/s by engine (local, Ray with 1 and
+                                                         2 workers), dedup memory by document count
+                                                         (pip install -r requirements-scale.txt)
     python -m bench.pretrain [--steps 40] [--append BENCHMARKS.md]
                                                          train_pretrain.py's tokens/s vs a minimal
                                                          PyTorch loop (MFU on CUDA)
@@ -15,6 +19,11 @@ conventions (one dataclass config: dashed options, `--help` shows every default,
     python -m bench.serve --ckpt DIR [--concurrency 1,4,8,16]
                                                          serving throughput and time to first token
                                                          through the HTTP server (needs httpx)
+    python -m bench.store [--sizes 1000,100000,1000000] [--db-url postgresql://...] [--append BENCHMARKS.md]
+                                                         feedback POST time against 10^3-10^6 logged requests
+                                                         and generation tokens/s while unknown ids are posted,
+                                                         SQLite and PostgreSQL stores (a throwaway local
+                                                         PostgreSQL when installed; pip install "psycopg[binary]")
     python -m bench.kernels [--only attention|ce] [--sweep]
                                                          fused_kernels vs PyTorch on a CUDA GPU
     python -m bench.kernels --cpu-loss                   the CPU loss path, plain vs fused

@@ -8,7 +8,6 @@ Either way `finish` refunds unused tokens, counts output flags and writes the re
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import secrets
@@ -30,7 +29,7 @@ from serving.limits import KeyStore, Limiter, key_id
 from serving.metrics import Metrics
 from serving.moderation import CATEGORIES, Moderator
 from serving.protocol import ApiError, Completion, retry_after
-from serving.store import FEEDBACK, REQUESTS, JsonlLog
+from serving.store import Store
 from serving.text import chat_prompt_ids, completion_prompt_ids
 
 
@@ -50,7 +49,7 @@ class Server:
     """Everything one app needs: the model's engine, tokenizer, limits, logs and metrics."""
 
     def __init__(self, cfg: ServeConfig, model, tok: Tokenizer, model_id: str, moderator: Moderator | None,
-                 keys: KeyStore | None):
+                 keys: KeyStore | None, store: Store):
         self.cfg, self.tok, self.model_id = cfg, tok, model_id
         self.metrics = Metrics()
         self.moderator = moderator
@@ -58,11 +57,9 @@ class Server:
                              metrics=self.metrics, moderator=moderator)
         self.context = model.cfg.max_seq_len
         self.keys = keys
-        self.limiter = Limiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.abuse_max_flags, cfg.abuse_window_s,
-                               cfg.abuse_block_s)
-        self.request_log = JsonlLog(os.path.join(cfg.log_dir, REQUESTS)) if cfg.request_log else None
-        self.feedback_log = JsonlLog(os.path.join(cfg.log_dir, FEEDBACK))
-        self.served_ids: collections.OrderedDict = collections.OrderedDict()  # completion ids of this process
+        self.store = store
+        self.limiter = Limiter(store, cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.abuse_max_flags,
+                               cfg.abuse_window_s, cfg.abuse_block_s)
         self.created = int(time.time())
 
     # -- per request: who is asking, may they, what did they send
@@ -79,7 +76,7 @@ class Server:
     def admit(self, request) -> str:
         """The caller's identity, once its key is good and its request bucket not empty."""
         ident = self.identity(request)
-        now = time.monotonic()
+        now = time.time()
         wait = self.limiter.blocked_for(ident, now)
         if wait:
             self.metrics.rate_limited.labels(reason="blocked").inc()
@@ -96,12 +93,12 @@ class Server:
         limit = self.cfg.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(400, f"request body exceeds {limit} bytes", "request_too_large")
+            raise ApiError(413, f"request body exceeds {limit} bytes", "request_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(400, f"request body exceeds {limit} bytes", "request_too_large")
+                raise ApiError(413, f"request body exceeds {limit} bytes", "request_too_large")
             chunks.append(chunk)
         return protocol.parse_json_body(b"".join(chunks))
 
@@ -137,33 +134,28 @@ class Server:
     def flagged(self, categories: list[str], ident: str, stage: str) -> None:
         for c in categories:
             self.metrics.safety_flags.labels(category=c, stage=stage).inc()
-        self.limiter.record_flag(ident, time.monotonic())
+        self.limiter.record_flag(ident, time.time())
 
     def charge_tokens(self, ident: str, amount: int) -> None:
         if self.cfg.rate_limit_tpm and amount > self.cfg.rate_limit_tpm:
             raise ApiError(400, f"this request needs {amount} tokens (prompt + max_tokens); the per-minute limit is "
                                 f"{int(self.cfg.rate_limit_tpm)}: lower max_tokens", "tokens_exceed_limit",
                            "max_tokens")
-        wait = self.limiter.take_tokens(ident, amount, time.monotonic())
+        wait = self.limiter.take_tokens(ident, amount, time.time())
         if wait:
             self.metrics.rate_limited.labels(reason="tokens").inc()
             raise ApiError(429, "Rate limit reached for tokens per minute.", "rate_limit_exceeded",
                            headers=retry_after(wait))
 
-    def remember(self, completion_id: str) -> None:
-        self.served_ids[completion_id] = True
-        if len(self.served_ids) > 200_000:
-            self.served_ids.popitem(last=False)
+    def kept(self, record: dict) -> dict:
+        """What the store keeps of a request: all of it, or with --no-request-log only who
+        asked, when and how it ended (no messages, prompt or completion)."""
+        if self.cfg.request_log:
+            return record
+        return {k: v for k, v in record.items() if k not in ("messages", "prompt", "completion")}
 
-    def known_id(self, completion_id: str) -> bool:
-        """Served by this process, or in the request log (replicas may share a --log-dir)."""
-        if completion_id in self.served_ids:
-            return True
-        return self.request_log is not None and self.request_log.has_id(completion_id)
-
-    def log_request(self, record: dict) -> None:
-        if self.request_log is not None:
-            self.request_log.write(record)
+    def log_request(self, record: dict, status: str = "complete") -> None:
+        self.store.finish_request(record["id"], status, self.kept(record))
 
     # -- a chat or text completion: prepare, run, then collect or stream
     async def prepare(self, request, chat: bool) -> Generation:
@@ -174,7 +166,7 @@ class Server:
         if chat:
             messages = protocol.parse_messages(body, self.cfg.max_messages, self.cfg.max_message_chars)
             prompt_ids = chat_prompt_ids(self.tok, messages)
-            user_texts = [m["content"] for m in messages if m["role"] != "assistant"]
+            user_texts = [m["content"] for m in messages]  # a caller writes the assistant turns it sends too
             logged = {"messages": messages}
         else:
             prompt = protocol.parse_prompt(body, self.cfg.max_message_chars)
@@ -185,6 +177,7 @@ class Server:
         record = {"id": out.id, "time": time.time(), "endpoint": "chat" if chat else "completions",
                   "model": self.model_id, "key": ident, **logged,
                   "params": {k: v for k, v in params.items() if k != "stop"} | {"stop": list(params["stop"])}}
+        self.store.begin_request(out.id, ident, record["endpoint"], self.kept(record))  # a row from admission on
         verdict = await self.moderate("\n".join(user_texts), ident, "input")
         if verdict is not None and verdict["flagged"]:
             self.log_request({**record, "finish_reason": "content_filter", "stage": "input",
@@ -225,15 +218,15 @@ class Server:
         """The request ended (info: the engine's finish event) or failed (error)."""
         if info is not None:
             self.limiter.refund_tokens(gen.ident, gen.params["max_tokens"] - info["completion_tokens"])
-            self.remember(gen.out.id)
             if info["finish_reason"] == "content_filter":
                 for c in info["flags"]:
                     self.metrics.safety_flags.labels(category=c, stage="output").inc()
-                self.limiter.record_flag(gen.ident, time.monotonic())
+                self.limiter.record_flag(gen.ident, time.time())
+        status = "complete" if info else ("aborted" if error == "client disconnected" else "error")
         self.log_request({**gen.record, "completion": info["text"] if info else None,
                           "finish_reason": info["finish_reason"] if info else "error",
                           "error": error, "usage": protocol.usage(info) if info else None,
-                          "timings": info["timings"] if info else None})
+                          "timings": info["timings"] if info else None}, status)
 
     def abort(self, gen: Generation) -> None:
         """The client went away: free its row."""
@@ -242,23 +235,25 @@ class Server:
 
     async def collect(self, gen: Generation, request) -> dict | Response:
         """Wait for the whole response (499 when the client disconnects first)."""
-        info = None
+        info, checked = None, time.monotonic()
         try:
             while info is None:
                 try:
-                    kind, payload = await asyncio.wait_for(gen.req.queue.get(), timeout=1.0)
+                    kind, payload = await asyncio.wait_for(gen.req.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    kind = payload = None
+                if time.monotonic() - checked >= 0.5:  # tokens may flow all along: look at the client anyway
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         self.abort(gen)
                         return Response(status_code=499)
-                    continue
                 if kind == "error":
                     self.finish(gen, None, payload)
                     raise ApiError(500, f"generation failed: {payload}", "engine_error")
                 if kind == "finish":
                     info = payload
-        except asyncio.CancelledError:
-            self.engine.abort(gen.req)
+        except asyncio.CancelledError:  # the server is shutting down: the row says aborted, not incomplete
+            self.abort(gen)
             raise
         await self.classify_output(info)
         self.finish(gen, info)
@@ -314,7 +309,11 @@ def _server(request) -> Server:
 async def generate(request: Request, chat: bool):
     server = _server(request)
     gen = await server.prepare(request, chat)
-    server.run(gen)
+    try:
+        server.run(gen)
+    except ApiError as e:  # refused before it ran (429 tokens, 503 full): the row says so, not 'incomplete'
+        server.log_request({**gen.record, "completion": None, "finish_reason": "error", "error": e.code}, "error")
+        raise
     if not gen.stream:
         return await server.collect(gen, request)
     return StreamingResponse(server.stream(gen), media_type="text/event-stream",
@@ -332,7 +331,7 @@ async def completions(request: Request):
 async def moderations(request: Request):
     server = _server(request)
     cfg = server.cfg
-    server.admit(request)
+    ident = server.admit(request)
     body = await server.read_json(request)
     texts = protocol.parse_moderation_input(body, cfg.max_messages, cfg.max_message_chars)
     moderator = server.moderator or Moderator(load_blocklist(cfg.blocklist))
@@ -342,6 +341,8 @@ async def moderations(request: Request):
         for c in verdict["categories"]:
             server.metrics.safety_flags.labels(category=c, stage="moderations").inc()
         results.append(protocol.moderation_result(verdict, CATEGORIES))
+    if any(r["flagged"] for r in results):  # probing the filter counts toward a block like any flagged request
+        server.limiter.record_flag(ident, time.time())
     name = f"blocklist:{os.path.basename(cfg.blocklist)}"
     if cfg.classifier:
         name += f"+classifier:{os.path.basename(os.path.normpath(cfg.classifier))}"
@@ -354,10 +355,11 @@ async def feedback(request: Request):
     body = await server.read_json(request)
     check, entry, rating = protocol.parse_feedback(body)
     for cid in check:
-        if not await asyncio.to_thread(server.known_id, cid):
+        if not await asyncio.to_thread(server.store.has_request, cid):
             raise ApiError(404, f"No completion with id {cid} was served here.", "completion_not_found", "id")
     feedback_id = "fb-" + secrets.token_hex(12)
-    server.feedback_log.write({"feedback_id": feedback_id, "time": time.time(), "key": ident, **entry})
+    await asyncio.to_thread(server.store.add_feedback, feedback_id, ident,
+                            {"feedback_id": feedback_id, "time": time.time(), "key": ident, **entry})
     server.metrics.feedback.labels(rating=rating).inc()
     return {"id": feedback_id, "object": "feedback", "recorded": True}
 
@@ -414,6 +416,12 @@ async def on_validation_error(request, e):
     return error_response(request, ApiError(400, "invalid request", "invalid_value"))
 
 
+async def on_store_error(request, e):
+    """The database failed (PostgreSQL restarting, a SQLite file locked past its timeout)."""
+    return error_response(request, ApiError(503, "The serving store is unavailable. Retry later.",
+                                            "store_unavailable", headers=retry_after(1)))
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app):
     engine = app.state.server.engine
@@ -436,6 +444,8 @@ def create_app(server: Server) -> FastAPI:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    for error in server.store.errors:
+        app.add_exception_handler(error, on_store_error)
     for method, path, handler in ROUTES:
         app.add_api_route(path, handler, methods=[method])
     return app

@@ -19,10 +19,14 @@ class ServeConfig:
     port: int = 8000
     api_keys: str = field(default="", metadata={"help": "file with one API key per line (empty: an open server)"})
     log_dir: str = field(default=os.path.join(REPO, "runs", "serve"),
-                         metadata={"help": "request log (requests.jsonl) and feedback (feedback.jsonl) go here"})
-    request_log: bool = field(default=True, metadata={"help": "write the JSONL request log"})
+                         metadata={"help": "the default store (serve.db: SQLite) goes here; replicas of one "
+                                           "machine share it by sharing --log-dir"})
+    db: str = field(default="", metadata={"help": "the serving store: empty for LOG_DIR/serve.db, a SQLite path, or "
+                                                  "postgresql://user:pass@host/db for replicas on several machines"})
+    request_log: bool = field(default=True, metadata={
+        "help": "keep each request's messages and completion in the store (the feedback export needs them)"})
     export_feedback: str = field(default="", metadata={
-        "help": "write the feedback under --log-dir as prompt/chosen/rejected JSONL to this file and exit"})
+        "help": "write the store's feedback as prompt/chosen/rejected JSONL to this file and exit"})
     served_model_name: str = field(default="", metadata={"help": "model id (default: <checkpoint dir>-step<N>)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
     threads: int = field(default=0, metadata={"help": "torch CPU threads for the model (0: torch's default)"})

@@ -3,7 +3,6 @@ per-key token buckets for requests and tokens per minute, and the abuse tracker 
 a key whose requests keep tripping the content filter."""
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 
@@ -16,7 +15,8 @@ def key_id(secret: str) -> str:
 
 
 class KeyStore:
-    """Bearer keys from a file (one per line, '#' comments). Every key is compared with
+    """Bearer keys from a file (one per line; a line starting with '#' is a comment, and a
+    '#' inside a key is part of it). Every key is compared with
     hmac.compare_digest and the loop never stops early, so timing tells nothing."""
 
     def __init__(self, keys: list[str]):
@@ -26,7 +26,7 @@ class KeyStore:
     def load(cls, path: str) -> "KeyStore":
         try:
             with open(path, encoding="utf-8") as f:
-                keys = [line.split("#", 1)[0].strip() for line in f]
+                keys = [line.strip() for line in f if not line.lstrip().startswith("#")]
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --api-keys {path}: {e}") from None
         keys = [k for k in keys if k]
@@ -42,76 +42,33 @@ class KeyStore:
         return ok
 
 
-class TokenBucket:
-    def __init__(self, capacity: float, per_second: float, now: float):
-        self.capacity, self.rate, self.level, self.at = capacity, per_second, capacity, now
-
-    def take(self, amount: float, now: float) -> float:
-        """0.0 when taken; otherwise the seconds until `amount` will be available."""
-        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
-        self.at = now
-        if self.level >= amount:
-            self.level -= amount
-            return 0.0
-        return (amount - self.level) / self.rate
-
-    def give_back(self, amount: float) -> None:
-        self.level = min(self.capacity, self.level + amount)
-
-
 class Limiter:
     """Per-identity token buckets (requests/minute and tokens/minute) and the abuse tracker:
     an identity flagged `max_flags` times within `window` seconds is blocked for `block_s`.
-    Used from the event loop only (one thread). Identities are bounded in number."""
+    The buckets, flags and blocks live in the serving store, so every replica that shares
+    it enforces the same limits; times are wall-clock seconds (time.time()), which the
+    replicas' clocks share."""
 
-    MAX_IDENTITIES = 100_000
-
-    def __init__(self, rpm: float, tpm: float, max_flags: int, window: float, block_s: float):
+    def __init__(self, store, rpm: float, tpm: float, max_flags: int, window: float, block_s: float):
+        self.store = store
         self.rpm, self.tpm = rpm, tpm
         self.max_flags, self.window, self.block_s = max_flags, window, block_s
-        self.requests: collections.OrderedDict = collections.OrderedDict()
-        self.tokens: collections.OrderedDict = collections.OrderedDict()
-        self.flags: dict[str, collections.deque] = {}
-        self.blocked: dict[str, float] = {}
-
-    def _bucket(self, table, ident: str, per_minute: float, now: float) -> TokenBucket:
-        b = table.get(ident)
-        if b is None:
-            b = table[ident] = TokenBucket(per_minute, per_minute / 60.0, now)
-            if len(table) > self.MAX_IDENTITIES:
-                table.popitem(last=False)
-        table.move_to_end(ident)
-        return b
 
     def blocked_for(self, ident: str, now: float) -> float:
-        until = self.blocked.get(ident, 0.0)
-        if until <= now:
-            self.blocked.pop(ident, None)
-            return 0.0
-        return until - now
+        return self.store.blocked_for(ident, now) if self.max_flags else 0.0
 
     def take_request(self, ident: str, now: float) -> float:
-        return self._bucket(self.requests, ident, self.rpm, now).take(1, now) if self.rpm else 0.0
+        return self.store.take(f"requests:{ident}", 1, self.rpm, self.rpm / 60.0, now) if self.rpm else 0.0
 
     def take_tokens(self, ident: str, amount: int, now: float) -> float:
-        return self._bucket(self.tokens, ident, self.tpm, now).take(amount, now) if self.tpm else 0.0
+        return self.store.take(f"tokens:{ident}", amount, self.tpm, self.tpm / 60.0, now) if self.tpm else 0.0
 
     def refund_tokens(self, ident: str, amount: int) -> None:
-        if self.tpm and amount > 0 and ident in self.tokens:
-            self.tokens[ident].give_back(amount)
+        if self.tpm and amount > 0:
+            self.store.give_back(f"tokens:{ident}", amount, self.tpm)
 
     def record_flag(self, ident: str, now: float) -> bool:
         """Count a flagged request; True when this one blocks the identity."""
         if not self.max_flags:
             return False
-        q = self.flags.setdefault(ident, collections.deque())
-        q.append(now)
-        while q and q[0] < now - self.window:
-            q.popleft()
-        if len(self.flags) > self.MAX_IDENTITIES:
-            self.flags.pop(next(iter(self.flags)))
-        if len(q) >= self.max_flags:
-            self.blocked[ident] = now + self.block_s
-            q.clear()
-            return True
-        return False
+        return self.store.add_flag(ident, now, self.window, self.max_flags, self.block_s)

@@ -49,7 +49,31 @@ def parse_json_body(raw: bytes) -> dict:
         raise ApiError(400, "We could not parse the JSON body of your request.", "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", "invalid_json")
+    where = lone_surrogate(body)
+    if where is not None:  # JSON may escape one (\ud800), but it is no character: nothing could store it as text
+        raise ApiError(400, f"{where} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                            "valid Unicode text", "invalid_unicode", where)
     return body
+
+
+def lone_surrogate(obj, where: str = "body") -> str | None:
+    """Where in a parsed JSON value a string (or key) holds an unpaired surrogate, or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            found = lone_surrogate(k, where) or lone_surrogate(v, f"{where}.{k}" if where != "body" else k)
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
@@ -142,7 +166,7 @@ def _max_tokens(body: dict, prompt_len: int, context: int, max_tokens_limit: int
 
 def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: int) -> dict:
     """max_tokens (within the context), temperature, top_p, top_k, seed, stop, ignore_eos."""
-    if body.get("n", 1) != 1:
+    if "n" in body and (type(body["n"]) is not int or body["n"] != 1):  # not true, not 1.0
         raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
     if body.get("logprobs") or body.get("best_of", 1) not in (1, None) or body.get("echo"):
         raise ApiError(400, "logprobs, best_of and echo are not supported", "unsupported_parameter")
@@ -188,8 +212,8 @@ def parse_moderation_input(body: dict, max_items: int, max_chars: int) -> list[s
 
 def parse_feedback(body: dict) -> tuple[list[str], dict, str]:
     """(completion ids to look up, the feedback log's entry, the metric's rating label):
-    {"id", "rating": "up"|"down"} or a pairwise vote {"ids": [a, b], "preferred": a|b};
-    an optional "comment" goes into the entry."""
+    {"id", "rating": "up"|"down"} or a pairwise vote {"ids": [a, b], "preferred": a|b|"tie"}
+    (a tie is recorded with preferred None); an optional "comment" goes into the entry."""
     comment = body.get("comment")
     if comment is not None and (not isinstance(comment, str) or len(comment) > 4000):
         raise ApiError(400, "'comment' must be a string of at most 4000 characters", "invalid_value", "comment")
@@ -199,8 +223,10 @@ def parse_feedback(body: dict) -> tuple[list[str], dict, str]:
         if (not isinstance(ids, list) or len(ids) != 2 or not all(isinstance(i, str) and ID_PATTERN.match(i)
                                                                  for i in ids) or ids[0] == ids[1]):
             raise ApiError(400, "'ids' must be two different completion ids", "invalid_value", "ids")
-        if preferred not in ids:
-            raise ApiError(400, "'preferred' must be one of 'ids'", "invalid_value", "preferred")
+        if preferred not in ids and preferred != "tie":
+            raise ApiError(400, "'preferred' must be one of 'ids', or \"tie\"", "invalid_value", "preferred")
+        if preferred == "tie":
+            return ids, {"type": "pairwise", "ids": ids, "preferred": None, **extra}, "tie"
         return ids, {"type": "pairwise", "ids": ids, "preferred": preferred, **extra}, "pairwise"
     cid, rating = body.get("id"), body.get("rating")
     if not isinstance(cid, str) or not ID_PATTERN.match(cid):

@@ -1,59 +1,250 @@
-"""What the server keeps: the request log (requests.jsonl) and the feedback log
-(feedback.jsonl) under --log-dir, as JSON lines that replicas sharing the directory can
-append to together; and the feedback export, which joins the two into
+"""What the server keeps, in one store that every replica shares: the requests (a row
+written at admission and completed at the end, so a replica killed mid-request leaves an
+`incomplete` row rather than nothing), the feedback, the rate-limit buckets and the abuse
+blocks. Two backends behind one small interface: SQLite (the default, a file in
+--log-dir in WAL mode, shared by the replicas of one machine) and PostgreSQL (`--db
+postgresql://...`, for replicas on several machines). Requests are indexed by completion
+id, so checking a feedback post costs the same at 10^6 logged requests as at 10^3; bucket
+and block updates are transactions that lock their row, so limits hold across replicas.
+
+Records are stored as JSON text with every non-ASCII character escaped, so any string the
+API accepts (NUL bytes included, which PostgreSQL's text type refuses) round-trips
+exactly. The feedback export joins votes with the completions they rate into
 prompt/chosen/rejected records for the next reward model (train_rm.py --data)."""
 from __future__ import annotations
 
 import collections
 import json
 import os
+import re
+import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 
-import runtime
 from cli import UserError
+from data.files import atomic_write
 
-REQUESTS, FEEDBACK = "requests.jsonl", "feedback.jsonl"
+SQLITE_NAME = "serve.db"
+TABLES = """
+CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, created DOUBLE PRECISION NOT NULL, key TEXT NOT NULL,
+    endpoint TEXT NOT NULL, status TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback (seq {serial}, id TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
+    key TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, level DOUBLE PRECISION NOT NULL,
+    at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS flags (ident TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS flags_by_ident ON flags (ident, at);
+CREATE TABLE IF NOT EXISTS blocks (ident TEXT PRIMARY KEY, until DOUBLE PRECISION NOT NULL);
+"""
 
 
-class JsonlLog:
-    """Append-only JSON lines. Each record is one os.write on an O_APPEND descriptor, so
-    replicas sharing a --log-dir interleave whole lines."""
+def dumps(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=True)
 
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+class Store:
+    """The shared serving state. SQL is written once with `?` placeholders; a backend
+    says how it runs a statement and a transaction. Safe to call from several threads."""
+
+    for_update = ""  # appended to a SELECT that must lock its row inside a transaction
+    errors: tuple = (sqlite3.OperationalError,)  # what the backend raises when the database is unavailable
+
+    def __init__(self):
         self.lock = threading.Lock()
 
-    def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
-        with self.lock:
-            os.write(self.fd, line)
+    # -- what a backend provides
+    def execute(self, sql: str, params=()) -> list[tuple]:
+        raise NotImplementedError
 
-    def has_id(self, record_id: str) -> bool:
-        """Whether a record with this "id" is in the log (written by any replica)."""
-        needle = json.dumps(record_id).encode()
-        with open(self.path, "rb") as f:
-            return any(needle in line and json.loads(line).get("id") == record_id for line in f)
+    @contextmanager
+    def transaction(self):
+        raise NotImplementedError
+        yield
 
     def close(self) -> None:
-        os.close(self.fd)
+        raise NotImplementedError
+
+    # -- requests and feedback
+    def begin_request(self, rid: str, key: str, endpoint: str, record: dict) -> None:
+        with self.lock:
+            self.execute("INSERT INTO requests (id, created, key, endpoint, status, record) VALUES (?, ?, ?, ?, ?, ?)",
+                         (rid, time.time(), key, endpoint, "incomplete", dumps(record)))
+
+    def finish_request(self, rid: str, status: str, record: dict) -> None:
+        with self.lock:
+            self.execute("UPDATE requests SET status = ?, record = ? WHERE id = ?", (status, dumps(record), rid))
+
+    def has_request(self, rid: str) -> bool:
+        with self.lock:
+            return bool(self.execute("SELECT 1 FROM requests WHERE id = ?", (rid,)))
+
+    def request_status(self) -> dict[str, str]:
+        """Every request's status (for tests and operators)."""
+        with self.lock:
+            return dict(self.execute("SELECT id, status FROM requests"))
+
+    def add_feedback(self, fid: str, key: str, record: dict) -> None:
+        with self.lock:
+            self.execute("INSERT INTO feedback (id, created, key, record) VALUES (?, ?, ?, ?)",
+                         (fid, time.time(), key, dumps(record)))
+
+    def served_chats(self) -> dict[str, dict]:
+        """The completed chat requests whose messages and completion were kept, by id."""
+        with self.lock:
+            rows = self.execute("SELECT record FROM requests WHERE endpoint = 'chat' AND status = 'complete'")
+        records = (json.loads(r) for (r,) in rows)
+        return {r["id"]: r for r in records if isinstance(r.get("completion"), str) and "messages" in r}
+
+    def feedback_records(self) -> list[dict]:
+        with self.lock:
+            return [json.loads(r) for (r,) in self.execute("SELECT record FROM feedback ORDER BY seq")]
+
+    # -- limits: token buckets and abuse blocks, one locked row each
+    def take(self, name: str, amount: float, capacity: float, per_second: float, now: float) -> float:
+        """Take `amount` from bucket `name` (created full): 0.0 when taken, otherwise the
+        seconds until it will be there."""
+        with self.lock, self.transaction():
+            self.execute("INSERT INTO buckets (name, level, at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                         (name, capacity, now))
+            (level, at), = self.execute("SELECT level, at FROM buckets WHERE name = ?" + self.for_update, (name,))
+            level = min(capacity, level + max(0.0, now - at) * per_second)  # clocks of replicas may differ a little
+            wait = 0.0 if level >= amount else (amount - level) / per_second
+            self.execute("UPDATE buckets SET level = ?, at = ? WHERE name = ?",
+                         (level - amount if not wait else level, max(now, at), name))
+        return wait
+
+    def give_back(self, name: str, amount: float, capacity: float) -> None:
+        with self.lock:
+            self.execute("UPDATE buckets SET level = CASE WHEN level + ? > ? THEN ? ELSE level + ? END WHERE name = ?",
+                         (amount, capacity, capacity, amount, name))
+
+    def add_flag(self, ident: str, now: float, window: float, max_flags: int, block_s: float) -> bool:
+        """Count a flagged request; True when this one blocks the identity."""
+        with self.lock, self.transaction():
+            self.execute("INSERT INTO blocks (ident, until) VALUES (?, 0) ON CONFLICT (ident) DO NOTHING", (ident,))
+            self.execute("SELECT until FROM blocks WHERE ident = ?" + self.for_update, (ident,))  # serializes per ident
+            self.execute("DELETE FROM flags WHERE ident = ? AND at < ?", (ident, now - window))
+            self.execute("INSERT INTO flags (ident, at) VALUES (?, ?)", (ident, now))
+            (count,), = self.execute("SELECT COUNT(*) FROM flags WHERE ident = ?", (ident,))
+            if count < max_flags:
+                return False
+            self.execute("UPDATE blocks SET until = ? WHERE ident = ?", (now + block_s, ident))
+            self.execute("DELETE FROM flags WHERE ident = ?", (ident,))
+        return True
+
+    def blocked_for(self, ident: str, now: float) -> float:
+        with self.lock:
+            rows = self.execute("SELECT until FROM blocks WHERE ident = ?", (ident,))
+        return max(0.0, rows[0][0] - now) if rows else 0.0
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Every JSON object in a log; a broken line (a crash mid-write) is skipped."""
-    out = []
-    if not os.path.exists(path):
-        return out
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                rec = json.loads(raw.decode("utf-8", "surrogatepass"))
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
+class SQLiteStore(Store):
+    """A file in WAL mode: readers never wait for the writer; writers (the replicas of one
+    machine) take turns, each transaction BEGIN IMMEDIATE."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.executescript(TABLES.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        except (OSError, sqlite3.Error) as e:
+            raise UserError(f"cannot open the serving store {path}: {e}") from None
+
+    def execute(self, sql: str, params=()) -> list[tuple]:
+        return self.conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def transaction(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database through psycopg 3 (pip install "psycopg[binary]"). One
+    connection per replica; a connection that broke (the server restarted, the network
+    dropped it) is replaced by the next statement, so one request fails, not all later ones."""
+
+    for_update = " FOR UPDATE"
+    SCHEMA_LOCK = 7_402_318_551  # an advisory lock: replicas starting together create the tables in turn
+
+    def __init__(self, url: str):
+        super().__init__()
+        try:
+            import psycopg
+        except ImportError:
+            raise UserError('--db postgresql://... needs psycopg 3: pip install "psycopg[binary]"') from None
+        self.psycopg, self.url, self.errors = psycopg, url, (psycopg.OperationalError,)
+        try:
+            self.conn = self.connect()
+        except psycopg.Error as e:
+            raise UserError(f"cannot open the serving store {redact(url)}: {str(e).strip().splitlines()[0]}") from None
+
+    def connect(self):
+        """A connection, with the tables created if missing (CREATE TABLE IF NOT EXISTS
+        alone races: two sessions may both insert the same catalog row)."""
+        conn = self.psycopg.connect(self.url, autocommit=True)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
+            for statement in filter(str.strip, TABLES.format(serial="BIGSERIAL PRIMARY KEY").split(";")):
+                conn.execute(statement)
+        return conn
+
+    def execute(self, sql: str, params=()) -> list[tuple]:
+        if self.conn.broken or self.conn.closed:
+            self.conn = self.connect()
+        cur = self.conn.execute(sql.replace("?", "%s"), params)
+        return cur.fetchall() if cur.description else []
+
+    @contextmanager
+    def transaction(self):
+        if self.conn.broken or self.conn.closed:
+            self.conn = self.connect()
+        with self.conn.transaction():
+            yield
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def redact(url: str) -> str:
+    """A database URL without its password (user:PASSWORD@ or ?password=...), for messages
+    and logs. Errs toward hiding: everything from the user's ':' to the last '@' goes."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        rest = rest[:at].split(":", 1)[0] + ":***" + rest[at:]
+    return scheme + sep + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
+
+
+def open_store(db: str, log_dir: str, create: bool = True) -> Store:
+    """--db: empty for the SQLite file LOG_DIR/serve.db, a path or sqlite:///path for
+    another SQLite file, postgresql://... (or postgres://) for PostgreSQL. With
+    create=False (the export) a SQLite file that does not exist is an error, not a new file."""
+    if db.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(db)
+    if db.startswith("sqlite:///"):
+        db = db[len("sqlite:///") - 1:] if db.startswith("sqlite:////") else db[len("sqlite:///"):]
+    elif "://" in db:
+        raise UserError(f"--db must be a SQLite path, sqlite:///PATH or postgresql://..., got {redact(db)}")
+    path = db or os.path.join(log_dir, SQLITE_NAME)
+    if not create and not os.path.exists(path):
+        raise UserError(f"no feedback: there is no serving store at {path} (--db, or --log-dir's {SQLITE_NAME})")
+    return SQLiteStore(path)
 
 
 # ----------------------------------------------------------------------------- the feedback export
@@ -69,7 +260,7 @@ class _Pairs:
         self.skipped: collections.Counter = collections.Counter()
 
     def usable(self, cid) -> dict | None:
-        r = self.served.get(cid)
+        r = self.served.get(cid) if isinstance(cid, str) else None
         if r is None:
             self.skipped["unknown_or_not_chat"] += 1
         elif not r["completion"].strip():
@@ -91,9 +282,13 @@ class _Pairs:
 
     def add_pairwise(self, fb: dict) -> None:
         a, b = (self.usable(i) for i in fb["ids"])
-        if a is not None and b is not None:
-            chosen, rejected = (a, b) if fb.get("preferred") == a["id"] else (b, a)
-            self.add(chosen, rejected, "feedback_pairwise")
+        if a is None or b is None:
+            return
+        if fb.get("preferred") is None:  # a tie: no preference to learn from
+            self.skipped["tie"] += 1
+            return
+        chosen, rejected = (a, b) if fb.get("preferred") == a["id"] else (b, a)
+        self.add(chosen, rejected, "feedback_pairwise")
 
     def add_thumbs(self, ratings: dict[str, str]) -> None:
         """Every thumbs-up completion against every thumbs-down completion of the same messages."""
@@ -111,28 +306,29 @@ class _Pairs:
                     self.add(good, bad, "feedback_thumbs")
 
 
-def export_feedback(log_dir: str, out: str) -> dict:
-    """Join feedback.jsonl with requests.jsonl into train_rm.py records:
+def export_feedback(store: Store, out: str) -> dict:
+    """Join the feedback with the completions it rates into train_rm.py records:
     {"prompt": messages, "chosen": str, "rejected": str, "kind": ...}.
 
-    A pairwise vote gives one pair (both completions must answer the same messages). Thumbs
-    are grouped by prompt: every thumbs-up completion against every thumbs-down completion of
-    the same messages (a completion's latest rating counts). Only chat completions are
-    exported; what cannot be used is counted by reason."""
-    requests_path, feedback_path = os.path.join(log_dir, REQUESTS), os.path.join(log_dir, FEEDBACK)
-    if not os.path.exists(feedback_path):
-        raise UserError(f"no feedback in {log_dir} (no {FEEDBACK})")
-    pairs = _Pairs({r["id"]: r for r in read_jsonl(requests_path) if isinstance(r.get("id"), str)
-                    and r.get("endpoint") == "chat" and isinstance(r.get("completion"), str)})
+    A pairwise vote gives one pair (both completions must answer the same messages; a tie
+    gives none). Thumbs are grouped by prompt: every thumbs-up completion against every
+    thumbs-down completion of the same messages (a completion's latest rating counts). Only
+    completed chat completions are exported; what cannot be used is counted by reason.
+    The file is written whole or not at all."""
+    feedback = store.feedback_records()
+    if not feedback:
+        raise UserError("no feedback in the serving store yet")
+    pairs = _Pairs(store.served_chats())
     ratings: dict[str, str] = {}
-    for fb in read_jsonl(feedback_path):
+    for fb in feedback:
         if fb.get("type") == "pairwise" and isinstance(fb.get("ids"), list) and len(fb["ids"]) == 2:
             pairs.add_pairwise(fb)
         elif fb.get("type") == "rating" and fb.get("rating") in ("up", "down"):
             ratings[fb.get("id")] = fb["rating"]  # the latest rating of a completion wins
+        else:
+            pairs.skipped["malformed_feedback"] += 1
     pairs.add_thumbs(ratings)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    runtime.atomic_write(out, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in pairs.records))
+    atomic_write(out, "".join(json.dumps(rec, ensure_ascii=True) + "\n" for rec in pairs.records))
     return {"pairs": len(pairs.records), "by_kind": dict(collections.Counter(r["kind"] for r in pairs.records)),
             "skipped": dict(pairs.skipped)}
-

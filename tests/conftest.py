@@ -58,3 +58,25 @@ def tiny_pretrained(data_dirs, tmp_path_factory):
     train_pretrain.main(["--data", data_dirs[0], "--out", str(out), "--max-steps", "30", "--lr", "3e-3",
                          "--eval-every", "100", *args])
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server on a loopback port for the whole session (tests/pg_server.py):
+    .url() and .new_database() give postgresql:// URLs. Skipped, with the reason, where
+    PostgreSQL or psycopg is not installed (.ci/run installs both)."""
+    import pg_server
+    reason = pg_server.why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = pg_server.PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres):
+    """postgresql://serve_test@127.0.0.1:PORT/serve1: a database created on the session's server."""
+    return postgres.new_database()

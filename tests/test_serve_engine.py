@@ -20,7 +20,7 @@ from model import ModelConfig, Transformer
 from serving.engine import BatchKVCache, Engine, EngineFull, GenRequest
 from serving.limits import KeyStore, Limiter, key_id
 from serving.moderation import Classifier, Moderator
-from serving.store import export_feedback
+from serving.store import SQLiteStore, export_feedback
 from serving.text import TextStream, chat_prompt_ids
 
 TEXT = ("What is two plus three? It is five. Reverse the word apple. elppa. Hello there, how are you? "
@@ -250,8 +250,8 @@ def test_engine_rejects_beyond_capacity(tok, model):
         engine.submit(GenRequest(p, 1024))  # does not fit in the context
 
 
-def test_token_bucket_and_abuse_block():
-    limiter = Limiter(rpm=2, tpm=100, max_flags=2, window=60, block_s=30)
+def test_token_bucket_and_abuse_block(tmp_path):
+    limiter = Limiter(SQLiteStore(str(tmp_path / "serve.db")), rpm=2, tpm=100, max_flags=2, window=60, block_s=30)
     assert limiter.take_request("k", 0.0) == 0 and limiter.take_request("k", 0.0) == 0
     wait = limiter.take_request("k", 0.0)
     assert wait == pytest.approx(30.0)  # 2 per minute: the next one in 30 s
@@ -268,9 +268,10 @@ def test_token_bucket_and_abuse_block():
 
 def test_keys_are_checked_and_hashed(tmp_path):
     path = tmp_path / "keys.txt"
-    path.write_text("# comment\nsk-one\n\n  sk-two  # second\n")
+    path.write_text("# comment\nsk-one\n\n  sk-two#second  \n")
     keys = KeyStore.load(str(path))
-    assert keys.check("sk-one") and keys.check("sk-two")
+    assert keys.check("sk-one") and keys.check("sk-two#second")  # a '#' inside a key is part of it
+    assert not keys.check("sk-two")
     assert not keys.check("sk-on") and not keys.check("") and not keys.check("sk-one ")
     assert "sk-one" not in key_id("sk-one") and key_id("sk-one") != key_id("sk-two")
     (tmp_path / "empty.txt").write_text("# none\n")
@@ -283,11 +284,12 @@ def test_export_feedback_joins_votes_and_thumbs(tmp_path, tok):
     msgs_b = [{"role": "user", "content": "Reverse abc"}]
     reqs = [("chatcmpl-" + f"{i:032x}", m, c) for i, (m, c) in enumerate(
         [(msgs_a, "5"), (msgs_a, "six"), (msgs_b, "cba"), (msgs_b, "abc"), (msgs_b, "bca"), (msgs_a, "")])]
-    with open(tmp_path / "requests.jsonl", "w") as f:
-        for cid, m, c in reqs:
-            f.write(json.dumps({"id": cid, "endpoint": "chat", "messages": m, "completion": c,
-                                "finish_reason": "stop"}) + "\n")
-        f.write("{broken\n")
+    store = SQLiteStore(str(tmp_path / "serve.db"))
+    for cid, m, c in reqs:
+        store.begin_request(cid, "k", "chat", {"id": cid, "endpoint": "chat", "messages": m})
+        store.finish_request(cid, "complete", {"id": cid, "endpoint": "chat", "messages": m, "completion": c,
+                                               "finish_reason": "stop"})
+    store.begin_request("chatcmpl-" + "e" * 32, "k", "chat", {"messages": msgs_a})  # never finished
     ids = [r[0] for r in reqs]
     feedback = [{"type": "pairwise", "ids": [ids[1], ids[0]], "preferred": ids[0]},
                 {"type": "pairwise", "ids": [ids[0], ids[2]], "preferred": ids[0]},  # different prompts
@@ -296,16 +298,18 @@ def test_export_feedback_joins_votes_and_thumbs(tmp_path, tok):
                 {"type": "rating", "id": ids[3], "rating": "down"},
                 {"type": "rating", "id": ids[4], "rating": "down"},
                 {"type": "rating", "id": ids[5], "rating": "up"},  # empty completion
-                {"type": "rating", "id": "chatcmpl-" + "f" * 32, "rating": "up"}]  # not in the log
-    with open(tmp_path / "feedback.jsonl", "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in feedback)
+                {"type": "rating", "id": "chatcmpl-" + "f" * 32, "rating": "up"},  # not in the log
+                {"type": "rating", "id": "chatcmpl-" + "e" * 32, "rating": "up"},  # incomplete
+                {"type": "pairwise", "ids": [ids[3], ids[4]], "preferred": None}]  # a tie
+    for i, x in enumerate(feedback):
+        store.add_feedback(f"fb-{i}", "k", x)
     out = tmp_path / "prefs.jsonl"
-    summary = export_feedback(str(tmp_path), str(out))
+    summary = export_feedback(store, str(out))
     records = [json.loads(line) for line in open(out)]
     pairs = {(r["chosen"], r["rejected"], r["kind"]) for r in records}
     assert pairs == {("5", "six", "feedback_pairwise"), ("cba", "abc", "feedback_thumbs"),
                      ("cba", "bca", "feedback_thumbs")}
-    assert summary["skipped"] == {"different_prompts": 1, "empty_completion": 1, "unknown_or_not_chat": 1}
+    assert summary["skipped"] == {"different_prompts": 1, "empty_completion": 1, "unknown_or_not_chat": 2, "tie": 1}
     loaded, skipped = load_pairs([str(out)], tok, 96)  # what train_rm.py reads
     assert len(loaded) == 3 and not skipped
     assert loaded[0].prompt == msgs_a
