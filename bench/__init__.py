@@ -24,6 +24,8 @@ conventions (one dataclass config: dashed options, `--help` shows every default,
                                                          and generation tokens/s while unknown ids are posted,
                                                          SQLite and PostgreSQL stores (a throwaway local
                                                          PostgreSQL when installed; pip install "psycopg[binary]")
+    python -m bench.gguf_check --llama-server PATH     convert.py to-gguf's file in llama.cpp: the chat
+                                                         template, tokenization and greedy ids against ours
     python -m bench.kernels [--only attention|ce] [--sweep]
                                                          fused_kernels vs PyTorch on a CUDA GPU
     python -m bench.kernels --cpu-loss                   the CPU loss path, plain vs fused

@@ -461,3 +461,126 @@ def test_load_model_keeps_tied_embeddings_tied(tok, tmp_path):
     assert loaded.lm_head.weight is loaded.tok_emb.weight
     x = torch.tensor([tok.encode("To be, or not to be")])
     torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- GGUF (llama.cpp)
+
+GGUF_MODELS = {  # rows of 64 and 96 values: whole q8_0 blocks of 32; head dim 16; GQA 2:1
+    "untied": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, rope_theta=500.0, norm_eps=1e-6),
+    "tied": dict(n_layer=1, n_head=4, n_kv_head=4, d_model=64, d_ff=160, tie_embeddings=True),
+}
+
+
+def gguf_field(reader, key: str):
+    field = reader.get_field(key)
+    assert field is not None, key
+    return field.contents()
+
+
+def interleaved_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """llama.cpp's LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs (x[2i], x[2i+1])."""
+    half = x.shape[-1] // 2
+    angles = torch.outer(positions.float(), 1.0 / theta ** (torch.arange(half).float() / half))
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()
+    return out
+
+
+def test_interleaving_q_and_k_rows_turns_our_rope_into_llama_cpps():
+    """Permuted rows rotated in llama.cpp's pairs equal ours rotated half-and-half, permuted."""
+    from model import apply_rope, rope_tables
+    cfg = ModelConfig(vocab_size=10, n_head=3, n_kv_head=1, d_model=36, max_seq_len=12, rope_theta=300.0)
+    w, x = torch.randn(cfg.d_model, cfg.d_model), torch.randn(cfg.max_seq_len, cfg.d_model)
+    cos, sin = rope_tables(cfg)
+    ours = apply_rope((x @ w.T).view(-1, 3, 12).transpose(0, 1), cos, sin)  # (heads, T, D)
+    theirs = interleaved_rope((x @ convert._interleave_rope_rows(w, 3).T).view(-1, 3, 12).transpose(0, 1),
+                              torch.arange(cfg.max_seq_len), cfg.rope_theta)
+    perm = convert._interleave_rope_rows(torch.arange(12).view(12, 1), 1).view(-1)
+    torch.testing.assert_close(theirs, ours[..., perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("name", list(GGUF_MODELS))
+def test_gguf_export_metadata_tokenizer_and_every_tensor(name, outtype, tok, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from data.hf_tokenizer import CHAT_TEMPLATE, bytes_of, hf_tokenizer_json
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=48, **GGUF_MODELS[name])
+    model = Transformer(cfg)
+    randomize(model, seed=11)
+    ckpt = save_ours(tmp_path / "ours", model, tok)
+    out = tmp_path / f"model-{outtype}.gguf"
+    line = convert.export_gguf(ckpt, str(out), outtype)[0]
+    assert "GGUF llama" in line and outtype in line and "stops at <|end|>" in line
+    assert sorted(os.listdir(tmp_path)) == sorted(["ours", out.name])  # no temporary file left
+    r = gguf.GGUFReader(out)
+
+    expect = {"general.architecture": "llama", "llama.context_length": 48, "llama.embedding_length": 64,
+              "llama.block_count": cfg.n_layer, "llama.feed_forward_length": cfg.d_ff,
+              "llama.attention.head_count": cfg.n_head, "llama.attention.head_count_kv": cfg.n_kv_head,
+              "llama.rope.dimension_count": 16, "llama.vocab_size": tok.vocab_size,
+              "general.file_type": {"f32": 0, "f16": 1, "q8_0": 7}[outtype],
+              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+              "tokenizer.ggml.bos_token_id": tok.eot_id, "tokenizer.ggml.eos_token_id": tok.end_id,
+              "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.add_bos_token": False,
+              "tokenizer.ggml.add_eos_token": False, "tokenizer.chat_template": CHAT_TEMPLATE}
+    for key, value in expect.items():
+        assert gguf_field(r, key) == value, key
+    assert gguf_field(r, "llama.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    assert gguf_field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
+
+    tokens, types = gguf_field(r, "tokenizer.ggml.tokens"), gguf_field(r, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == tok.vocab_size
+    assert [bytes_of(t) for t in tokens[:len(tok.token_bytes)]] == tok.token_bytes
+    assert {s: tokens.index(s) for s in SPECIAL_TOKENS} == tok.special_tokens
+    assert types == [1] * len(tok.token_bytes) + [3] * len(SPECIAL_TOKENS)  # normal, then control
+    merges = gguf_field(r, "tokenizer.ggml.merges")
+    assert merges == hf_tokenizer_json(tok)["model"]["merges"]
+    assert [tuple(tokens.index(p) for p in m.split(" ")) for m in merges[:5]] == tok.merges[:5]
+
+    sd = model.state_dict()
+    want = {"token_embd.weight": sd["tok_emb.weight"], "output_norm.weight": sd["norm_f.weight"]}
+    if not cfg.tie_embeddings:
+        want["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        for ours, theirs in convert.GGUF_NAMES.items():
+            w = sd[f"blocks.{i}.{ours}.weight"]
+            if ours in ("attn.wq", "attn.wk"):  # rows interleaved per head for llama.cpp's rotary pairs
+                w = convert._interleave_rope_rows(w, cfg.n_head if ours == "attn.wq" else cfg.n_kv_head)
+            want[f"blk.{i}.{theirs}.weight"] = w
+    got = {t.name: t for t in r.tensors}
+    assert set(got) == set(want)
+    for key, w in want.items():
+        t = got[key]
+        assert list(reversed([int(d) for d in t.shape])) == list(w.shape), key  # ggml lists dims innermost first
+        kind = "F32" if w.ndim == 1 or outtype == "f32" else outtype.upper()
+        assert t.tensor_type.name == kind, key
+        values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32")).reshape(w.shape)
+        atol = {"F32": 0.0, "F16": 1e-3, "Q8_0": w.abs().max().item() / 127}[kind]
+        torch.testing.assert_close(values, w.float(), atol=atol, rtol=1e-3 if kind == "F16" else 0, msg=key)
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_not_run_as_ours(tok, tmp_path, capsys, monkeypatch):
+    gpt2 = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=32,
+                       norm="layernorm", mlp="gelu", pos_emb="learned")
+    cases = {"gpt2": (gpt2, "Llama-style"),
+             "bias": (small(tok, bias=True), "without biases"), "qkv": (small(tok, qkv_bias=True), "without biases")}
+    for name, (cfg, message) in cases.items():
+        ckpt = save_ours(tmp_path / name, Transformer(cfg), tok)
+        assert message in cli_error(capsys, "to-gguf", "--ckpt", ckpt, "--out", tmp_path / f"{name}.gguf")
+    rm = save_ours(tmp_path / "rm", ScalarHeadModel(small(tok)), tok, stage="rm")
+    assert "reward model" in cli_error(capsys, "to-gguf", "--ckpt", rm, "--out", tmp_path / "rm.gguf")
+    ckpt = save_ours(tmp_path / "ok", Transformer(small(tok)), tok)
+    with pytest.raises(convert.ConvertError, match="--outtype must be one of"):
+        convert.export_gguf(ckpt, str(tmp_path / "x.gguf"), "q4_0")
+    assert "--out is required" in cli_error(capsys, "to-gguf", "--ckpt", ckpt)
+    assert "is a directory" in cli_error(capsys, "to-gguf", "--ckpt", ckpt, "--out", tmp_path)
+    # a failure while writing leaves no file, neither the target nor the temporary one
+    def broken(t, outtype):
+        raise OSError("disk full")
+    monkeypatch.setattr(convert, "_gguf_data", broken)
+    assert "disk full" in cli_error(capsys, "to-gguf", "--ckpt", ckpt, "--out", tmp_path / "x.gguf")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".gguf",)) or ".tmp" in f]
+    monkeypatch.undo()
+    convert.main(["to-gguf", "--ckpt", ckpt, "--out", str(tmp_path / "x.gguf"), "--outtype", "q8_0"])
+    assert "as GGUF llama" in capsys.readouterr().out and (tmp_path / "x.gguf").is_file()
