@@ -235,16 +235,22 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer, family: str, scalar: bool, eos: 
     return {**llama, "attention_bias": cfg.bias, "mlp_bias": cfg.bias}
 
 
-def export_hf(ckpt: str, out: str, dtype: str = "float32") -> list[str]:
-    """Write our checkpoint `ckpt` as a Hugging Face directory `out`. Returns summary lines."""
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+def read_ours(ckpt: str) -> tuple[dict, ModelConfig, dict, Tokenizer]:
+    """(config.json, its ModelConfig, the weights, the tokenizer) of one of our checkpoints."""
     config = runtime.read_checkpoint_config(ckpt)
     cfg = ModelConfig.from_dict(config["model"])
     weights, _ = runtime.load_weights(ckpt)
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
     if tok.vocab_size != cfg.vocab_size:
         raise ConvertError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
+    return config, cfg, weights, tok
+
+
+def export_hf(ckpt: str, out: str, dtype: str = "float32") -> list[str]:
+    """Write our checkpoint `ckpt` as a Hugging Face directory `out`. Returns summary lines."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    config, cfg, weights, tok = read_ours(ckpt)
     family = _family_of(cfg)
     scalar = "score_head.weight" in weights
     if os.path.realpath(out) == os.path.realpath(ckpt) or os.path.isfile(os.path.join(out, "train_config.json")):
@@ -601,12 +607,7 @@ def export_gguf(ckpt: str, out: str, outtype: str = "f32") -> list[str]:
         raise ConvertError(f"--outtype must be one of {list(GGUF_OUTTYPES)}, got {outtype!r}")
     if os.path.isdir(out):
         raise ConvertError(f"--out {out} is a directory; name the file to write, such as {out}/model.gguf")
-    config = runtime.read_checkpoint_config(ckpt)
-    cfg = ModelConfig.from_dict(config["model"])
-    weights, _ = runtime.load_weights(ckpt)
-    tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
-    if tok.vocab_size != cfg.vocab_size:
-        raise ConvertError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
+    config, cfg, weights, tok = read_ours(ckpt)
     _gguf_model(cfg, weights, ckpt)
     vocab = gguf_vocab(tok)
     try:

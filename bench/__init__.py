@@ -26,6 +26,9 @@ conventions (one dataclass config: dashed options, `--help` shows every default,
                                                          PostgreSQL when installed; pip install "psycopg[binary]")
     python -m bench.gguf_check --llama-server PATH     convert.py to-gguf's file in llama.cpp: the chat
                                                          template, tokenization and greedy ids against ours
+    python -m bench.lm_eval_check [--ckpt DIR]           lm-evaluation-harness's loglikelihood path through
+                                                         serve.py vs scoring the choices in-process
+                                                         (pip install "lm-eval[api]")
     python -m bench.kernels [--only attention|ce] [--sweep]
                                                          fused_kernels vs PyTorch on a CUDA GPU
     python -m bench.kernels --cpu-loss                   the CPU loss path, plain vs fused

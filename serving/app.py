@@ -4,7 +4,11 @@ function over it. Handlers are async and never run the model: the engine thread 
 A chat or text completion goes through three steps: `prepare` (who asks, may they, what
 did they send: a Generation, or an ApiError), `run` (charge the token budget and hand the
 request to the engine), then `collect` (one JSON body) or `stream` (server-sent events).
-Either way `finish` refunds unused tokens, counts output flags and writes the request log."""
+Either way `finish` refunds unused tokens, counts output flags and writes the request log.
+A text completion of several prompts is one Generation per prompt, merged into one body.
+Log-probs (chat `logprobs`/`top_logprobs`, completions `logprobs`/`echo`) come from the
+engine as entries and are shaped by protocol.LogprobShaper; /tokenize, /detokenize and
+/tokenizer_info are vLLM's routes, for lm-eval's remote tokenizer."""
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +47,9 @@ class Generation:
     stream: bool
     record: dict  # the request log's record, completed when the request ends
     req: GenRequest | None = None
+    echo_text: str = ""  # completions with echo: the prompt's text, which the choice's text starts with
+    echo_skip: int = 0  # prompt tokens not echoed: a string prompt's document-start token
+    shaper: protocol.LogprobShaper | None = None  # with logprobs
 
 
 class Server:
@@ -158,21 +165,47 @@ class Server:
         self.store.finish_request(record["id"], status, self.kept(record))
 
     # -- a chat or text completion: prepare, run, then collect or stream
-    async def prepare(self, request, chat: bool) -> Generation:
-        """Check the caller and the body, and moderate the input (400 content_filter)."""
+    async def prepare(self, request, chat: bool) -> list[Generation]:
+        """Check the caller and the body, and moderate the input (400 content_filter): one
+        Generation per prompt (a chat has one; a text completion one per prompt it lists)."""
         ident = self.admit(request)
         body = await self.read_json(request)
         self.check_model(body)
         if chat:
             messages = protocol.parse_messages(body, self.cfg.max_messages, self.cfg.max_message_chars)
-            prompt_ids = chat_prompt_ids(self.tok, messages)
-            user_texts = [m["content"] for m in messages]  # a caller writes the assistant turns it sends too
-            logged = {"messages": messages}
+            prompts = [(chat_prompt_ids(self.tok, messages), {"messages": messages},  # a caller writes the
+                        [m["content"] for m in messages], "", 0)]  # assistant turns it sends too
         else:
-            prompt = protocol.parse_prompt(body, self.cfg.max_message_chars)
-            prompt_ids, user_texts, logged = completion_prompt_ids(self.tok, prompt), [prompt], {"prompt": prompt}
-        params = protocol.parse_sampling(body, len(prompt_ids), self.context, self.cfg.max_tokens_limit)
+            prompts = [self.completion_prompt(p) for p in protocol.parse_prompts(
+                body, self.cfg.max_message_chars, self.cfg.max_messages, self.tok.vocab_size)]
         stream, include_usage = protocol.parse_stream(body)
+        if stream and len(prompts) > 1:
+            raise ApiError(400, "streaming is supported for one prompt at a time", "unsupported_parameter", "stream")
+        params = [protocol.parse_sampling(body, len(p[0]), self.context, self.cfg.max_tokens_limit, chat)
+                  for p in prompts]
+        gens: list[Generation] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                gens.append(await self.prepare_one(ident, chat, *prompt, p, stream, include_usage))
+        except ApiError as e:  # a later prompt was flagged: the earlier ones' rows end too
+            for gen in gens:
+                self.log_request({**gen.record, "completion": None, "finish_reason": "error", "error": e.code},
+                                 "error")
+            raise
+        return gens
+
+    def completion_prompt(self, prompt: str | list[int]) -> tuple:
+        """(ids, what the log keeps, the text to moderate, the echo text, prompt tokens not echoed)
+        of a completions prompt: a string continues a document, after the document-start token
+        (not echoed, so every token of the string is scored); ids are taken as they are."""
+        if isinstance(prompt, str):
+            return completion_prompt_ids(self.tok, prompt), {"prompt": prompt}, [prompt], prompt, 1
+        text = self.tok.decode(prompt)
+        return list(prompt), {"prompt": prompt}, [text], text, 0
+
+    async def prepare_one(self, ident: str, chat: bool, prompt_ids: list[int], logged: dict, user_texts: list[str],
+                          echo_text: str, echo_skip: int, params: dict, stream: bool,
+                          include_usage: bool) -> Generation:
         out = Completion(chat, self.model_id, include_usage=include_usage)
         record = {"id": out.id, "time": time.time(), "endpoint": "chat" if chat else "completions",
                   "model": self.model_id, "key": ident, **logged,
@@ -185,7 +218,21 @@ class Server:
             raise ApiError(400, "The request was rejected by the content filter (categories: "
                                 + ", ".join(verdict["categories"]) + ").", "content_filter",
                            "messages" if chat else "prompt")
-        return Generation(ident, out, prompt_ids, params, stream, record)
+        shaper = None if params["logprobs"] is None else protocol.LogprobShaper(self.piece, chat)
+        return Generation(ident, out, prompt_ids, params, stream, record, echo_text=echo_text if params["echo"] else "",
+                          echo_skip=echo_skip, shaper=shaper)
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes (a special token's are its name)."""
+        return self.tok.token_bytes[token] if token < len(self.tok.token_bytes) else self.tok.id_to_piece(token)
+
+    def logprobs(self, gen: Generation, entries: list, echo: bool = False) -> dict | None:
+        """The choice's (or chunk's) `logprobs`: the entries, after the echoed prompt's."""
+        if gen.shaper is None:
+            return None
+        if echo and gen.params["echo"]:
+            entries = (gen.req.prompt_logprobs or [])[gen.echo_skip:] + list(entries)
+        return gen.shaper.shape(entries)
 
     def run(self, gen: Generation) -> None:
         """Charge prompt + max_tokens to the caller's bucket and queue the request (503 when full)."""
@@ -194,7 +241,7 @@ class Server:
         self.charge_tokens(gen.ident, budget)
         gen.req = GenRequest(gen.prompt_ids, p["max_tokens"], p["temperature"], p["top_p"], p["top_k"], p["stop"],
                              p["seed"], p["ignore_eos"], moderate=self.moderator is not None,
-                             loop=asyncio.get_running_loop())
+                             logprobs=p["logprobs"], echo=p["echo"], loop=asyncio.get_running_loop())
         try:
             self.engine.submit(gen.req)
         except EngineFull:
@@ -258,16 +305,19 @@ class Server:
         await self.classify_output(info)
         self.finish(gen, info)
         if info.get("withheld"):
-            info["text"] = ""
-        return gen.out.body(info["text"], protocol.public_reason(info["finish_reason"]), protocol.usage(info))
+            info["text"], info["logprobs"] = "", []
+        return gen.out.body(gen.echo_text + info["text"], protocol.public_reason(info["finish_reason"]),
+                            protocol.usage(info), self.logprobs(gen, info.get("logprobs", []), echo=True))
 
-    async def _next_events(self, gen: Generation) -> tuple[str, tuple | None]:
-        """(the text deltas that piled up while we were writing, joined; the end event or None)."""
+    async def _next_events(self, gen: Generation) -> tuple[str, list, tuple | None]:
+        """(the text deltas that piled up while we were writing, joined; their tokens'
+        logprobs entries; the end event or None)."""
         items = [await gen.req.queue.get()]
         while not gen.req.queue.empty():
             items.append(gen.req.queue.get_nowait())
         text = "".join(p for k, p in items if k == "delta")
-        return text, next(((k, p) for k, p in items if k != "delta"), None)
+        entries = [e for k, p in items if k == "logprobs" for e in p]
+        return text, entries, next(((k, p) for k, p in items if k not in ("delta", "logprobs")), None)
 
     async def _ending(self, gen: Generation, kind: str, payload) -> list[str]:
         """The last events of a stream: an error, or the finish reason, usage and [DONE]."""
@@ -276,7 +326,8 @@ class Server:
             return [protocol.sse(ApiError(500, f"generation failed: {payload}", "engine_error").body())]
         await self.classify_output(payload)
         self.finish(gen, payload)
-        tail = [gen.out.chunk(None, protocol.public_reason(payload["finish_reason"]))]
+        tail = [gen.out.chunk(None, protocol.public_reason(payload["finish_reason"]),
+                              logprobs=self.logprobs(gen, payload.get("logprobs_tail", [])))]
         if gen.out.include_usage:
             tail.append(gen.out.usage_chunk(protocol.usage(payload)))
         return tail + [protocol.DONE]
@@ -287,11 +338,15 @@ class Server:
         try:
             if gen.out.chat:
                 yield gen.out.chunk(None, None, role=True)
+            echoed = not gen.params["echo"]
             while not done:
-                text, end = await self._next_events(gen)
+                text, entries, end = await self._next_events(gen)
                 done = end is not None
+                if not echoed and not (done and end[0] == "error"):  # the prompt first, once it is scored
+                    echoed = True
+                    yield gen.out.chunk(gen.echo_text, None, logprobs=self.logprobs(gen, [], echo=True))
                 if text and not (done and end[0] == "error"):
-                    yield gen.out.chunk(text, None)
+                    yield gen.out.chunk(text, None, logprobs=self.logprobs(gen, entries))
                 if done:
                     for event in await self._ending(gen, *end):
                         yield event
@@ -308,15 +363,22 @@ def _server(request) -> Server:
 
 async def generate(request: Request, chat: bool):
     server = _server(request)
-    gen = await server.prepare(request, chat)
-    try:
-        server.run(gen)
-    except ApiError as e:  # refused before it ran (429 tokens, 503 full): the row says so, not 'incomplete'
-        server.log_request({**gen.record, "completion": None, "finish_reason": "error", "error": e.code}, "error")
-        raise
-    if not gen.stream:
-        return await server.collect(gen, request)
-    return StreamingResponse(server.stream(gen), media_type="text/event-stream",
+    gens = await server.prepare(request, chat)
+    for i, gen in enumerate(gens):
+        try:
+            server.run(gen)
+        except ApiError as e:  # refused before it ran (429 tokens, 503 full): the row says so, not 'incomplete'
+            for other in gens[i:]:
+                server.log_request({**other.record, "completion": None, "finish_reason": "error", "error": e.code},
+                                   "error")
+            for other in gens[:i]:  # the prompts already queued go too
+                server.abort(other)
+            raise
+    if not gens[0].stream:
+        bodies = [await server.collect(gen, request) for gen in gens]
+        bad = next((b for b in bodies if isinstance(b, Response)), None)
+        return bad or (bodies[0] if len(bodies) == 1 else protocol.merge_choices(bodies))
+    return StreamingResponse(server.stream(gens[0]), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -378,6 +440,36 @@ async def get_model(model_id: str, request: Request):
     return server.model_card()
 
 
+async def tokenizer_info(request: Request):
+    """vLLM's tokenizer routes, which lm-eval's `tokenizer_backend=remote` reads: special-token
+    text in a prompt is ordinary text, as everywhere here (so lm-eval's prefix token for an
+    empty context needs `custom_prefix_token_id`; the document-start token is eos_token).
+    They check the key but spend no request from its bucket: lm-eval calls /tokenize for
+    every string it encodes."""
+    server = _server(request)
+    server.identity(request)
+    return {"eos_token": "<|endoftext|>", "bos_token": None, "pad_token": "<|pad|>",
+            "model_max_length": server.context, "vocab_size": server.tok.vocab_size,
+            "tokenizer_class": "data.tokenizer.Tokenizer (byte-level BPE)"}
+
+
+async def tokenize(request: Request):
+    """{"prompt", "add_special_tokens"} -> {"tokens", "count", "max_model_len"}; with special
+    tokens, the ids a completions string prompt gets (the document-start token first)."""
+    server = _server(request)
+    server.identity(request)
+    prompt, special = protocol.parse_tokenize(await server.read_json(request), server.cfg.max_message_chars)
+    ids = completion_prompt_ids(server.tok, prompt) if special else server.tok.encode(prompt)
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.context}
+
+
+async def detokenize(request: Request):
+    server = _server(request)
+    server.identity(request)
+    tokens = protocol.parse_detokenize(await server.read_json(request), server.tok.vocab_size)
+    return {"prompt": server.tok.decode(tokens)}
+
+
 async def health(request: Request):
     server = _server(request)
     engine = server.engine
@@ -434,7 +526,9 @@ async def lifespan(app):
 ROUTES = [("GET", "/health", health), ("GET", "/metrics", prometheus), ("GET", "/", chat_page),
           ("GET", "/v1/models", list_models), ("GET", "/v1/models/{model_id:path}", get_model),
           ("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/completions", completions),
-          ("POST", "/v1/moderations", moderations), ("POST", "/v1/feedback", feedback)]
+          ("POST", "/v1/moderations", moderations), ("POST", "/v1/feedback", feedback),
+          ("GET", "/tokenizer_info", tokenizer_info), ("POST", "/tokenize", tokenize),
+          ("POST", "/detokenize", detokenize)]
 
 
 def create_app(server: Server) -> FastAPI:

@@ -102,7 +102,12 @@ class EngineFull(Exception):
 @dataclass(eq=False)
 class GenRequest:
     """One generation. The engine sends its events to `queue` (an asyncio.Queue on `loop`,
-    or a plain queue when loop is None): ("delta", text) and at the end ("finish", info)."""
+    or a plain queue when loop is None): ("delta", text) and at the end ("finish", info).
+    With `logprobs` set (k alternatives), a ("logprobs", entries) event comes just before a
+    delta, with the entries (id, logprob, [(id, logprob)] k likeliest) of the tokens whose
+    text the delta completes, and info has "logprobs" (every generated token's entry, or
+    only those of the sent text when the output filter cut the response), "logprobs_tail"
+    (those not yet sent) and, with `echo`, "prompt_logprobs" (the first token's logprob None)."""
     prompt: list[int]
     max_tokens: int
     temperature: float = 0.0
@@ -112,6 +117,8 @@ class GenRequest:
     seed: int | None = None
     ignore_eos: bool = False
     moderate: bool = True
+    logprobs: int | None = None  # None: none; k: each token's log-prob and the k likeliest alternatives
+    echo: bool = False  # max_tokens may be 0; with logprobs, the prompt's tokens are scored too
     loop: asyncio.AbstractEventLoop | None = None
     queue: object = None
     # engine-side state
@@ -123,6 +130,9 @@ class GenRequest:
     first_token_at: float | None = None
     last_token_at: float | None = None
     admitted_at: float | None = None
+    prompt_logprobs: list | None = None  # with echo: (id, lp, top) per token, lp None for the first
+    token_logprobs: list = field(default_factory=list)  # (id, lp, top, text end) per generated token
+    logprobs_sent: int = 0  # entries of token_logprobs already sent with a delta
 
     def __post_init__(self):
         if self.queue is None:
@@ -174,7 +184,8 @@ class Engine:
 
     def submit(self, req: GenRequest) -> GenRequest:
         limit = self.model.cfg.max_seq_len
-        if not req.prompt or len(req.prompt) + req.max_tokens > limit or req.max_tokens < 1:
+        least = 0 if req.echo else 1  # the prompt alone (scored with logprobs), no token generated
+        if not req.prompt or len(req.prompt) + req.max_tokens > limit or req.max_tokens < least:
             raise ValueError(f"prompt of {len(req.prompt)} tokens + max_tokens {req.max_tokens} must fit in {limit}")
         with self.cv:
             if len(self.running) + len(self.waiting) >= self.max_running + self.max_waiting:
@@ -246,12 +257,33 @@ class Engine:
             self.metrics.queue_time.observe(now - r.arrival)
         kv_start = torch.tensor([width - len(r.prompt) for r in reqs], device=self.device)
         pre = KVCache(self.model.cfg, len(reqs), width, self.device)
-        logits = self.model(idx.to(self.device), kv_start=kv_start, cache=pre, last_only=True)
+        if any(r.echo and r.logprobs is not None for r in reqs):
+            logits = self._score_prompts(idx.to(self.device), kv_start, pre, reqs)
+        else:
+            logits = self.model(idx.to(self.device), kv_start=kv_start, cache=pre, last_only=True)
         self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in reqs))
+        rows = [j for j, r in enumerate(reqs) if r.max_tokens > 0]
+        for r in reqs:
+            if r.max_tokens == 0:  # scored, nothing to generate
+                self._final_event(r, "length", events)
+        for j in rows:
+            self.cache.insert(pre, j, len(reqs[j].prompt))
+            self.running.append(reqs[j])
+        if rows:
+            live = [reqs[j] for j in rows]
+            self._advance(live, self._sample(logits[rows] if len(rows) < len(reqs) else logits, live), events)
+
+    def _score_prompts(self, idx: torch.Tensor, kv_start: torch.Tensor, pre: KVCache,
+                       reqs: list[GenRequest]) -> torch.Tensor:
+        """The prefill's last logits, and the echo rows' prompt log-probs (r.prompt_logprobs),
+        from every position's logits of those rows only."""
+        h = self.model.hidden_states(idx, kv_start, pre)
+        width = idx.shape[1]
         for j, r in enumerate(reqs):
-            self.cache.insert(pre, j, len(r.prompt))
-            self.running.append(r)
-        self._advance(reqs, self._sample(logits, reqs), events)
+            if r.echo and r.logprobs is not None:
+                logits = self.model.lm_head(h[j, width - len(r.prompt):-1])
+                r.prompt_logprobs = [(r.prompt[0], None, [])] + self._logprobs(logits, r.prompt[1:], r.logprobs)
+        return self.model.lm_head(h[:, -1])
 
     def _decode(self, events: list) -> None:
         if self.cache.length + 1 > self.cache.capacity:
@@ -273,7 +305,26 @@ class Engine:
         for (temperature, top_p, top_k), rows in groups.items():
             picked = sample_next(logits[rows], temperature, top_k, top_p, [reqs[i].generator for i in rows])
             out[rows] = picked
-        return out.tolist()
+        tokens = out.tolist()
+        want = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        for i in want:  # the distribution the sampler started from, before temperature, top-k and top-p
+            reqs[i].token_logprobs.append(self._logprobs(logits[i:i + 1], tokens[i:i + 1], reqs[i].logprobs)[0])
+        return tokens
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple]:
+        """(token, its log-prob, [(id, log-prob)] of the k likeliest) per row of logits (T, V):
+        log_softmax in float32 of the model's logits, the model's own distribution."""
+        if not tokens:
+            return []
+        lp = logits.float().log_softmax(dim=-1)
+        chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+        if k > 0:
+            top_lp, top_id = lp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top_id.tolist(), top_lp.tolist())]
+        else:
+            tops = [[] for _ in tokens]
+        return [(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
     def _advance(self, reqs: list[GenRequest], tokens: list[int], events: list) -> None:
         now = time.perf_counter()
@@ -296,6 +347,11 @@ class Engine:
                     more, reason = r.text.close()
                     delta += more
                     reason = reason or "length"
+            if r.logprobs is not None:
+                # where its text ends; a token the filter stopped on sent none of its text
+                r.token_logprobs[-1] += (len(r.text.text) if reason != "content_filter" else float("inf"),)
+                if delta and reason is None:
+                    self._send_logprobs(r, events)
             if delta:
                 events.append((r, ("delta", delta)))
             if reason is not None:
@@ -303,6 +359,17 @@ class Engine:
         # finished rows left in _finish; dropping shared padding keeps attention short
         if self.cache.n and int(self.cache.kv_start[:self.cache.n].min()) >= 64:
             self.cache.compact()
+
+    @staticmethod
+    def _send_logprobs(r: GenRequest, events: list) -> None:
+        """A ("logprobs", entries) event for the tokens whose text is now all sent (it comes
+        just before the delta that sends it)."""
+        k = r.logprobs_sent
+        while k < len(r.token_logprobs) and r.token_logprobs[k][3] <= r.text.sent:
+            k += 1
+        if k > r.logprobs_sent:
+            events.append((r, ("logprobs", [e[:3] for e in r.token_logprobs[r.logprobs_sent:k]])))
+            r.logprobs_sent = k
 
     def _finish(self, r: GenRequest, reason: str, events: list) -> None:
         i = self.running.index(r)
@@ -323,6 +390,10 @@ class Engine:
                 "timings": {"queue_s": (r.admitted_at - r.arrival) if r.admitted_at else None,
                             "ttft_s": (r.first_token_at - r.arrival) if r.first_token_at else None,
                             "e2e_s": now - r.arrival}}
+        if r.logprobs is not None:  # a filtered response keeps only the entries of the text it sent
+            kept = [e for e in r.token_logprobs if reason != "content_filter" or e[3] <= r.text.sent]
+            info.update(logprobs=[e[:3] for e in kept], logprobs_tail=[e[:3] for e in kept[r.logprobs_sent:]],
+                        prompt_logprobs=r.prompt_logprobs)
         events.append((r, ("finish", info)))
 
     @staticmethod

@@ -3,6 +3,7 @@
 ids, and the bodies and server-sent-event chunks of responses."""
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -134,26 +135,74 @@ def parse_messages(body: dict, max_messages: int, max_chars: int) -> list[dict]:
     return out
 
 
-def parse_prompt(body: dict, max_chars: int) -> str:
-    """/v1/completions' prompt: a string (or a list of one string)."""
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def parse_prompts(body: dict, max_chars: int, max_prompts: int, vocab_size: int) -> list[str | list[int]]:
+    """/v1/completions' prompt: a string, a list of token ids, or a list of up to
+    `max_prompts` of either (one choice each, in order)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string", "invalid_type", "prompt")
-    if len(prompt) > max_chars:
-        raise ApiError(400, f"prompt is {len(prompt)} characters; the limit is {max_chars}",
-                       "message_too_long", "prompt")
-    return prompt
+    prompts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _is_ids(p) for p in prompts):
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of either",
+                       "invalid_type", "prompt")
+    if len(prompts) > max_prompts:
+        raise ApiError(400, f"{len(prompts)} prompts; the limit is {max_prompts}", "too_many_prompts", "prompt")
+    for p in prompts:
+        if isinstance(p, str) and len(p) > max_chars:
+            raise ApiError(400, f"prompt is {len(p)} characters; the limit is {max_chars}",
+                           "message_too_long", "prompt")
+        if isinstance(p, list) and not all(0 <= t < vocab_size for t in p):
+            raise ApiError(400, f"token ids must be in [0, {vocab_size})", "invalid_value", "prompt")
+    return prompts
 
 
-def _max_tokens(body: dict, prompt_len: int, context: int, max_tokens_limit: int) -> int:
+def parse_tokenize(body: dict, max_chars: int) -> tuple[str, bool]:
+    """vLLM's POST /tokenize body (lm-eval's remote tokenizer): (prompt, add_special_tokens)."""
+    prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+    if not isinstance(prompt, str) or len(prompt) > max_chars or not isinstance(special, bool):
+        raise ApiError(400, f"'prompt' must be a string of at most {max_chars} characters and "
+                            "'add_special_tokens' a boolean", "invalid_value", "prompt")
+    return prompt, special
+
+
+def parse_detokenize(body: dict, vocab_size: int) -> list[int]:
+    """vLLM's POST /detokenize body: {"tokens": [ids]}."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
+        raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab_size})", "invalid_value", "tokens")
+    return tokens
+
+
+def parse_logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(log-prob alternatives per token, or None for no log-probs; echo). Chat: `logprobs`
+    true and `top_logprobs` 0..20; completions: `logprobs` 0..20 and `echo`."""
+    if body.get("best_of", 1) not in (1, None):
+        raise ApiError(400, "best_of is not supported (only 1)", "unsupported_parameter", "best_of")
+    if chat:
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise ApiError(400, "'logprobs' must be a boolean", "invalid_type", "logprobs")
+        top = _number(body, "top_logprobs", None, 0, 20, integer=True)
+        if top is not None and not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "invalid_value", "top_logprobs")
+        return ((top or 0) if wanted else None), False
+    echo = body.get("echo", False)
+    if not isinstance(echo, (bool, type(None))):
+        raise ApiError(400, "'echo' must be a boolean", "invalid_type", "echo")
+    if body.get("logprobs") is False:  # what some clients send for "none"
+        return None, bool(echo)
+    return _number(body, "logprobs", None, 0, 20, integer=True), bool(echo)
+
+
+def _max_tokens(body: dict, prompt_len: int, context: int, max_tokens_limit: int, least: int = 1) -> int:
     if prompt_len >= context:
         raise ApiError(400, f"This model's maximum context length is {context} tokens; your prompt is "
                             f"{prompt_len} tokens.", "context_length_exceeded", "messages")
     limit = min(max_tokens_limit or context, context)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, limit, integer=True)
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, least, limit, integer=True)
     room = context - prompt_len
     if max_tokens is None:
         return min(room, limit)
@@ -164,13 +213,14 @@ def _max_tokens(body: dict, prompt_len: int, context: int, max_tokens_limit: int
     return max_tokens
 
 
-def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: int) -> dict:
-    """max_tokens (within the context), temperature, top_p, top_k, seed, stop, ignore_eos."""
+def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: int, chat: bool = True) -> dict:
+    """max_tokens (within the context; 0 with echo: the prompt alone, scored with logprobs), temperature,
+    top_p, top_k, seed, stop, ignore_eos, logprobs, echo."""
     if "n" in body and (type(body["n"]) is not int or body["n"] != 1):  # not true, not 1.0
         raise ApiError(400, "only n=1 is supported", "invalid_value", "n")
-    if body.get("logprobs") or body.get("best_of", 1) not in (1, None) or body.get("echo"):
-        raise ApiError(400, "logprobs, best_of and echo are not supported", "unsupported_parameter")
-    max_tokens = _max_tokens(body, prompt_len, context, max_tokens_limit)
+    logprobs, echo = parse_logprobs(body, chat)
+    least = 0 if echo else 1
+    max_tokens = _max_tokens(body, prompt_len, context, max_tokens_limit, least)
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "'ignore_eos' must be a boolean", "invalid_type", "ignore_eos")
@@ -181,7 +231,7 @@ def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: 
             "top_p": top_p if top_p < 1 else None,
             "top_k": _number(body, "top_k", None, 0, 1 << 30, integer=True) or None,
             "seed": _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
-            "stop": _stop_strings(body), "ignore_eos": ignore_eos}
+            "stop": _stop_strings(body), "ignore_eos": ignore_eos, "logprobs": logprobs, "echo": echo}
 
 
 def parse_stream(body: dict) -> tuple[bool, bool]:
@@ -271,13 +321,13 @@ class Completion:
         self.id = self.id or new_completion_id(self.chat)
         self.created = self.created or int(time.time())
 
-    def body(self, text: str, reason: str, usage: dict) -> dict:
+    def body(self, text: str, reason: str, usage: dict, logprobs: dict | None = None) -> dict:
         """The whole (non-streamed) response."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice], "usage": usage,
                 "system_fingerprint": None}
@@ -286,13 +336,14 @@ class Completion:
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def chunk(self, delta: str | None, reason: str | None, role: bool = False) -> str:
-        """One stream event: a text delta, the finish reason, or (chat) the opening role."""
+    def chunk(self, delta: str | None, reason: str | None, role: bool = False, logprobs: dict | None = None) -> str:
+        """One stream event: a text delta (with its tokens' logprobs), the finish reason, or
+        (chat) the opening role."""
         if self.chat:
             d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": reason}
         payload = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
                    "choices": [choice]}
         if self.include_usage:
@@ -303,6 +354,51 @@ class Completion:
         """stream_options.include_usage: the last event before [DONE], with no choices."""
         return sse({"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
                     "choices": [], "usage": usage})
+
+
+def merge_choices(bodies: list[dict]) -> dict:
+    """One text completion of several prompts: choice i answers prompt i; usage adds up."""
+    merged = dict(bodies[0])
+    merged["choices"] = [dict(b["choices"][0], index=i) for i, b in enumerate(bodies)]
+    merged["usage"] = {k: sum(b["usage"][k] for b in bodies) for k in bodies[0]["usage"]}
+    return merged
+
+
+class LogprobShaper:
+    """OpenAI's `logprobs` objects from the engine's entries (token id, logprob, [(id,
+    logprob)] likeliest first; logprob None for a prompt's first token): chat's {"content":
+    [{"token", "logprob", "bytes", "top_logprobs"}]} or completions' {"tokens",
+    "token_logprobs", "top_logprobs" ({token: logprob}, the token itself included),
+    "text_offset"}, whose offsets count characters of the choice's text across a stream's
+    chunks. A token that is not valid UTF-8 on its own is written "bytes:\\xNN..." (its
+    `bytes` are exact)."""
+
+    def __init__(self, piece, chat: bool):
+        self.piece, self.chat = piece, chat  # piece(id) -> the token's bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.offset = 0
+
+    def token(self, t: int) -> str:
+        data = self.piece(t)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in data)
+
+    def shape(self, entries: list) -> dict:
+        if self.chat:
+            return {"content": [{"token": self.token(t), "logprob": lp, "bytes": list(self.piece(t)),
+                                 "top_logprobs": [{"token": self.token(i), "logprob": v, "bytes": list(self.piece(i))}
+                                                  for i, v in top]} for t, lp, top in entries], "refusal": None}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, top in entries:
+            out["tokens"].append(self.token(t))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if lp is None else
+                                       {**{self.token(i): v for i, v in top}, self.token(t): lp})
+            out["text_offset"].append(self.offset)
+            self.offset += len(self.decoder.decode(self.piece(t)))
+        return out
 
 
 def moderation_result(verdict: dict, categories: tuple[str, ...]) -> dict:

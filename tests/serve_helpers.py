@@ -6,12 +6,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from contextlib import contextmanager
 
 import pytest
 
-from test_serve import CHROMIUM_FLAGS, ServerProcess, free_port
+from test_serve import CHROMIUM_FLAGS, ServerProcess
 
 httpx = pytest.importorskip("httpx")
 
@@ -21,33 +20,16 @@ def nginx_cluster(ckpt: str, root, n: int = 2, log_dir=None, args: tuple = ()):
     """(url, replicas): `n` serve.py replicas of `ckpt` behind nginx, which runs as the
     test's user with its prefix and config under `root`. With `log_dir` the replicas share
     it, and so one store (LOG_DIR/serve.db); without, each has its own."""
-    from test_serve_replicas import render_nginx_conf
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if nginx is None:
+    from test_serve_replicas import start_nginx, wait_for
+    if not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
         pytest.skip("nginx is not installed (apt-get install -y nginx)")
     replicas = [ServerProcess(["--ckpt", ckpt, "--log-dir", str(log_dir or root / f"logs{i}"), *args],
                               root / f"replica{i}.log") for i in range(n)]
-    prefix = root / "nginx"
-    for d in ("logs", "tmp"):
-        (prefix / d).mkdir(parents=True)
-    port = free_port()
-    (prefix / "nginx.conf").write_text(render_nginx_conf(port, [r.port for r in replicas]))
-    proxy = subprocess.Popen([nginx, "-p", str(prefix), "-e", "logs/error.log", "-c", str(prefix / "nginx.conf"),
-                              "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proxy, url = start_nginx(root / "nginx", replicas)
     try:
         for r in replicas:
             r.wait_ready()
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert proxy.poll() is None, proxy.stderr.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "nginx did not come up"
-            time.sleep(0.2)
+        wait_for(proxy, url)
         yield url, replicas
     finally:
         proxy.send_signal(signal.SIGQUIT)
