@@ -38,7 +38,7 @@ import torch
 
 import convert
 import runtime
-from bench.serve import free_port
+from bench.server import free_port
 from cli import UserError, entry_point, parse_config, print_config
 from data.chat import encode_prompt
 from data.tokenizer import Tokenizer

@@ -18,13 +18,13 @@ import importlib.util
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from bench.server import ServeProcess
 from cli import UserError, entry_point, parse_config, print_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,12 +47,6 @@ class CheckConfig:
     def __post_init__(self):
         if self.docs < 1 or self.context_words < 1 or self.choice_words < 1 or self.batch_size < 1:
             raise UserError("--docs, --context-words, --choice-words and --batch-size must be positive")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_task(cfg: CheckConfig, tok, out: str) -> list[dict]:
@@ -131,30 +125,6 @@ def pretrain(cfg: CheckConfig, out: str) -> str:
     return ckpt
 
 
-def start_server(ckpt: str, out: str) -> tuple[subprocess.Popen, str]:
-    import httpx
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(out, "serve.log"), "wb")
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--ckpt", ckpt, "--host", "127.0.0.1",
-                               "--port", str(port), "--log-dir", os.path.join(out, "serve_logs"), "--no-request-log",
-                               "--rate-limit-rpm", "0", "--rate-limit-tpm", "0", "--no-moderation", "--device", "cpu"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while True:
-        if server.poll() is not None:
-            raise UserError(f"serve.py exited; see {log.name}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            server.terminate()
-            raise UserError("serve.py did not start within 300 s")
-        time.sleep(0.3)
-
-
 def run_lm_eval(cfg: CheckConfig, url: str, model_id: str, context: int, eot: int,
                 out: str) -> tuple[float, dict, list]:
     """lm-eval's accuracy on the task through the server, its log-likelihoods ({doc_id:
@@ -200,15 +170,17 @@ def main(argv=None) -> None:
     model.eval()
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
     docs = make_task(cfg, tok, out)
-    server, url = start_server(ckpt, out)
+    server = ServeProcess(["--ckpt", ckpt, "--log-dir", os.path.join(out, "serve_logs"), "--no-request-log",
+                           "--rate-limit-rpm", "0", "--rate-limit-tpm", "0", "--no-moderation", "--device", "cpu"],
+                          os.path.join(out, "serve.log"))
+    url = server.url
     try:
         model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         started = time.perf_counter()
         served, served_scores, cmd = run_lm_eval(cfg, url, model_id, model.cfg.max_seq_len, tok.eot_id, out)
         seconds = time.perf_counter() - started
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
     scores = direct_scores(model, tok, docs)
     direct = accuracy(scores, docs)
     if sorted(served_scores) != list(range(len(docs))):

@@ -16,14 +16,12 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from bench.server import ServeProcess
 from cli import UserError, entry_point, parse_config, print_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,12 +47,6 @@ class BenchConfig:
             raise UserError("--concurrency needs positive integers")
         if self.requests_per_stream < 1 or self.sequential_requests < 1 or self.max_tokens < 1:
             raise UserError("--requests-per-stream, --sequential-requests and --max-tokens must be positive")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def one_stream(client, url: str, body: dict) -> tuple[float, int, float]:
@@ -101,27 +93,12 @@ def main(argv=None) -> None:
         import httpx
     except ImportError:
         raise UserError("bench.serve needs httpx (pip install -r requirements-dev.txt)") from None
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     logs = tempfile.mkdtemp(prefix="bench_serve_")
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--ckpt", cfg.ckpt, "--port", str(port),
-                               "--log-dir", logs, "--no-request-log", "--rate-limit-rpm", "0", "--rate-limit-tpm", "0",
-                               "--max-running", str(cfg.max_running), "--max-waiting", "256", "--device", cfg.device,
-                               "--threads", str(cfg.threads)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = ServeProcess(["--ckpt", cfg.ckpt, "--log-dir", logs, "--no-request-log", "--rate-limit-rpm", "0",
+                           "--rate-limit-tpm", "0", "--max-running", str(cfg.max_running), "--max-waiting", "256",
+                           "--device", cfg.device, "--threads", str(cfg.threads)], os.path.join(logs, "serve.out"))
+    url = server.url
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise UserError(f"serve.py exited: {server.stdout.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise UserError("serve.py did not start within 300 s")
-            time.sleep(0.3)
         model = httpx.get(url + "/v1/models").json()["data"][0]
         body = {"model": model["id"], "messages": [{"role": "user", "content": cfg.prompt}], "temperature": 0,
                 "max_tokens": cfg.max_tokens, "stream": True, "stream_options": {"include_usage": True},
@@ -130,11 +107,7 @@ def main(argv=None) -> None:
         baseline = asyncio.run(level(url, body, 1, cfg.sequential_requests))
         rows = [asyncio.run(level(url, body, c, cfg.requests_per_stream)) for c in cfg.concurrency]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
     import torch
     print(f"\n{model['id']} ({cfg.ckpt}), context {model.get('max_model_len')}, {cfg.max_tokens} tokens per request, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -40,7 +40,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from bench.serve import free_port, level
+from bench.serve import level
+from bench.server import ServeProcess, free_port
 from cli import UserError, entry_point, parse_config, print_config
 from serving.store import PostgresStore, SQLiteStore, redact
 
@@ -216,46 +217,6 @@ class ThrowawayPostgres:
 
 # ----------------------------------------------------------------------------- the server and the clients
 
-class ServeProcess:
-    """`python serve.py` on a store; waits for /health."""
-
-    def __init__(self, cfg: BenchConfig, ckpt: str, db: str, log_dir: str):
-        import httpx
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = os.path.join(log_dir, "serve.out")
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, os.path.join(REPO, "serve.py"), "--ckpt", ckpt, "--port", self.url.rsplit(":", 1)[1],
-                 "--log-dir", log_dir, "--db", db, "--rate-limit-rpm", "1e9", "--rate-limit-tpm", "1e12",
-                 "--max-waiting", "256", "--device", cfg.device, "--threads", str(cfg.threads)],
-                stdout=out, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise UserError(f"serve.py exited: {self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise UserError("serve.py did not start within 300 s")
-            time.sleep(0.3)
-
-    def output(self) -> str:
-        with open(self.log) as f:
-            return f.read()[-2000:]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def unknown_id(rng: random.Random) -> str:
     return f"chatcmpl-{rng.getrandbits(128):032x}"
 
@@ -343,7 +304,9 @@ def time_generation(cfg: BenchConfig, url: str, model_id: str, seed: int) -> dic
 
 def measure(cfg: BenchConfig, ckpt: str, db: str, log_dir: str, known: list[str], seed: int) -> dict:
     import httpx
-    server = ServeProcess(cfg, ckpt, db, log_dir)
+    server = ServeProcess(["--ckpt", ckpt, "--log-dir", log_dir, "--db", db, "--rate-limit-rpm", "1e9",
+                           "--rate-limit-tpm", "1e12", "--max-waiting", "256", "--device", cfg.device,
+                           "--threads", str(cfg.threads)], os.path.join(log_dir, "serve.out"))
     try:
         model_id = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
         result = time_posts(server.url, known, cfg.posts, random.Random(f"unknown-{seed}"))
