@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 from contextlib import contextmanager
 
 import pytest
@@ -20,7 +18,7 @@ def nginx_cluster(ckpt: str, root, n: int = 2, log_dir=None, args: tuple = ()):
     """(url, replicas): `n` serve.py replicas of `ckpt` behind nginx, which runs as the
     test's user with its prefix and config under `root`. With `log_dir` the replicas share
     it, and so one store (LOG_DIR/serve.db); without, each has its own."""
-    from test_serve_replicas import start_nginx, wait_for
+    from test_serve_replicas import start_nginx, stop_nginx, wait_for
     if not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
         pytest.skip("nginx is not installed (apt-get install -y nginx)")
     replicas = [ServerProcess(["--ckpt", ckpt, "--log-dir", str(log_dir or root / f"logs{i}"), *args],
@@ -32,12 +30,7 @@ def nginx_cluster(ckpt: str, root, n: int = 2, log_dir=None, args: tuple = ()):
         wait_for(proxy, url)
         yield url, replicas
     finally:
-        proxy.send_signal(signal.SIGQUIT)
-        try:
-            proxy.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop_nginx(proxy)
         for r in replicas:
             r.stop()
 

@@ -83,6 +83,15 @@ def start_nginx(prefix, replicas: list[ServerProcess]):
     return proxy, f"http://127.0.0.1:{port}"
 
 
+def stop_nginx(proxy) -> None:
+    proxy.send_signal(signal.SIGQUIT)  # graceful: let open streams finish
+    try:
+        proxy.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proxy.kill()
+        proxy.wait()
+
+
 def wait_for(proxy, url: str) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -120,12 +129,7 @@ def cluster(request, data_dirs, tmp_path_factory):
         yield Cluster(request.param, url, replicas, store_args[0])
     finally:
         if proxy is not None:
-            proxy.send_signal(signal.SIGQUIT)
-            try:
-                proxy.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait()
+            stop_nginx(proxy)
         for r in replicas:
             r.stop()
 
