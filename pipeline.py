@@ -9,7 +9,7 @@ continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) a
 starting it again picks up where it stopped. At the end OUT/report.md and report.json
 hold each stage's command, wall time and key numbers, plots and sample completions.
 
-    python pipeline.py                     # the CPU defaults: about 10 minutes on 2 cores
+    python pipeline.py                     # the CPU defaults: 10-13 minutes on 2 cores
     python pipeline.py --preset mini       # seconds per stage: a smoke test of the whole chain
     python pipeline.py --preset gpu        # a larger model for one GPU
     NPROC=8 python pipeline.py --preset gpu  # each training stage under torchrun on 8 GPUs
