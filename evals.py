@@ -6,7 +6,13 @@ Reported: accuracy overall and per family, the helpfulness families' accuracy on
 own (the pipeline's `gold_accuracy`), and the two safety rates — how often harmful
 requests are refused, and how often benign look-alikes are refused anyway.
 
+Headroom (`--samples K --temperature T`): K sampled answers to each helpfulness prompt,
+reported as the mean sampled accuracy, the unbiased pass@k of Chen et al. 2021 for
+k = 1, 2, 4, ... K (overall and per family), and the share of prompts on the frontier
+(solved by some samples but not all) — what RL on the exact grader could sharpen.
+
     python evals.py --ckpt runs/sft --data prepared/tasks/eval.jsonl --out results.json
+    python evals.py --ckpt runs/sft --samples 8 --temperature 0.7 --seed 0
 
 Shared by SFT, PPO and the pipeline report, so every stage is measured the same way.
 """
@@ -134,6 +140,93 @@ def summarize(counts: dict[str, list[float]], samples: list[dict]) -> dict:
             "samples": samples}
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from n samples of which c are correct (Chen et al.
+    2021, "Evaluating Large Language Models Trained on Code", eq. 1): the chance that k
+    samples drawn without replacement from the n hold at least one correct one,
+    1 - C(n-c, k) / C(n, k), computed as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i),
+    which stays accurate in floating point where the binomials overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def pass_ks(samples: int) -> list[int]:
+    """The k reported for `samples` answers per prompt: 1, 2, 4, ... up to samples, and samples."""
+    return sorted({2 ** e for e in range(samples.bit_length()) if 2 ** e <= samples} | {samples})
+
+
+@torch.no_grad()
+def sampled_accuracy(model, tok, records: list[dict], samples: int, temperature: float, seed: int = 0,
+                     rank: int = 0, world: int = 1, max_new_tokens: int = 32, batch_size: int = 64) -> dict:
+    """Headroom: `samples` answers at `temperature` to each helpfulness record (the others
+    are passed over), judged. Each batch repeats a few prompts `samples` times; one seeded
+    generator per rank makes a run reproducible (same seed, batch size and ranks). Under
+    torch.distributed the ranks split the prompts in lockstep, as in task_accuracy, and
+    sum their per-family counts.
+
+    Returns {"samples", "temperature", "seed", "prompts", "mean_sampled_accuracy",
+    "pass_at_k": {"1": .., "2": .., ...}, "frontier_share", "per_family": {family:
+    {"prompts", "mean", "pass_at_k", "frontier_share"}}}: overall over the helpfulness
+    families; frontier = prompts with 0 < correct < samples."""
+    if samples < 1 or not temperature > 0:
+        raise ValueError(f"sampling needs samples >= 1 and temperature > 0, got {samples}, {temperature}")
+    helpful = [r for r in records if r["family"] in TASK_FAMILIES]
+    if not helpful:
+        raise UserError("sampled accuracy needs records of the helpfulness families "
+                        f"({', '.join(TASK_FAMILIES)})")
+    ks, families = pass_ks(samples), sorted({r["family"] for r in helpful})
+    device = next(model.parameters()).device
+    # per family: correct samples, frontier prompts, prompts, then the sum of pass@k per k
+    counts = torch.zeros(len(families), 3 + len(ks), dtype=torch.float64)
+    generator = torch.Generator(device=device).manual_seed(seed + 100_003 * rank)
+    mine, per_rank = runtime.rank_share(list(range(len(helpful))), rank, world)
+    per_batch = max(1, batch_size // samples)
+    for chunk, real in runtime.lockstep_batches(mine, per_rank, per_batch, mine[-1:] or [0]):
+        convs = [helpful[i]["conversation"] for i in chunk for _ in range(samples)]
+        replies = chat_responses(model, tok, convs, max_new_tokens, batch_size, temperature, generator)
+        for j, i in enumerate(chunk if real else []):
+            rec = helpful[i]
+            c = sum(int(grade(rec, reply)) for reply in replies[j * samples:(j + 1) * samples])
+            counts[families.index(rec["family"])] += torch.tensor(
+                [c, float(0 < c < samples), 1.0] + [pass_at_k(samples, c, k) for k in ks], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        counts = runtime.all_reduce_sum(counts.to(device)).cpu()
+    return summarize_sampled(dict(zip(families, counts.tolist())), samples, temperature, seed, ks)
+
+
+def summarize_sampled(counts: dict[str, list[float]], samples: int, temperature: float, seed: int,
+                      ks: list[int]) -> dict:
+    """The result dict of sampled_accuracy from per-family (correct, frontier, prompts,
+    pass@k sums...) rows."""
+    def block(rows):
+        prompts = sum(r[2] for r in rows)
+        return {"prompts": int(prompts), "mean": sum(r[0] for r in rows) / (prompts * samples),
+                "pass_at_k": {str(k): sum(r[3 + j] for r in rows) / prompts for j, k in enumerate(ks)},
+                "frontier_share": sum(r[1] for r in rows) / prompts}
+    overall = block(list(counts.values()))
+    return {"samples": samples, "temperature": temperature, "seed": seed, "prompts": overall["prompts"],
+            "mean_sampled_accuracy": overall["mean"], "pass_at_k": overall["pass_at_k"],
+            "frontier_share": overall["frontier_share"],
+            "per_family": {f: block([row]) for f, row in counts.items() if row[2]}}
+
+
+def format_pass_at_k(result: dict) -> str:
+    """'pass@1 38.2%, pass@8 47.0% (arithmetic 4->14, ...); frontier 21%': pass@1 and
+    pass@K overall, per family pass@1 -> pass@K in points, and the frontier share."""
+    first, last = "1", str(result["samples"])
+    ks = [first] if first == last else [first, last]
+    head = ", ".join(f"pass@{k} {100 * result['pass_at_k'][k]:.1f}%" for k in ks)
+    fams = ", ".join(f"{f} " + "->".join(f"{100 * r['pass_at_k'][k]:.0f}" for k in ks)
+                     for f, r in result["per_family"].items())
+    return f"{head} ({fams}); frontier {100 * result['frontier_share']:.0f}%"
+
+
 def format_accuracy(result: dict) -> str:
     """'48.2% (arithmetic 2, ...); harmful refused 12%, borderline over-refused 0%'."""
     head = result["task_accuracy"] if result["task_accuracy"] is not None else result["accuracy"]
@@ -207,9 +300,14 @@ class EvalConfig:
     ckpt: str = field(default="", metadata={"help": "checkpoint directory (any stage: pretrain, sft, ppo, ...)"})
     data: str = field(default="", metadata={"help": "JSONL task records: prompt or messages, family, answer "
                                             "(default: the task suite's eval.jsonl)"})
-    out: str = field(default="", metadata={"help": "write {accuracy, per_family, safety, records} here as JSON"})
+    out: str = field(default="", metadata={"help": "write {accuracy, per_family, safety, records} (and "
+                                          "pass_at_k with --samples) here as JSON"})
     max_new_tokens: int = 32
     batch_size: int = 64
+    samples: int = field(default=0, metadata={"help": "sampled answers per helpfulness prompt, for mean sampled "
+                                              "accuracy, pass@k and the frontier (0: greedy only)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature with --samples"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling generator with --samples"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
 
     def __post_init__(self):
@@ -217,6 +315,24 @@ class EvalConfig:
             raise UserError("--ckpt is required (a checkpoint directory)")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise UserError("--max-new-tokens and --batch-size must be positive")
+        if self.samples < 0:
+            raise UserError(f"--samples must be >= 0 (0: greedy only), got {self.samples}")
+        if self.samples and not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0 to sample (--samples {self.samples}), got {self.temperature}")
+
+
+def print_sampled(sampled: dict) -> None:
+    """The headroom table: pass@k per k, overall and per family, with each frontier share."""
+    n, ks = sampled["samples"], list(sampled["pass_at_k"])
+    print(f"sampled: {n} answers per prompt at temperature {sampled['temperature']:g} (seed {sampled['seed']}), "
+          f"{sampled['prompts']} helpfulness prompts; mean sampled accuracy "
+          f"{100 * sampled['mean_sampled_accuracy']:.1f}%")
+    print(f"  {'':<12} " + " ".join(f"{'pass@' + k:>9}" for k in ks) + "  frontier")
+    rows = [("all", sampled)] + list(sampled["per_family"].items())
+    for name, r in rows:
+        print(f"  {name:<12} " + " ".join(f"{100 * r['pass_at_k'][k]:8.1f}%" for k in ks) +
+              f"  {100 * r['frontier_share']:7.1f}%")
+    print(f"pass@k: {format_pass_at_k(sampled)}")
 
 
 @entry_point
@@ -242,12 +358,19 @@ def main(argv=None) -> None:
     for name, value in result["safety"].items():
         if value is not None:
             print(f"{name.replace('_', ' ')}: {100 * value:.1f}%")
+    sampled = None
+    if cfg.samples:
+        sampled = sampled_accuracy(model, tok, records, cfg.samples, cfg.temperature, cfg.seed,
+                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        print_sampled(sampled)
     if cfg.out:
         payload = {"accuracy": result["accuracy"], "per_family": result["per_family"],
                    "task_accuracy": result["task_accuracy"], "safety": result["safety"], "skipped": dict(skipped),
                    "ckpt": cfg.ckpt, "data": data,
                    "records": [{k: s[k] for k in ("id", "family", "prompt", "response", "score")}
                                for s in result["samples"]]}
+        if sampled is not None:
+            payload["pass_at_k"] = sampled
         try:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
             runtime.write_json(cfg.out, payload)
