@@ -65,6 +65,8 @@ def load_server(cfg: ServeConfig) -> Server:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = runtime.resolve_device(cfg.device)
+    if cfg.quantization == "int8" and device.type != "cpu":
+        raise UserError("--quantization int8 uses PyTorch's CPU int8 kernel: serve it with --device cpu")
     model, tok, config = runtime.load_for_inference(cfg.ckpt, device=device,
                                                     dtype=runtime.compute_dtype(cfg.dtype, device))
     name = cfg.served_model_name or f"{cfg.ckpt_name}-step{config.get('step', 0)}"

@@ -61,7 +61,7 @@ class Server:
         self.metrics = Metrics()
         self.moderator = moderator
         self.engine = Engine(model, tok, max_running=cfg.max_running, max_waiting=cfg.max_waiting,
-                             metrics=self.metrics, moderator=moderator)
+                             metrics=self.metrics, moderator=moderator, quantization=cfg.quantization)
         self.context = model.cfg.max_seq_len
         self.keys = keys
         self.store = store

@@ -17,6 +17,7 @@ import torch
 
 from data.tokenizer import Tokenizer
 from model import KVCache, sample_next
+from serving.decode import DecodeStep
 from serving.metrics import Metrics
 from serving.moderation import Moderator
 from serving.text import TextStream
@@ -149,8 +150,11 @@ class Engine:
     """
 
     def __init__(self, model, tok: Tokenizer, *, max_running: int = 16, max_waiting: int = 64,
-                 metrics: "Metrics | None" = None, moderator: Moderator | None = None):
+                 metrics: "Metrics | None" = None, moderator: Moderator | None = None,
+                 quantization: str = "none"):
         self.model, self.tok = model, tok
+        self.decode_step = DecodeStep(model, quantization)
+        self.decode_step.apply_to_model()  # int8: the prefill runs on the same (dequantized) weights
         self.max_running, self.max_waiting = max_running, max_waiting
         self.metrics = metrics if metrics is not None else Metrics()
         self.moderator = moderator
@@ -290,7 +294,7 @@ class Engine:
             self.cache.compact()
         rows = self.running
         idx = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
-        logits = self.model(idx, kv_start=self.cache.kv_start[:len(rows)], cache=self.cache, last_only=True)
+        logits = self.decode_step(idx, self.cache)
         self.metrics.batch_size.observe(len(rows))
         self.steps += 1
         self._advance(list(rows), self._sample(logits, rows), events)
