@@ -26,10 +26,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ import torch
 
 import convert
 import runtime
-from bench.server import free_port
+from bench.server import LlamaServerProcess
 from cli import UserError, entry_point, parse_config, print_config
 from data.chat import encode_prompt
 from data.tokenizer import Tokenizer
@@ -105,28 +103,6 @@ def post(url: str, body: dict, timeout: float = 120.0) -> dict:
         return json.loads(r.read())
 
 
-def start_server(cfg: CheckConfig, gguf_path: str, n_ctx: int, log_path: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen([cfg.llama_server, "-m", gguf_path, "--host", "127.0.0.1", "--port", str(port),
-                             "-c", str(n_ctx), "-np", "1", "--threads", str(cfg.threads), "--jinja", "--no-warmup",
-                             "-ngl", "0"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + cfg.timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"llama-server exited with {proc.returncode}: {open(log_path).read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise UserError(f"llama-server did not become ready in {cfg.timeout:.0f} s: {open(log_path).read()[-2000:]}")
-
-
 def cut(ids: list[int], stops: set[int]) -> list[int]:
     """ids up to (not including) the first end-of-generation token."""
     return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
@@ -164,7 +140,9 @@ def main(argv=None) -> None:
         model, _ = runtime.load_model(ckpt)
         model.eval()
         tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
-        proc, url = start_server(cfg, gguf_path, model.cfg.max_seq_len, os.path.join(root, "server.log"))
+        proc = LlamaServerProcess(cfg.llama_server, gguf_path, os.path.join(root, "server.log"),
+                                  model.cfg.max_seq_len, threads=cfg.threads, timeout_s=cfg.timeout)
+        url = proc.url
         results = []
         for i, messages in enumerate(PROMPTS):
             with torch.no_grad():
@@ -176,8 +154,7 @@ def main(argv=None) -> None:
                   + ("" if r["greedy"] else f" vs ours {r['ours']} (the first {r['same']} agree)"))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+            proc.stop()
         shutil.rmtree(root, ignore_errors=True)
     ok = {k: sum(r[k] for r in results) for k in ("prompt_ids", "text_ids", "greedy")}
     print(f"summary ({cfg.outtype}): chat template + tokenizer {ok['prompt_ids']}/{len(results)}, "

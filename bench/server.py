@@ -1,5 +1,6 @@
-"""serve.py as a subprocess, for the benchmarks and checks that talk to it over HTTP:
-started on a free loopback port with the options given, ready once /health answers."""
+"""serve.py (or llama.cpp's llama-server) as a subprocess, for the benchmarks and checks that
+talk to it over HTTP: started on a free loopback port with the options given, ready once
+/health answers."""
 from __future__ import annotations
 
 import os
@@ -22,20 +23,24 @@ def free_port() -> int:
 class ServeProcess:
     """`python serve.py --host 127.0.0.1 --port P ARGS...`, its output in `log_path`;
     the constructor returns once /health answers 200 (UserError if it exits or takes
-    longer than `timeout_s`). `stop()` ends it."""
+    longer than `timeout_s`). `stop()` ends it. `command` replaces serve.py with another
+    server that takes --host/--port and answers /health (LlamaServerProcess)."""
 
-    def __init__(self, args: list[str], log_path: str, timeout_s: float = 300.0):
+    name = "serve.py"
+
+    def __init__(self, args: list[str], log_path: str, timeout_s: float = 300.0, command: list[str] | None = None):
         import httpx
-        self.url = f"http://127.0.0.1:{free_port()}"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
         self.log = log_path
+        command = command or [sys.executable, os.path.join(REPO, "serve.py")]
         with open(log_path, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--host", "127.0.0.1",
-                                          "--port", self.url.rsplit(":", 1)[1], *args],
+            self.proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port), *args],
                                          stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise UserError(f"serve.py exited: {self.output()}")
+                raise UserError(f"{self.name} exited with {self.proc.returncode}: {self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -43,7 +48,7 @@ class ServeProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise UserError(f"serve.py did not start within {timeout_s:.0f} s")
+                raise UserError(f"{self.name} did not start within {timeout_s:.0f} s: {self.output()}")
             time.sleep(0.3)
 
     def output(self) -> str:
@@ -57,3 +62,15 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class LlamaServerProcess(ServeProcess):
+    """llama.cpp's `llama-server -m GGUF` on CPU (-ngl 0) with `slots` parallel sequences of
+    `context` tokens each (continuous batching on), the GGUF's chat template (--jinja)."""
+
+    name = "llama-server"
+
+    def __init__(self, binary: str, gguf: str, log_path: str, context: int, slots: int = 1, threads: int = 2,
+                 timeout_s: float = 120.0):
+        super().__init__(["-m", gguf, "-c", str(context * slots), "-np", str(slots), "--cont-batching",
+                          "--threads", str(threads), "--jinja", "-ngl", "0"], log_path, timeout_s, command=[binary])
