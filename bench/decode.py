@@ -2,7 +2,7 @@
 engine ran before serving/decode.py), the fused step in float32 and with int8 weights, at
 1, 8 and 16 rows, against two floors measured the same way — the step's matmuls alone
 (the weights streamed from memory once per step) and the step's ops on a model too narrow
-for its matmuls to cost anything (dispatch alone) — and the whole engine loop (sampling,
+for its matmuls to cost anything (dispatch alone, for the model's forward and the fused step) — and the whole engine loop (sampling,
 bookkeeping, text) in tokens/s.
 
     python -m bench.decode --ckpt /tmp/bench_ckpt --threads 1
@@ -88,6 +88,7 @@ def engine_rate(model, tok, rows: int, quantization: str, tokens: int = 128) -> 
     try:
         prompt = tok.encode("Tell me a story about a king and his three daughters.")
         tokens = min(tokens, model.cfg.max_seq_len - len(prompt))
+        engine.generate(GenRequest(prompt=list(prompt), max_tokens=4, moderate=False))  # warm-up
         reqs = [GenRequest(prompt=list(prompt), max_tokens=tokens, ignore_eos=True, moderate=False)
                 for _ in range(rows)]
         start = time.perf_counter()
@@ -113,15 +114,16 @@ def main(argv=None) -> None:
     print(f"{cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, {cfg.threads} thread(s), cache {cfg.context} "
           f"tokens, median of {cfg.repeats} x {cfg.steps} steps (ms per decode step)")
     print("| rows | model forward (before) | fused step f32 | fused step int8 | matmuls alone f32 | "
-          "ops alone (narrow model) | engine f32 tok/s | engine int8 tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "ops alone: model forward | ops alone: fused step | engine f32 tok/s | engine int8 tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     int8_model, _ = load()
     for rows in cfg.rows:
         cells = [timed(step_runner(model, rows, cfg.context, "model"), cfg.steps, cfg.repeats),
                  timed(step_runner(model, rows, cfg.context, "none"), cfg.steps, cfg.repeats),
                  timed(step_runner(int8_model, rows, cfg.context, "int8"), cfg.steps, cfg.repeats),
                  timed(matmul_floor(model, rows), cfg.steps, cfg.repeats),
-                 timed(step_runner(narrow, rows, cfg.context, "model"), cfg.steps, cfg.repeats)]
+                 timed(step_runner(narrow, rows, cfg.context, "model"), cfg.steps, cfg.repeats),
+                 timed(step_runner(narrow, rows, cfg.context, "none"), cfg.steps, cfg.repeats)]
         rates = [engine_rate(load()[0], tok, rows, "none"), engine_rate(load()[0], tok, rows, "int8")]
         print(f"| {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " | " +
               " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)

@@ -46,7 +46,7 @@ class BenchConfig:
     prompt: str = field(default="Tell me a story about a king and his three daughters.",
                         metadata={"help": "the user message of every request"})
     max_running: int = field(default=16, metadata={"help": "serve.py --max-running"})
-    threads: int = field(default=0, metadata={"help": "serve.py --threads (0: torch's default)"})
+    threads: int = field(default=0, metadata={"help": "serve.py --threads (0: its default, every core but one)"})
     device: str = field(default="cpu", metadata={"choices": ["auto", "cpu", "cuda"], "help": "serve.py --device"})
     quantization: str = field(default="none", metadata={"choices": ["none", "int8"],
                                                         "help": "serve.py --quantization"})
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
             server.stop()
     import torch
     print(f"\n{cfg.ckpt}: {cfg.max_tokens} tokens per request, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, serve.py threads {cfg.threads or torch.get_num_threads()}"
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, serve.py threads {cfg.threads or 'every core but one'}"
           f", medians of {cfg.repeats} run(s)")
     print("| server | streams | requests | generated tokens/s | vs one at a time | TTFT p50 (s) | TTFT p95 (s) | runs |")
     print("|---|---|---|---|---|---|---|---|")

@@ -29,7 +29,8 @@ class ServeConfig:
         "help": "write the store's feedback as prompt/chosen/rejected JSONL to this file and exit"})
     served_model_name: str = field(default="", metadata={"help": "model id (default: <checkpoint dir>-step<N>)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads for the model (0: torch's default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads for the model (0: on CPU every core but "
+                                                      "one, which is left to the HTTP side; torch's default on CUDA)"})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"],
                                                  "help": "auto: float32 on CPU, bfloat16 on CUDA"})
     quantization: str = field(default="none", metadata={

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model import RMSNorm, Transformer, apply_rope
+from model import RMSNorm, Transformer, upcast
 
 QUANTIZATIONS = ("none", "int8")
 
@@ -57,8 +57,7 @@ class Linear:
             return F.linear(x, self.weight, self.bias)
         # the kernel's fast path takes bfloat16 activations; the rest of the step stays in the
         # model's dtype (PyTorch's CPU attention is several times slower in bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.q, self.scale)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -117,34 +116,45 @@ class DecodeStep:
         m.lm_head.weight.data = self.head.dequantized().to(m.lm_head.weight.dtype)
 
     def _inputs(self, ids: torch.Tensor, cache) -> tuple:
-        """Embeddings (B, 1, d), rotary tables at each row's position, the padding mask."""
+        """Embeddings (B, d), the rotary tables at each row's position as (cos|cos, -sin|sin)
+        of shape (B, 1, head_dim), and the padding mask (B, 1, 1, keys)."""
         n, past = ids.shape[0], cache.length
         kv_start = cache.kv_start[:n]
         positions = (past - kv_start).clamp(min=0)
-        x = self.model.tok_emb(ids)
+        x = self.model.tok_emb(ids[:, 0])
         if self.model.pos_emb is not None:
-            x = x + self.model.pos_emb(positions)[:, None]
+            x = x + self.model.pos_emb(positions)
             rope = None
         else:
-            rope = (self.model.rope_cos[positions][:, None, None], self.model.rope_sin[positions][:, None, None])
+            cos, sin = self.model.rope_cos[positions][:, None], self.model.rope_sin[positions][:, None]
+            rope = (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
         keys = torch.arange(past + 1, device=ids.device)
-        mask = (keys[None, :] >= kv_start[:, None])[:, None, None, :]  # (B, 1, 1, keys): the row's own tokens
+        mask = (keys[None, :] >= kv_start[:, None])[:, None, None, :]  # each row sees its own tokens only
         return x, rope, mask
 
+    @staticmethod
+    def rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+        """model.apply_rope in fewer ops, to the bit: with x = (x1, x2), x * (cos, cos) +
+        (x2, x1) * (-sin, sin) is (x1 cos - x2 sin, x2 cos + x1 sin) — negating a factor and
+        swapping the terms of a sum are exact in floating point."""
+        xf = upcast(x)
+        return (xf * cos2 + xf.roll(x.shape[-1] // 2, dims=-1) * sin2).type_as(x)
+
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        """ids (B, 1): each live row's newest token; the cache holds rows 0..B-1."""
-        cfg, (nq, nk, _) = self.cfg, self.heads
-        b, d = ids.shape[0], cfg.head_dim
+        """ids (B, 1): each live row's newest token; the cache holds rows 0..B-1. With one
+        token per row, (B, heads, 1, D) and (B, heads, D) are the same memory: no transposes."""
+        nq, nk, _ = self.heads
+        b, d = ids.shape[0], self.cfg.head_dim
         x, rope, mask = self._inputs(ids, cache)
         for layer, (norm1, qkv, wo, norm2, up, w2, swiglu) in enumerate(self.layers):
-            out = qkv(norm1(x))  # (B, 1, q | k | v): the query and key heads side by side, one rotary call
-            qk, v = out[..., :nq + nk].view(b, 1, (nq + nk) // d, d).transpose(1, 2), out[..., nq + nk:]
+            out = qkv(norm1(x))  # (B, q | k | v): the query and key heads side by side, one rotary call
+            qk, v = out[:, :nq + nk].view(b, (nq + nk) // d, d), out[:, nq + nk:].view(b, nk // d, 1, d)
             if rope is not None:
-                qk = apply_rope(qk, *rope)
-            q, k = qk.split([nq // d, nk // d], dim=1)
-            keys, values = cache.update(layer, k, v.view(b, 1, nk // d, d).transpose(1, 2))
+                qk = self.rotate(qk, *rope)
+            q, k = qk[:, :nq // d, None], qk[:, nq // d:, None]
+            keys, values = cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nq != nk)
-            x = x + wo(y.transpose(1, 2).reshape(b, 1, nq))
+            x = x + wo(y.view(b, nq))
             h = up(norm2(x))
             if swiglu:
                 gate, value = h.chunk(2, dim=-1)
@@ -153,5 +163,4 @@ class DecodeStep:
                 h = F.gelu(h, approximate="tanh")
             x = x + w2(h)
         cache.length += 1
-        return self.head(self.norm_f(x[:, -1])).float()
-
+        return self.head(self.norm_f(x)).float()

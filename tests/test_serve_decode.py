@@ -176,9 +176,9 @@ def test_decode_benchmark_prints_its_profile_table(data_dirs, tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or
             line.startswith("| 2 |")]
     assert len(rows) == 2
-    for line in rows:  # rows, five step times in ms, two engine rates: all positive numbers
+    for line in rows:  # rows, six step times in ms, two engine rates: all positive numbers
         cells = [float(c) for c in line.strip("|").split("|")]
-        assert len(cells) == 8 and min(cells) > 0
+        assert len(cells) == 9 and min(cells) > 0
 
 
 @pytest.mark.parametrize("args, message", [(["--repeats", "0"], "must be positive"),
