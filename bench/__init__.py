@@ -18,7 +18,12 @@ conventions (one dataclass config: dashed options, `--help` shows every default,
                                                          PPO step time per rollout token vs group size k
     python -m bench.serve --ckpt DIR [--concurrency 1,4,8,16]
                                                          serving throughput and time to first token
-                                                         through the HTTP server (needs httpx)
+                                                         through the HTTP server (needs httpx); with
+                                                         --llama-server PATH, llama.cpp side by side
+    python -m bench.decode --ckpt DIR [--threads 1]      a decode step's time: the model's forward, the
+                                                         fused step (float32, int8), matmul and dispatch floors
+    python -m bench.int8_agreement --ckpt runs/ppo       greedy answers served with int8 weights vs float32,
+                                                         judged on held-out prompts
     python -m bench.store [--sizes 1000,100000,1000000] [--db-url postgresql://...] [--append BENCHMARKS.md]
                                                          feedback POST time against 10^3-10^6 logged requests
                                                          and generation tokens/s while unknown ids are posted,
