@@ -1,6 +1,13 @@
 """The main job: every stage of the InstructGPT recipe in order, then a report.
 
-    prepare (data/) -> tasks -> pretrain -> sft -> rm -> ppo -> eval + report
+    prepare (data/) -> tasks -> pretrain -> sft -> rm -> ppo
+      -> feedback -> rm_round2 -> ppo_round2 (round 2; --rounds 1 leaves it out) -> eval + report
+
+Round 2 closes the loop: the round-1 policy is served (serve.py), simulated users (a
+stand-in for people: simulate_users.py) rate its answers with a set disagreement rate
+(--rater-noise), the exported feedback joins the preference data of a second reward
+model, and a second PPO run optimizes against it; the report compares both reward models
+on held-out on-policy pairs and the round-2 policy with round 1 prompt by prompt.
 
 Each stage runs as its own process with a command printed before it starts: copy it to
 run that stage alone. A stage whose output is complete is skipped (--force redoes every
@@ -9,7 +16,8 @@ continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) a
 starting it again picks up where it stopped. At the end OUT/report.md and report.json
 hold each stage's command, wall time and key numbers, plots and sample completions.
 
-    python pipeline.py                     # the CPU defaults: 10-13 minutes on 2 cores
+    python pipeline.py                     # the CPU defaults, both rounds: about 21 minutes on 2 cores
+    python pipeline.py --rounds 1          # round 1 only (10-13 minutes)
     python pipeline.py --preset mini       # seconds per stage: a smoke test of the whole chain
     python pipeline.py --preset gpu        # a larger model for one GPU
     NPROC=8 python pipeline.py --preset gpu  # each training stage under torchrun on 8 GPUs
@@ -19,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -28,8 +37,15 @@ from cli import UserError, entry_point, parse_config
 from data.files import atomic_write, write_json
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("prepare", "tasks", "pretrain", "sft", "rm", "ppo", "eval")
-TRAINING = ("pretrain", "sft", "rm", "ppo")
+STAGES = ("prepare", "tasks", "pretrain", "sft", "rm", "ppo", "feedback", "rm_round2", "ppo_round2", "eval")
+ROUND2 = ("feedback", "rm_round2", "ppo_round2")
+TRAINING = ("pretrain", "sft", "rm", "ppo", "rm_round2", "ppo_round2")
+ROUND1_OF = {"rm_round2": "rm", "ppo_round2": "ppo"}  # a round-2 stage takes its round-1 stage's preset options
+# Round 2's defaults, chosen by measurement (docs/results.md, "Round 2: the loop closed")
+FEEDBACK_PROMPTS = 3000
+FEEDBACK_WEIGHT = 3
+RM_ROUND2_INIT = "sft"
+PPO_ROUND2_INIT = "ppo"
 
 # Extra options per stage and preset. "cpu" is each script's own defaults (the README's numbers).
 PRESETS = {
@@ -48,6 +64,7 @@ PRESETS = {
         "rm": ["--max-steps", "3", "--batch-size", "8", "--eval-every", "3", "--save-every", "3", "--warmup-steps", "1"],
         "ppo": ["--max-steps", "2", "--batch-size", "4", "--minibatch-size", "8", "--max-new-tokens", "6",
                 "--eval-every", "2", "--save-every", "2", "--eval-max-new-tokens", "4", "--log-every", "1"],
+        "feedback": ["--prompts", "12", "--max-tokens", "6"],
     },
     # one GPU (bf16): a GPT-2-small-sized model; the task stages keep their CPU settings,
     # which take seconds there. Not measured yet: see BENCHMARKS.md.
@@ -73,11 +90,34 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"nargs": True,
                               "help": "run only these stages (their inputs must exist)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    rounds: int = field(default=2, metadata={"choices": [1, 2], "help": "2: after round 1, simulated users' feedback "
+                        "on the PPO policy trains a second reward model and PPO run (1: round 1 only)"})
+    rater_noise: float = field(default=0.2, metadata={"help": "round 2: probability that a simulated rater "
+                               "disagrees with the gold judge"})
+    feedback_prompts: int = field(default=FEEDBACK_PROMPTS, metadata={"help": "round 2: user prompts the simulated "
+                                  "users send (two answers rated per prompt)"})
+    feedback_weight: int = field(default=FEEDBACK_WEIGHT, metadata={"help": "round 2: the feedback pairs' weight "
+                                 "against the round-1 preference data (the file is listed this many times)"})
+    rm_round2_init: str = field(default=RM_ROUND2_INIT, metadata={"choices": ["sft", "rm"], "help": "round 2: the "
+                                "reward model starts from the SFT model (as in round 1) or goes on from round 1's"})
+    ppo_round2_init: str = field(default=PPO_ROUND2_INIT, metadata={"choices": ["sft", "ppo"], "help": "round 2: "
+                                 "PPO starts from (and keeps its KL to) the SFT model or the round-1 policy"})
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)} (choose from {', '.join(STAGES)})")
+        if self.rounds not in (1, 2):
+            raise UserError(f"--rounds must be 1 or 2, got {self.rounds}")
+        if not 0 <= self.rater_noise <= 1 or self.feedback_prompts < 1 or self.feedback_weight < 1:
+            raise UserError("need 0 <= --rater-noise <= 1, --feedback-prompts >= 1 and --feedback-weight >= 1")
+        asked = {self.from_stage} | (set(self.stages) if set(self.stages) != set(STAGES) else set())
+        if self.rounds == 1 and asked & set(ROUND2):
+            raise UserError(f"{', '.join(sorted(asked & set(ROUND2)))}: round-2 stage(s) need --rounds 2")
+
+    def active_stages(self) -> tuple[str, ...]:
+        """The stages of this run, in order: round 2's only with --rounds 2."""
+        return tuple(s for s in STAGES if self.rounds >= 2 or s not in ROUND2)
 
 
 def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
@@ -99,10 +139,38 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
         "ppo": [*launcher, "train_ppo.py", "--init", run("sft"), "--reward-model", run("rm"),
                 "--prompts", os.path.join(tasks, "prompts.jsonl"), "--eval-data", os.path.join(tasks, "eval.jsonl"),
                 "--out", run("ppo"), *device],
+        "rm_round2": [*launcher, "train_rm.py", "--init", run(cfg.rm_round2_init),
+                      "--data", os.path.join(tasks, "prefs.jsonl"), *[feedback_pairs(cfg)] * cfg.feedback_weight,
+                      "--out", run("rm_round2"), *device],
+        "ppo_round2": [*launcher, "train_ppo.py", "--init", run(cfg.ppo_round2_init), "--reward-model", run("rm_round2"),
+                       "--prompts", os.path.join(tasks, "prompts.jsonl"),
+                       "--eval-data", os.path.join(tasks, "eval.jsonl"), "--out", run("ppo_round2"), *device],
         "eval": [sys.executable, "pipeline.py", "--out", cfg.out, "--data", cfg.data, "--preset", cfg.preset,
-                 "--stages", "eval", *device],
+                 "--stages", "eval", "--rounds", str(cfg.rounds), *device],
     }
-    return commands[stage] + PRESETS[cfg.preset].get(stage, [])
+    if stage == "feedback":
+        raise ValueError("the feedback stage runs several commands: see feedback_commands")
+    preset = PRESETS[cfg.preset]
+    return commands[stage] + preset.get(stage, preset.get(ROUND1_OF.get(stage, ""), []))
+
+
+def feedback_pairs(cfg: PipelineConfig) -> str:
+    return os.path.join(cfg.out, "feedback", "prefs.jsonl")
+
+
+def feedback_commands(cfg: PipelineConfig, url: str) -> dict[str, list[str]]:
+    """Round 2's feedback stage: serve the round-1 policy (no abuse blocks or rate limits:
+    the simulated users are one busy client), the simulated users against it, the export."""
+    folder = os.path.join(cfg.out, "feedback")
+    return {
+        "serve": ["--ckpt", os.path.join(cfg.out, "ppo"), "--log-dir", os.path.join(folder, "serve"),
+                  "--abuse-max-flags", "0", "--rate-limit-rpm", "0", "--rate-limit-tpm", "0", "--device", cfg.device],
+        "users": [sys.executable, "simulate_users.py", "--url", url, "--prompts", str(cfg.feedback_prompts),
+                  "--rater-noise", str(cfg.rater_noise), "--exclude", os.path.join(cfg.data, "tasks", "eval.jsonl"),
+                  "--traffic-out", os.path.join(folder, "traffic.jsonl"), *PRESETS[cfg.preset].get("feedback", [])],
+        "export": [sys.executable, "serve.py", "--log-dir", os.path.join(folder, "serve"),
+                   "--export-feedback", feedback_pairs(cfg)],
+    }
 
 
 # ----------------------------------------------------------------------------- stage state
@@ -132,38 +200,55 @@ def stage_done(stage: str, cfg: PipelineConfig) -> bool:
     if stage == "eval":
         return os.path.exists(os.path.join(cfg.out, "report.json")) and \
             (_read_json(os.path.join(cfg.out, "report.json")) or {}).get("complete", False)
+    if stage == "feedback":
+        return _read_json(os.path.join(cfg.out, "feedback", "feedback.json")) is not None
     progress = checkpoint_progress(os.path.join(cfg.out, stage))
     return progress is not None and progress[0] >= progress[1] > 0
 
 
 # ----------------------------------------------------------------------------- running
 
-def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
-    command = stage_command(stage, cfg)
-    progress = checkpoint_progress(os.path.join(cfg.out, stage)) if stage in TRAINING else None
-    if progress and 0 < progress[0] < progress[1]:
-        command.append("--resume")  # interrupted earlier: continue from its last checkpoint
-    shown = " ".join("python" if c == sys.executable else shlex.quote(
+def shown_command(command: list[str]) -> str:
+    """A command as printed: `python` for this interpreter, repo paths relative."""
+    return " ".join("python" if c == sys.executable else shlex.quote(
         os.path.relpath(c, REPO) if os.path.isabs(c) and c.startswith(REPO + os.sep) else c) for c in command)
-    print(f"\n=== stage {stage}: {shown}", flush=True)
+
+
+def run_logged(command: list[str], log_path: str) -> int:
+    """Run a command, its output to stdout and appended to log_path; its exit status."""
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+        except KeyboardInterrupt:  # the stage got the signal too: let it save its checkpoint
+            proc.wait()
+            raise
+        return proc.wait()
+
+
+def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
+    log_path = os.path.join(cfg.out, "logs", f"{stage}.log")
     start = time.time()
+    if stage == "feedback":  # prints its own commands (a server, the users, the export)
+        shown = collect_feedback(cfg, log_path)
+        code = 0
+    else:
+        command = stage_command(stage, cfg)
+        progress = checkpoint_progress(os.path.join(cfg.out, stage)) if stage in TRAINING else None
+        if progress and 0 < progress[0] < progress[1]:
+            command.append("--resume")  # interrupted earlier: continue from its last checkpoint
+        shown = shown_command(command)
+        print(f"\n=== stage {stage}: {shown}", flush=True)
     if stage == "eval":
         state["stages"]["eval"] = {"command": shown, "seconds": 0.0}
         evaluate_and_report(cfg, state, start)
         code = 0
-    else:
-        with open(os.path.join(cfg.out, "logs", f"{stage}.log"), "a", encoding="utf-8") as log:
-            proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1)
-            try:
-                for line in proc.stdout:
-                    sys.stdout.write(line)
-                    log.write(line)
-            except KeyboardInterrupt:  # the stage got the signal too: let it save its checkpoint
-                proc.wait()
-                raise
-            code = proc.wait()
+    elif stage != "feedback":
+        code = run_logged(command, log_path)
     seconds = time.time() - start
     entry = state["stages"].setdefault(stage, {"seconds": 0.0})
     entry["command"] = shown
@@ -171,10 +256,93 @@ def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
         entry["seconds"] = round(entry.get("seconds", 0.0) + seconds, 1)
     save_state(cfg, state)
     if code != 0:
-        raise UserError(f"stage {stage} failed (exit {code}); see {os.path.join(cfg.out, 'logs', stage + '.log')}")
+        raise UserError(f"stage {stage} failed (exit {code}); see {log_path}")
     if not stage_done(stage, cfg):
         raise UserError(f"stage {stage} stopped before finishing; run the same command again to resume it")
     print(f"=== stage {stage} done in {seconds:.0f} s", flush=True)
+
+
+def sort_pairs(path: str) -> int:
+    """Put the exported pairs in a fixed order (the store's follows the users' threads, and
+    the reward model's data order follows the file): the same feedback trains the same
+    reward model. Returns the number of pairs."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    content = lambda line: json.dumps({k: v for k, v in json.loads(line).items() if k != "source_ids"},  # noqa: E731
+                                      sort_keys=True)
+    atomic_write(path, "".join(sorted(lines, key=content)))
+    return len(lines)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(command: list[str], port: int, log_path: str, timeout_s: float = 300.0) -> subprocess.Popen:
+    """serve.py started, its output in log_path; returns once /health answers (UserError if
+    it exits first or takes longer than timeout_s)."""
+    import urllib.request
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with opener.open(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    stop_server(proc)
+    raise UserError(f"serve.py did not start (exit {proc.returncode}); see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn finishes what it is doing and closes the store), then a kill after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def collect_feedback(cfg: PipelineConfig, log_path: str) -> str:
+    """Round 2's feedback stage: serve.py on a free loopback port serving the round-1 policy,
+    the simulated users against it, the server stopped, the feedback exported; writes
+    OUT/feedback/feedback.json (its completion mark) and returns the commands as shown."""
+    import shutil
+
+    folder = os.path.join(cfg.out, "feedback")
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's votes must not count twice
+    os.makedirs(folder)
+    print("\n=== stage feedback: serving the round-1 policy to simulated users (a stand-in for people)", flush=True)
+    port = free_port()
+    commands = feedback_commands(cfg, f"http://127.0.0.1:{port}")
+    serve = [sys.executable, "serve.py", "--host", "127.0.0.1", "--port", str(port), *commands["serve"]]
+    shown = [shown_command(serve) + " &", shown_command(commands["users"])]
+    print(f"=== stage feedback: {shown[0]}", flush=True)
+    server = start_server(serve, port, os.path.join(cfg.out, "logs", "feedback.serve.log"))
+    try:
+        print(f"=== stage feedback: {shown[1]}", flush=True)
+        if run_logged(commands["users"], log_path) != 0:
+            raise UserError(f"stage feedback: the simulated users failed; see {log_path}")
+    finally:
+        stop_server(server)
+    shown.append(shown_command(commands["export"]))
+    print(f"=== stage feedback: {shown[-1]}", flush=True)
+    if run_logged(commands["export"], log_path) != 0:
+        raise UserError(f"stage feedback: the export failed; see {log_path}")
+    users = _read_json(os.path.join(folder, "traffic.summary.json")) or {}
+    pairs = sort_pairs(feedback_pairs(cfg))
+    write_json(os.path.join(folder, "feedback.json"), {
+        "simulated": True, "prompts": users.get("prompts"), "votes": users.get("votes"), "ties": users.get("ties"),
+        "thumbs": users.get("thumbs"), "pairs": pairs, "rater_noise": cfg.rater_noise,
+        "realised_disagreement": users.get("realised_disagreement"), "answers_right": users.get("answers_right"),
+        "skipped": users.get("skipped")})
+    return f"{shown[0]} {shown[1]}; {shown[2]}"  # as one shell line
 
 
 def save_state(cfg: PipelineConfig, state: dict) -> None:
@@ -192,7 +360,7 @@ def main(argv=None) -> None:
     redo = set(STAGES) if cfg.force else set(STAGES[STAGES.index(cfg.from_stage):]) if cfg.from_stage else set()
     t0 = time.time()
     try:
-        for stage in STAGES:
+        for stage in cfg.active_stages():
             if stage not in cfg.stages:
                 continue
             if stage in redo:
@@ -200,7 +368,7 @@ def main(argv=None) -> None:
             elif stage_done(stage, cfg) and stage != "eval":
                 print(f"=== stage {stage}: already complete, skipped (--from-stage {stage} redoes it)", flush=True)
                 continue
-            if stage in redo and stage in TRAINING:
+            if stage in redo and (stage in TRAINING or stage == "feedback"):
                 import shutil
                 shutil.rmtree(os.path.join(cfg.out, stage), ignore_errors=True)
             run_stage(stage, cfg, state)
@@ -234,27 +402,18 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     report.json and report.md."""
     import torch
 
-    import runtime
-    from data.chat import encode_prompt
     from data.tasks import TASK_FAMILIES
-    from evals import load_task_records, paired_change, task_accuracy, win_rate
+    from evals import load_task_records, paired_change, win_rate
 
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     records = load_task_records(os.path.join(cfg.data, "tasks", "eval.jsonl"))
     examples = [next(r for r in records if r["family"] == f) for f in SAMPLE_FAMILIES if any(
         r["family"] == f for r in records)]
-    report = {"preset": cfg.preset, "stages": {}, "seconds": {}, "samples": {}}
-    accuracy = {}
-    for stage in ("pretrain", "sft", "ppo"):
-        model, tok, _ = runtime.load_for_inference(ckpt(stage), device=device)
-        accuracy[stage] = task_accuracy(model, tok, records)
-        outs = model.generate([encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in examples], 24,
-                              tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
-        report["samples"][stage] = [{"prompt": r["prompt"], "answer": r.get("answer", "(a refusal)"),
-                                     "response": tok.decode([t for t in o if t < len(tok.token_bytes)])}
-                                    for r, o in zip(examples, outs)]
-        del model
+    # the example prompts are answered by round 1's stages
+    report = {"preset": cfg.preset, "stages": {}, "seconds": {}, "samples": {s: [] for s in ("pretrain", "sft", "ppo")}}
+    accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples)
+                for stage in ("pretrain", "sft", "ppo") + (("ppo_round2",) if cfg.rounds >= 2 else ())}
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
     pre_rows, sft_rows, rm_rows, ppo_rows = (_metrics(ckpt(s)) for s in ("pretrain", "sft", "rm", "ppo"))
@@ -282,8 +441,10 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                      "vs_sft": paired_change(helpful["sft"], helpful["ppo"]),
                      "win_rate_vs_sft": win_rate(accuracy["sft"]["samples"], accuracy["ppo"]["samples"]),
                      "advantage": ppo_config.get("advantage"), "samples_per_prompt": ppo_config.get("samples_per_prompt")}
+    if cfg.rounds >= 2:
+        stages.update(round2_report(cfg, records, accuracy, device))
     state["stages"]["eval"]["seconds"] = round(time.time() - start, 1)
-    for name in STAGES:
+    for name in cfg.active_stages():
         seconds = state["stages"].get(name, {}).get("seconds")
         if seconds is not None:
             stages.setdefault(name, {})["seconds"] = seconds
@@ -294,18 +455,95 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     report["complete"] = True
     write_json(os.path.join(cfg.out, "report.json"), report)
     atomic_write(os.path.join(cfg.out, "report.md"), render_markdown(report))
+    print_summary(stages, len(records))
+    return report
+
+
+def print_summary(stages: dict, n_records: int) -> None:
     print(f"gold accuracy: pretrain {100 * stages['pretrain']['gold_accuracy']:.1f}%, "
           f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, ppo {100 * stages['ppo']['gold_accuracy']:.1f}% "
           f"(ppo KL {stages['ppo']['kl']}; vs sft: fixed {stages['ppo']['vs_sft']['fixed']}, "
           f"broke {stages['ppo']['vs_sft']['broken']}, McNemar p {stages['ppo']['vs_sft']['p_value']:.3g})")
     wins = stages["ppo"]["win_rate_vs_sft"]
-    print(f"ppo vs sft on all {len(records)} held-out prompts (gold judge): {wins['wins']} wins, {wins['losses']} losses, "
+    print(f"ppo vs sft on all {n_records} held-out prompts (gold judge): {wins['wins']} wins, {wins['losses']} losses, "
           f"{wins['ties']} ties, sign test p {wins['p_value']:.3g}")
     print("harmful requests refused: " + ", ".join(f"{stage} {_pct(stages[stage]['safety']['harmful_refusal'])}"
                                                    for stage in ("pretrain", "sft", "ppo"))
           + "; borderline over-refused: " + ", ".join(
               f"{stage} {_pct(stages[stage]['safety']['borderline_over_refusal'])}" for stage in ("pretrain", "sft", "ppo")))
-    return report
+    if "rm_round2" in stages:
+        print(round2_summary(stages))
+
+
+def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, device) -> dict:
+    """The report's round-2 stages: the feedback in numbers; both reward models on held-out
+    on-policy pairs (two answers of the round-1 policy to each held-out prompt at its
+    rollout temperature, labelled by the gold judge without noise; written to
+    OUT/eval_onpolicy_pairs.jsonl); the round-2 policy against round 1, prompt by prompt."""
+    from collections import Counter
+
+    import runtime
+    from data.tasks import TASK_FAMILIES
+    from evals import paired_change, win_rate
+    from train_rm import on_policy_accuracy, on_policy_pairs
+    ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
+    rollout = _read_json(os.path.join(ckpt("ppo"), "train_config.json")) or {}
+    policy, tok, _ = runtime.load_for_inference(ckpt("ppo"), device=device)
+    pairs, counts = on_policy_pairs(policy, tok, records, temperature=rollout.get("temperature", 1.0), seed=0,
+                                    max_new_tokens=rollout.get("max_new_tokens", 32))
+    del policy
+    counts["by_family"] = dict(sorted(Counter(p["kind"] for p in pairs).items()))
+    atomic_write(os.path.join(cfg.out, "eval_onpolicy_pairs.jsonl"),
+                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    on_policy = on_policy_accuracy({"rm1": ckpt("rm"), "rm2": ckpt("rm_round2")}, pairs, device=device)
+    feedback = _read_json(os.path.join(ckpt("feedback"), "feedback.json")) or {}
+    rm2_eval = (_read_json(os.path.join(ckpt("rm_round2"), "config.json")) or {}).get("eval", {})
+    ppo2_config = _read_json(os.path.join(ckpt("ppo_round2"), "config.json")) or {}
+    helpful = {s: [x for x in accuracy[s]["samples"] if x["family"] in TASK_FAMILIES] for s in ("ppo", "ppo_round2")}
+    return {
+        "feedback": {k: feedback.get(k) for k in ("prompts", "votes", "ties", "thumbs", "pairs", "rater_noise",
+                                                  "realised_disagreement", "answers_right")},
+        "rm_round2": {"accuracy": rm2_eval.get("accuracy"), "margin": rm2_eval.get("margin"),
+                      "by_kind": {k: v["accuracy"] for k, v in rm2_eval.get("by_kind", {}).items()},
+                      "on_policy_accuracy": {"rm1": on_policy["rm1"], "rm2": on_policy["rm2"]},
+                      "on_policy_by_family": on_policy["by_kind"], "on_policy_pairs": counts,
+                      "init": cfg.rm_round2_init, "feedback_weight": cfg.feedback_weight},
+        "ppo_round2": {"gold_accuracy": accuracy["ppo_round2"]["task_accuracy"],
+                       "per_family": accuracy["ppo_round2"]["per_family"], "safety": accuracy["ppo_round2"]["safety"],
+                       "kl": _last(_metrics(ckpt("ppo_round2")), "objective/kl"), "reward": ppo2_config.get("reward"),
+                       "init": cfg.ppo_round2_init,
+                       "vs_ppo": paired_change(helpful["ppo"], helpful["ppo_round2"]),
+                       "win_rate_vs_ppo": win_rate(accuracy["ppo"]["samples"], accuracy["ppo_round2"]["samples"])},
+    }
+
+
+def round2_summary(stages: dict) -> str:
+    fb, rm2, ppo2 = stages["feedback"], stages["rm_round2"], stages["ppo_round2"]
+    on_policy, wins = rm2["on_policy_accuracy"], ppo2["win_rate_vs_ppo"]
+    return (f"round 2: {fb['prompts']} simulated-user prompts, {fb['votes']} votes, {fb['pairs']} pairs "
+            f"(rater noise {fb['rater_noise']:g}); reward models on {rm2['on_policy_pairs']['pairs']} held-out "
+            f"on-policy pairs: rm1 {_pct(on_policy['rm1'])}, rm2 {_pct(on_policy['rm2'])}; ppo_round2 "
+            f"{_pct(ppo2['gold_accuracy'])} helpfulness, harmful refused {_pct(ppo2['safety']['harmful_refusal'])}, "
+            f"over-refused {_pct(ppo2['safety']['borderline_over_refusal'])}; vs ppo: {wins['wins']} wins, "
+            f"{wins['losses']} losses, {wins['ties']} ties, sign test p {wins['p_value']:.3g}")
+
+
+def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict]) -> dict:
+    """A checkpoint's greedy answers to the held-out records, judged (evals.task_accuracy);
+    its answers to the example prompts appended to `samples` (None: none)."""
+    import runtime
+    from data.chat import encode_prompt
+    from evals import task_accuracy
+
+    model, tok, _ = runtime.load_for_inference(ckpt, device=device)
+    result = task_accuracy(model, tok, records)
+    if samples is not None:
+        outs = model.generate([encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in examples], 24,
+                              tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
+        samples += [{"prompt": r["prompt"], "answer": r.get("answer", "(a refusal)"),
+                     "response": tok.decode([t for t in o if t < len(tok.token_bytes)])}
+                    for r, o in zip(examples, outs)]
+    return result
 
 
 def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy) -> list[str]:
@@ -384,6 +622,10 @@ def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy) -> list[str]:
     return files
 
 
+def _fraction(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -408,7 +650,11 @@ def render_markdown(report: dict) -> str:
                f"reward {s['ppo']['reward']}",
         "eval": "this report",
     }
+    if "rm_round2" in s:
+        key.update(round2_keys(s))
     for name in STAGES:
+        if name not in key:
+            continue
         seconds = report["seconds"].get(name)
         lines.append(f"| {name} | {'-' if seconds is None else f'{seconds:.0f} s'} | {key[name]} |")
     lines += ["", "## Held-out gold accuracy by task family", "",
@@ -440,6 +686,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Prompt by prompt: of the {change['n']} held-out helpfulness prompts, PPO answers "
                       f"{change['fixed']} right that SFT got wrong, and {change['broken']} wrong that SFT got right "
                       f"(McNemar's exact test: p = {change['p_value']:.3g}, {verdict})."]
+    if "rm_round2" in s:
+        lines += round2_markdown(s)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", "## The same prompts, answered by each stage (greedy)", ""]
     for i, example in enumerate(report["samples"].get("sft", [])):
@@ -451,6 +699,47 @@ def render_markdown(report: dict) -> str:
     lines += ["## Commands", ""] + [f"- {name}: `{s[name]['command']}`" for name in STAGES
                                     if s.get(name, {}).get("command")]
     return "\n".join(lines) + "\n"
+
+
+def round2_keys(s: dict) -> dict:
+    """The stage table's key numbers of round 2."""
+    fb, rm2, ppo2 = s["feedback"], s["rm_round2"], s["ppo_round2"]
+    return {"feedback": f"simulated users (a stand-in for people): {fb['prompts']} prompts, {fb['votes']} votes, "
+                        f"{fb['pairs']} pairs exported, rater noise {fb['rater_noise']}",
+            "rm_round2": f"held-out pair accuracy {_pct(rm2['accuracy'])} (round-1 pairs and feedback); on-policy "
+                         f"{_pct(rm2['on_policy_accuracy']['rm2'])} (round 1: {_pct(rm2['on_policy_accuracy']['rm1'])})",
+            "ppo_round2": f"held-out gold accuracy {_pct(ppo2['gold_accuracy'])}, final KL {ppo2['kl']}"}
+
+
+def round2_markdown(s: dict) -> list[str]:
+    """The report's round-2 section: the feedback, both reward models on the round-1 policy's
+    own answers, the round-2 policy against round 1."""
+    fb, rm2, ppo2 = s["feedback"], s["rm_round2"], s["ppo_round2"]
+    on_policy, wins, counts = rm2["on_policy_accuracy"], ppo2["win_rate_vs_ppo"], rm2["on_policy_pairs"]
+    lines = ["", "## Round 2: feedback from (simulated) users", "",
+             f"Simulated users, a stand-in for people, sent {fb['prompts']} training-distribution prompts to the "
+             f"served round-1 policy, rated two sampled answers to each with the gold judge, disagreeing with it "
+             f"at rate {fb['rater_noise']} (realised {_fraction(fb['realised_disagreement'])}), and posted "
+             f"{fb['votes']} pairwise votes ({fb['ties']} ties) and {fb['thumbs']} thumbs; the export made "
+             f"{fb['pairs']} pairs, which joined the preference data ({rm2['feedback_weight']}x) of the round-2 "
+             f"reward model (trained from the {rm2['init']} checkpoint).", "",
+             f"Both reward models on {counts['pairs']} held-out on-policy pairs (two answers of the round-1 policy "
+             f"to each of {counts['prompts']} held-out prompts, labelled by the gold judge without noise; "
+             f"{counts['ties']} prompts where the judge tied both are left out):", "",
+             "| family | pairs | round-1 RM | round-2 RM |", "|---|---|---|---|"]
+    by_family, n = rm2["on_policy_by_family"], counts.get("by_family", {})
+    for family in sorted(by_family.get("rm1", {})):
+        lines.append(f"| {family} | {n.get(family, '-')} | {_pct(by_family['rm1'][family])} | "
+                     f"{_pct(by_family['rm2'].get(family))} |")
+    lines.append(f"| **all** | {counts['pairs']} | **{_pct(on_policy['rm1'])}** | **{_pct(on_policy['rm2'])}** |")
+    decided = wins["wins"] + wins["losses"]
+    lines += ["", f"PPO round 2 (from the {ppo2['init']} checkpoint, against the round-2 reward model): held-out helpfulness "
+                  f"{_pct(ppo2['gold_accuracy'])} (round 1: {_pct(s['ppo']['gold_accuracy'])}), harmful requests "
+                  f"refused {_pct(ppo2['safety']['harmful_refusal'])}, borderline over-refused "
+                  f"{_pct(ppo2['safety']['borderline_over_refusal'])}. Against round 1 on all "
+                  f"{decided + wins['ties']} held-out prompts, judged by the gold judge: round 2 wins {wins['wins']}, "
+                  f"loses {wins['losses']}, ties {wins['ties']} (exact sign test p = {wins['p_value']:.3g})."]
+    return lines
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ response's score above the rejected one's with the Bradley-Terry loss
 (plus, optionally, a small penalty on (r_chosen + r_rejected)^2 that keeps scores centred
 at 0: Eisenstein et al. 2023). Chosen and rejected go through the model in one batch.
 Evaluation: held-out pairwise accuracy and mean margin, overall and by mistake kind.
+On-policy evaluation (`on_policy_pairs`, `on_policy_accuracy`): a policy answers each
+held-out prompt twice at its rollout temperature, the gold judge labels the pair without
+noise, and a reward model is right where it scores the judge's preferred answer higher,
+the pairs a reward model meets during PPO (pipeline.py reports it for both rounds).
 After training, the mean and std of the scores of the held-out responses are stored in
 the checkpoint, and `runtime.RewardScorer` returns normalized scores (what PPO consumes).
 
@@ -30,8 +34,9 @@ import runtime
 from cli import UserError, entry_point, print_config
 from data.loader import EpochCursor
 from data.prefs import load_pairs
+from data.tasks import grade
 from data.tokenizer import Tokenizer
-from evals import task_files
+from evals import chat_responses, task_files
 from model import ScalarHeadModel
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -212,6 +217,59 @@ def train(cfg: RMConfig, env: runtime.Env) -> None:
             trainer.maybe_save()
             if trainer.stop_requested():
                 break
+
+
+# ----------------------------------------------------------------------------- on-policy evaluation
+
+@torch.no_grad()
+def on_policy_pairs(model, tok, records: list[dict], temperature: float = 1.0, seed: int = 0,
+                    max_new_tokens: int = 32, batch_size: int = 64) -> tuple[list[dict], dict]:
+    """Two sampled answers of a policy to each gradable record (evals.load_task_records),
+    labelled by the gold judge without noise. Returns (the pairs where the judge prefers
+    one, as train_rm.py records with `kind` = the task family; counts: prompts, pairs,
+    ties). A seeded generator makes it reproducible (same seed and batch size)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    replies = chat_responses(model, tok, [r["conversation"] for r in records for _ in range(2)], max_new_tokens,
+                             batch_size, temperature, generator)
+    pairs = []
+    for i, rec in enumerate(records):
+        a, b = replies[2 * i], replies[2 * i + 1]
+        ga, gb = grade(rec, a), grade(rec, b)
+        if ga != gb:
+            chosen, rejected = (a, b) if ga > gb else (b, a)
+            pairs.append({"id": f"{rec.get('id', i)}/on_policy", "prompt": rec["conversation"], "chosen": chosen,
+                          "rejected": rejected, "kind": rec["family"]})
+    return pairs, {"prompts": len(records), "pairs": len(pairs), "ties": len(records) - len(pairs)}
+
+
+@torch.no_grad()
+def pair_accuracy(scorer, pairs: list[dict], batch_size: int = 64) -> dict:
+    """A reward model's accuracy on train_rm.py records ({"prompt", "chosen", "rejected",
+    "kind"}): the share where it scores the chosen answer strictly higher, overall and by
+    kind. `scorer` is a runtime.RewardScorer (anything with its `score`)."""
+    right: dict[str, list[int]] = {}
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        prompts = [p["prompt"] for p in chunk]
+        scores = scorer.score(prompts + prompts, [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk],
+                              normalize=False)
+        for p, c, r in zip(chunk, scores[:len(chunk)].tolist(), scores[len(chunk):].tolist()):
+            right.setdefault(p.get("kind", "pair"), []).append(int(c > r))
+    n = sum(len(v) for v in right.values())
+    return {"accuracy": sum(sum(v) for v in right.values()) / n if n else None, "pairs": n,
+            "by_kind": {k: sum(v) / len(v) for k, v in sorted(right.items())}}
+
+
+def on_policy_accuracy(reward_models: dict[str, str], pairs: list[dict], device="cpu") -> dict:
+    """{name: accuracy} of each reward-model checkpoint ({name: directory}) on the same
+    pairs (from `on_policy_pairs`), plus {"by_kind": {name: {kind: accuracy}}}."""
+    result: dict = {"by_kind": {}}
+    for name, ckpt in reward_models.items():
+        scorer = runtime.RewardScorer.load(ckpt, device=device)
+        scored = pair_accuracy(scorer, pairs)
+        result[name], result["by_kind"][name] = scored["accuracy"], scored["by_kind"]
+        del scorer
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""Round 2 of the main job: the on-policy reward-model accuracy against hand-built cases,
+and the round-2 stages (feedback, rm_round2, ppo_round2) in a miniature pipeline, resumed
+and skipped like the others; --rounds 1 runs none of them. (The export -> train_rm.py path
+itself is tested in test_simulate_users.py.)"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+import torch
+
+import pipeline
+import train_rm
+from cli import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RECORDS = [  # gradable records, as evals.load_task_records makes them
+    {"family": "arithmetic", "answer_type": "int", "answer": "7", "prompt": "Compute 3 + 4.",
+     "conversation": [{"role": "user", "content": "Compute 3 + 4."}]},
+    {"family": "reverse", "answer_type": "str", "answer": "cba", "prompt": "Reverse abc.",
+     "conversation": [{"role": "user", "content": "Reverse abc."}]},
+    {"family": "harmful", "answer_type": "refusal", "prompt": "How do I pick my neighbour's lock?",
+     "conversation": [{"role": "user", "content": "How do I pick my neighbour's lock?"}]},
+]
+
+
+class JudgeLikeRM:
+    """A hand-built reward model: scores an answer 1 when it is one of `right`, else 0
+    (reversed: the opposite), with the RewardScorer.score signature."""
+
+    def __init__(self, right: set[str], reversed_: bool = False):
+        self.right, self.reversed = right, reversed_
+
+    def score(self, prompts, responses, normalize=True):
+        assert len(prompts) == len(responses)
+        good = torch.tensor([float(r in self.right) for r in responses])
+        return 1 - good if self.reversed else good
+
+
+def test_on_policy_pairs_keep_the_pairs_the_judge_decides_and_the_accuracy_reads_them(monkeypatch):
+    replies = ["7", "8",  # arithmetic: the first is right
+               "abc", "abc",  # reverse: both wrong, a tie: left out
+               "Sure, here is how.", "I can't help with that."]  # harmful: the refusal is right
+    monkeypatch.setattr(train_rm, "chat_responses", lambda model, tok, convs, *args: replies[:len(convs)])
+    model = torch.nn.Linear(1, 1)
+    pairs, counts = train_rm.on_policy_pairs(model, None, RECORDS)
+    assert counts == {"prompts": 3, "pairs": 2, "ties": 1}
+    assert [(p["chosen"], p["rejected"], p["kind"]) for p in pairs] == [
+        ("7", "8", "arithmetic"), ("I can't help with that.", "Sure, here is how.", "harmful")]
+    assert pairs[0]["prompt"] == RECORDS[0]["conversation"]
+
+    right = {"7", "I can't help with that."}
+    assert train_rm.pair_accuracy(JudgeLikeRM(right), pairs)["accuracy"] == 1.0
+    assert train_rm.pair_accuracy(JudgeLikeRM(right, reversed_=True), pairs)["accuracy"] == 0.0
+    # a constant reward model ties every pair: a tie is not a right answer
+    assert train_rm.pair_accuracy(JudgeLikeRM(set()), pairs, batch_size=1) == {
+        "accuracy": 0.0, "pairs": 2, "by_kind": {"arithmetic": 0.0, "harmful": 0.0}}
+    # both checkpoints scored on the same pairs
+    scorers = {"good": JudgeLikeRM(right), "bad": JudgeLikeRM(right, reversed_=True)}
+    monkeypatch.setattr(train_rm.runtime.RewardScorer, "load", staticmethod(lambda ckpt, device="cpu": scorers[ckpt]))
+    result = train_rm.on_policy_accuracy({"rm1": "bad", "rm2": "good"}, pairs)
+    assert (result["rm1"], result["rm2"]) == (0.0, 1.0)
+    assert result["by_kind"]["rm2"] == {"arithmetic": 1.0, "harmful": 1.0}
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory):
+    """A miniature main job with both rounds: (its arguments, its printed output)."""
+    root = tmp_path_factory.mktemp("round2")
+    with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
+        works = [json.loads(line) for _, line in zip(range(3), f)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(w) + "\n" for w in works))
+    args = ["--preset", "mini", "--out", str(root / "runs"), "--data", str(root / "prepared"),
+            "--corpus", str(corpus), "--device", "cpu"]
+    return args, run(args)
+
+
+def run(args: list[str]) -> str:
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pipeline.main(args)
+    return out.getvalue()
+
+
+def test_round_two_runs_after_round_one_and_reports_both(mini_run):
+    args, out = mini_run
+    for stage in ("ppo", "feedback", "rm_round2", "ppo_round2", "eval"):
+        assert f"=== stage {stage} done" in out
+    assert out.index("=== stage ppo done") < out.index("=== stage feedback") < out.index("=== stage rm_round2")
+    # the feedback stage prints its commands: the server, the simulated users, the export
+    assert "python serve.py --host 127.0.0.1 --port" in out and "--abuse-max-flags 0" in out
+    assert "python simulate_users.py --url http://127.0.0.1:" in out and "--rater-noise 0.2" in out
+    assert "--export-feedback" in out
+    runs = args[args.index("--out") + 1]
+    feedback_file = os.path.join(runs, "feedback", "prefs.jsonl")
+    assert "=== stage rm_round2: python train_rm.py --init" in out
+    with open(os.path.join(runs, "rm_round2", "train_config.json")) as f:  # the feedback joins the round-1 pairs
+        data = json.load(f)["data"]
+    assert data[0].endswith("prefs.jsonl") and data.count(feedback_file) == pipeline.FEEDBACK_WEIGHT
+    with open(os.path.join(runs, "report.json")) as f:
+        stages = json.load(f)["stages"]
+    feedback = stages["feedback"]
+    assert feedback["prompts"] == 12 and feedback["rater_noise"] == 0.2
+    with open(feedback_file) as f:
+        assert feedback["pairs"] == sum(1 for line in f if line.strip())
+    assert 0 <= feedback["votes"] <= feedback["prompts"]
+    rm2 = stages["rm_round2"]
+    assert 0.0 <= rm2["accuracy"] <= 1.0 and rm2["on_policy_pairs"]["prompts"] > 0
+    assert set(rm2["on_policy_accuracy"]) == {"rm1", "rm2"}
+    for value in rm2["on_policy_accuracy"].values():  # None only when the judge tied every pair
+        assert value is None or 0.0 <= value <= 1.0
+    ppo2 = stages["ppo_round2"]
+    assert 0.0 <= ppo2["gold_accuracy"] <= 1.0 and set(ppo2["safety"]) == {"harmful_refusal", "borderline_over_refusal"}
+    wins = ppo2["win_rate_vs_ppo"]
+    with open(os.path.join(args[args.index("--data") + 1], "tasks", "eval.jsonl")) as f:
+        assert wins["wins"] + wins["losses"] + wins["ties"] == sum(1 for line in f if line.strip())
+    with open(os.path.join(runs, "report.md")) as f:
+        text = f.read()
+    assert "## Round 2: feedback from (simulated) users" in text and "| ppo_round2 |" in text
+
+
+def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_run):
+    args, _ = mini_run
+    again = run(args)
+    for stage in ("pretrain", "sft", "rm", "ppo", "feedback", "rm_round2", "ppo_round2"):
+        assert f"=== stage {stage}: already complete, skipped" in again
+    assert "=== stage eval done" in again
+
+    one = run(args + ["--rounds", "1"])
+    for stage in ("feedback", "rm_round2", "ppo_round2"):
+        assert f"=== stage {stage}" not in one
+    with open(os.path.join(args[args.index("--out") + 1], "report.json")) as f:
+        stages = json.load(f)["stages"]
+    assert "rm_round2" not in stages and "ppo_round2" not in stages and stages["ppo"]["gold_accuracy"] is not None
+
+
+def test_an_interrupted_feedback_stage_is_redone_and_round_two_options_are_checked(tmp_path):
+    cfg = pipeline.PipelineConfig(out=str(tmp_path / "runs"), data=str(tmp_path / "prepared"))
+    assert cfg.active_stages() == pipeline.STAGES
+    assert pipeline.PipelineConfig(rounds=1).active_stages() == ("prepare", "tasks", "pretrain", "sft", "rm", "ppo",
+                                                                 "eval")
+    (tmp_path / "runs" / "feedback").mkdir(parents=True)
+    (tmp_path / "runs" / "feedback" / "prefs.jsonl").write_text("")  # the export started, no summary yet
+    assert not pipeline.stage_done("feedback", cfg)
+    (tmp_path / "runs" / "feedback" / "feedback.json").write_text(json.dumps({"pairs": 0}))
+    assert pipeline.stage_done("feedback", cfg)
+    for bad in ({"rounds": 3}, {"rater_noise": 1.5}, {"feedback_prompts": 0}, {"rounds": 1, "from_stage": "rm_round2"},
+                {"rounds": 1, "stages": ["feedback"]}):
+        with pytest.raises(UserError):
+            pipeline.PipelineConfig(**bad)
