@@ -35,7 +35,7 @@ class ServeConfig:
                                                  "help": "auto: float32 on CPU, bfloat16 on CUDA"})
     quantization: str = field(default="none", metadata={
         "choices": ["none", "int8"],
-        "help": "int8: weights stored as int8 with a scale per output channel (CPU; activations bfloat16): "
+        "help": "int8: weights stored as int8 with a scale per output channel (CPU; matmul inputs in bfloat16): "
                 "~3x faster decoding at small batch, answers close to but not always the float32 ones"})
     max_running: int = field(default=16, metadata={"help": "rows in the running batch"})
     max_waiting: int = field(default=64, metadata={"help": "queued requests beyond the batch (then 503)"})

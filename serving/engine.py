@@ -145,8 +145,10 @@ class Engine:
 
     Each iteration: finished and aborted rows leave the batch; waiting requests are admitted
     while rows are free (prefilled together on a fresh cache, left-padded among themselves,
-    sampled once, then copied into the batch cache); one decode step runs for every row.
-    Greedy rows compute exactly what `model.generate` computes for the prompt alone.
+    sampled once, then copied into the batch cache); one decode step runs for every row
+    (serving.decode.DecodeStep: the model's forward with the per-op overhead taken out).
+    Greedy rows compute exactly what `model.generate` computes for the prompt alone (with
+    quantization="int8", what it computes with the int8-rounded weights, up to rounding).
     """
 
     def __init__(self, model, tok: Tokenizer, *, max_running: int = 16, max_waiting: int = 64,
