@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 
 from cli import UserError, entry_point, parse_config
 from data.files import atomic_write, write_json
+from serving.launch import ServeProcess
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("prepare", "tasks", "pretrain", "sft", "rm", "ppo", "feedback", "rm_round2", "ppo_round2", "eval")
@@ -274,41 +274,6 @@ def sort_pairs(path: str) -> int:
     return len(lines)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(command: list[str], port: int, log_path: str, timeout_s: float = 300.0) -> subprocess.Popen:
-    """serve.py started, its output in log_path; returns once /health answers (UserError if
-    it exits first or takes longer than timeout_s)."""
-    import urllib.request
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout_s
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            with opener.open(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    stop_server(proc)
-    raise UserError(f"serve.py did not start (exit {proc.returncode}); see {log_path}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM (uvicorn finishes what it is doing and closes the store), then a kill after 30 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def collect_feedback(cfg: PipelineConfig, log_path: str) -> str:
     """Round 2's feedback stage: serve.py on a free loopback port serving the round-1 policy,
     the simulated users against it, the server stopped, the feedback exported; writes
@@ -319,18 +284,15 @@ def collect_feedback(cfg: PipelineConfig, log_path: str) -> str:
     shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's votes must not count twice
     os.makedirs(folder)
     print("\n=== stage feedback: serving the round-1 policy to simulated users (a stand-in for people)", flush=True)
-    port = free_port()
-    commands = feedback_commands(cfg, f"http://127.0.0.1:{port}")
-    serve = [sys.executable, "serve.py", "--host", "127.0.0.1", "--port", str(port), *commands["serve"]]
-    shown = [shown_command(serve) + " &", shown_command(commands["users"])]
-    print(f"=== stage feedback: {shown[0]}", flush=True)
-    server = start_server(serve, port, os.path.join(cfg.out, "logs", "feedback.serve.log"))
+    server = ServeProcess(feedback_commands(cfg, "")["serve"], os.path.join(cfg.out, "logs", "feedback.serve.log"))
+    commands = feedback_commands(cfg, server.url)
+    shown = [shown_command(server.command) + " &", shown_command(commands["users"])]
     try:
-        print(f"=== stage feedback: {shown[1]}", flush=True)
+        print(f"=== stage feedback: {shown[0]}\n=== stage feedback: {shown[1]}", flush=True)
         if run_logged(commands["users"], log_path) != 0:
             raise UserError(f"stage feedback: the simulated users failed; see {log_path}")
     finally:
-        stop_server(server)
+        server.stop()  # SIGTERM: uvicorn finishes what it is doing and closes the store
     shown.append(shown_command(commands["export"]))
     print(f"=== stage feedback: {shown[-1]}", flush=True)
     if run_logged(commands["export"], log_path) != 0:

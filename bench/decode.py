@@ -95,8 +95,7 @@ def engine_rate(model, tok, rows: int, quantization: str, tokens: int = 128) -> 
         for r in reqs:
             engine.submit(r)
         for r in reqs:
-            while r.queue.get()[0] != "finish":
-                pass
+            engine.wait(r)
         return rows * tokens / (time.perf_counter() - start)
     finally:
         engine.shutdown()

@@ -36,7 +36,7 @@ import torch
 
 import convert
 import runtime
-from bench.server import LlamaServerProcess
+from serving.launch import LlamaServerProcess
 from cli import UserError, entry_point, parse_config, print_config
 from data.chat import encode_prompt
 from data.tokenizer import Tokenizer

@@ -41,18 +41,9 @@ def greedy_answers(ckpt: str, records: list[dict], quantization: str, max_tokens
     try:
         reqs = [engine.submit(GenRequest(prompt=chat_prompt_ids(tok, r["conversation"]), max_tokens=max_tokens,
                                          moderate=False)) for r in records]
-        return [_wait(r) for r in reqs]
+        return [engine.wait(r)["text"] for r in reqs]
     finally:
         engine.shutdown()
-
-
-def _wait(req: GenRequest) -> str:
-    while True:
-        kind, payload = req.queue.get(timeout=300)
-        if kind == "finish":
-            return payload["text"]
-        if kind == "error":
-            raise RuntimeError(payload)
 
 
 @entry_point

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from bench.server import LlamaServerProcess, ServeProcess
+from serving.launch import LlamaServerProcess, ServeProcess
 from cli import UserError, entry_point, parse_config, print_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

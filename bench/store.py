@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 from bench.serve import level
-from bench.server import ServeProcess, free_port
+from serving.launch import ServeProcess, free_port
 from cli import UserError, entry_point, parse_config, print_config
 from serving.store import PostgresStore, SQLiteStore, redact
 

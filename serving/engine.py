@@ -419,7 +419,11 @@ class Engine:
 
     # -- a synchronous helper (tests, the benchmark's reference run)
     def generate(self, req: GenRequest, timeout: float = 300.0) -> dict:
-        self.submit(req)
+        return self.wait(self.submit(req), timeout)
+
+    @staticmethod
+    def wait(req: GenRequest, timeout: float = 300.0) -> dict:
+        """A submitted request's finish info (RuntimeError on an engine error), from a plain queue."""
         deadline = time.monotonic() + timeout
         while True:
             kind, payload = req.queue.get(timeout=max(0.0, deadline - time.monotonic()))

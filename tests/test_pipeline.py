@@ -17,13 +17,19 @@ from runtime import load_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_report(tmp_path, capsys):
+def mini_args(root) -> list[str]:
+    """pipeline.py options for a miniature main job under `root`: the mini preset on three
+    of the embedded corpus's works."""
     with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
         works = [json.loads(line) for _, line in zip(range(3), f)]
-    corpus = tmp_path / "corpus.jsonl"
+    corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(w) + "\n" for w in works))
-    args = ["--preset", "mini", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "prepared"),
+    return ["--preset", "mini", "--out", str(root / "runs"), "--data", str(root / "prepared"),
             "--corpus", str(corpus), "--device", "cpu"]
+
+
+def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_report(tmp_path, capsys):
+    args = mini_args(tmp_path)
 
     # the job stops after SFT (as if interrupted there) ...
     pipeline.main(args + ["--stages", "prepare", "tasks", "pretrain", "sft"])

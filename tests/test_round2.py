@@ -4,7 +4,6 @@ and skipped like the others; --rounds 1 runs none of them. (The export -> train_
 itself is tested in test_simulate_users.py.)"""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
@@ -69,13 +68,8 @@ def test_on_policy_pairs_keep_the_pairs_the_judge_decides_and_the_accuracy_reads
 @pytest.fixture(scope="module")
 def mini_run(tmp_path_factory):
     """A miniature main job with both rounds: (its arguments, its printed output)."""
-    root = tmp_path_factory.mktemp("round2")
-    with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
-        works = [json.loads(line) for _, line in zip(range(3), f)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(w) + "\n" for w in works))
-    args = ["--preset", "mini", "--out", str(root / "runs"), "--data", str(root / "prepared"),
-            "--corpus", str(corpus), "--device", "cpu"]
+    from test_pipeline import mini_args
+    args = mini_args(tmp_path_factory.mktemp("round2"))
     return args, run(args)
 
 

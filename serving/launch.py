@@ -1,6 +1,7 @@
-"""serve.py (or llama.cpp's llama-server) as a subprocess, for the benchmarks and checks that
-talk to it over HTTP: started on a free loopback port with the options given, ready once
-/health answers."""
+"""serve.py (or llama.cpp's llama-server) as a subprocess, for the main job's feedback stage
+and the benchmarks and checks that talk to it over HTTP: started on a free loopback port
+with the options given, ready once /health answers. Standard library only (no httpx): the
+main job needs nothing beyond requirements.txt."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 from cli import UserError
 
@@ -29,22 +31,23 @@ class ServeProcess:
     name = "serve.py"
 
     def __init__(self, args: list[str], log_path: str, timeout_s: float = 300.0, command: list[str] | None = None):
-        import httpx
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = log_path
         command = command or [sys.executable, os.path.join(REPO, "serve.py")]
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(port), *args]
         with open(log_path, "w") as out:
-            self.proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port), *args],
-                                         stdout=out, stderr=subprocess.STDOUT, text=True)
+            self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
                 raise UserError(f"{self.name} exited with {self.proc.returncode}: {self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                with opener.open(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:  # not listening yet, or a 503 while loading (HTTPError is an OSError)
                 pass
             if time.monotonic() > deadline:
                 self.stop()
