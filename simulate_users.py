@@ -17,7 +17,9 @@ the ~73% inter-labeler agreement InstructGPT reports, Ouyang et al. 2022), decid
 seeded hash of the judgement, so a run is reproducible and the realised rate is exact to
 test. When the judge scores both answers the same (both right or both wrong), the rater
 votes "tie" (the chat page's Tie button): the store keeps it, the export makes no pair of
-it, and no noise applies to it (there is no preference to flip); the thumbs still count.
+it, and no noise applies to it (there is no preference to flip). The thumbs are logged
+too, but the export lets a vote decide over the thumbs on the same two answers, so here
+every pair comes from a vote.
 
     python serve.py --ckpt runs/ppo --log-dir runs/serve &
     python simulate_users.py --url http://127.0.0.1:8000 --prompts 200

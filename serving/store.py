@@ -257,6 +257,7 @@ class _Pairs:
         self.served = served
         self.records: list[dict] = []
         self.seen: set[tuple[str, str]] = set()
+        self.voted: set[frozenset] = set()  # completions compared side by side, ties included
         self.skipped: collections.Counter = collections.Counter()
 
     def usable(self, cid) -> dict | None:
@@ -284,6 +285,7 @@ class _Pairs:
         a, b = (self.usable(i) for i in fb["ids"])
         if a is None or b is None:
             return
+        self.voted.add(frozenset((a["id"], b["id"])))
         if fb.get("preferred") is None:  # a tie: no preference to learn from
             self.skipped["tie"] += 1
             return
@@ -291,7 +293,9 @@ class _Pairs:
         self.add(chosen, rejected, "feedback_pairwise")
 
     def add_thumbs(self, ratings: dict[str, str]) -> None:
-        """Every thumbs-up completion against every thumbs-down completion of the same messages."""
+        """Every thumbs-up completion against every thumbs-down completion of the same messages,
+        except two that a pairwise vote already compared: the rater's side-by-side verdict
+        (a tie included) decides, not two thumbs each given on its own."""
         by_prompt: dict[str, dict[str, list]] = {}
         for cid, rating in ratings.items():
             r = self.usable(cid)
@@ -303,7 +307,10 @@ class _Pairs:
                 self.skipped["rating_without_opposite"] += len(groups["up"]) + len(groups["down"])
             for good in groups["up"]:
                 for bad in groups["down"]:
-                    self.add(good, bad, "feedback_thumbs")
+                    if frozenset((good["id"], bad["id"])) in self.voted:
+                        self.skipped["thumbs_of_a_voted_pair"] += 1
+                    else:
+                        self.add(good, bad, "feedback_thumbs")
 
 
 def export_feedback(store: Store, out: str) -> dict:
@@ -312,7 +319,9 @@ def export_feedback(store: Store, out: str) -> dict:
 
     A pairwise vote gives one pair (both completions must answer the same messages; a tie
     gives none). Thumbs are grouped by prompt: every thumbs-up completion against every
-    thumbs-down completion of the same messages (a completion's latest rating counts). Only
+    thumbs-down completion of the same messages (a completion's latest rating counts), unless
+    a vote compared those two (the vote decides: a tie vote with one thumb up and one down
+    gives no pair). Only
     completed chat completions are exported; what cannot be used is counted by reason.
     The file is written whole or not at all."""
     feedback = store.feedback_records()

@@ -315,6 +315,32 @@ def test_export_feedback_joins_votes_and_thumbs(tmp_path, tok):
     assert loaded[0].prompt == msgs_a
 
 
+def test_export_lets_a_vote_decide_over_the_thumbs_of_the_same_two_answers(tmp_path):
+    msgs_a = [{"role": "user", "content": "What is 2+3?"}]
+    msgs_b = [{"role": "user", "content": "Reverse abc"}]
+    store = SQLiteStore(str(tmp_path / "serve.db"))
+    ids = []
+    for i, (m, c) in enumerate([(msgs_a, "5"), (msgs_a, "six"), (msgs_b, "cba"), (msgs_b, "abc"), (msgs_b, "bca")]):
+        ids.append("chatcmpl-" + f"{i:032x}")
+        store.begin_request(ids[-1], "k", "chat", {"id": ids[-1], "endpoint": "chat", "messages": m})
+        store.finish_request(ids[-1], "complete", {"id": ids[-1], "endpoint": "chat", "messages": m,
+                                                   "completion": c, "finish_reason": "stop"})
+    feedback = [{"type": "pairwise", "ids": [ids[0], ids[1]], "preferred": ids[0]},
+                {"type": "rating", "id": ids[0], "rating": "down"},  # thumbs against the vote: the vote decides
+                {"type": "rating", "id": ids[1], "rating": "up"},
+                {"type": "pairwise", "ids": [ids[2], ids[4]], "preferred": None},  # a tie...
+                {"type": "rating", "id": ids[2], "rating": "up"},  # ...with thumbs that differ: no pair
+                {"type": "rating", "id": ids[4], "rating": "down"},
+                {"type": "rating", "id": ids[3], "rating": "down"}]  # never compared with 'cba': a pair
+    for i, x in enumerate(feedback):
+        store.add_feedback(f"fb-{i}", "k", x)
+    summary = export_feedback(store, str(tmp_path / "prefs.jsonl"))
+    records = [json.loads(line) for line in open(tmp_path / "prefs.jsonl")]
+    assert {(r["chosen"], r["rejected"], r["kind"]) for r in records} == {
+        ("5", "six", "feedback_pairwise"), ("cba", "abc", "feedback_thumbs")}
+    assert summary["skipped"] == {"tie": 1, "thumbs_of_a_voted_pair": 2}
+
+
 def test_request_queue_is_plain_without_a_loop(tok):
     assert isinstance(GenRequest([1], 1).queue, queue.SimpleQueue)
 

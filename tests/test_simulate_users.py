@@ -210,10 +210,13 @@ def keyed_server(data_dirs, tmp_path_factory):
     srv.stop()
 
 
-def test_votes_from_simulated_users_export_as_pairs_that_train_rm_trains_on(keyed_server, tmp_path, capsys):
+def test_votes_from_simulated_users_export_as_pairs_that_train_rm_trains_on(keyed_server, tmp_path, capsys,
+                                                                             monkeypatch):
     srv, key = keyed_server, "sk-simulated-users-secret"
     traffic = tmp_path / "traffic.jsonl"
-    # noise 0.5: the random model's answers are all wrong, so only noisy thumbs make pairs
+    # The random model gets every task wrong, so the gold judge would tie every pair; a
+    # stand-in judge (an answer of an even length is right) gives the votes preferences.
+    monkeypatch.setattr(simulate_users, "grade", lambda record, answer: float(len(answer) % 2 == 0))
     summary = simulate_users.main(["--url", srv.url + "/v1", "--api-key", key, "--prompts", "10", "--seed", "1",
                                    "--max-tokens", "8", "--rater-noise", "0.5", "--concurrency", "3",
                                    "--traffic-out", str(traffic)])
@@ -240,7 +243,13 @@ def test_votes_from_simulated_users_export_as_pairs_that_train_rm_trains_on(keye
     records = [json.loads(x) for x in open(out)]
     sent = {json.dumps(json.loads(x)["messages"]) for x in open(traffic)}
     texts = {a["id"]: a["text"] for r in ratings for a in r["answers"]}
-    assert records and all(r["kind"] in ("feedback_pairwise", "feedback_thumbs") for r in records)
+    # each user thumbs the two answers they voted on: the vote decides, so only votes make pairs
+    assert records and all(r["kind"] == "feedback_pairwise" for r in records)
+    voted = {frozenset(a["id"] for a in r["answers"]): r["answers"]["ab".index(r["vote"]["given"])]["id"]
+             for r in ratings if r["vote"]["given"] != "tie"
+             and all(a["text"].strip() for a in r["answers"])  # the export skips an empty answer
+             and r["answers"][0]["text"] != r["answers"][1]["text"]}
+    assert len(records) == len(voted) and all(voted[frozenset(r["source_ids"])] == r["source_ids"][0] for r in records)
     assert all(json.dumps(r["prompt"]) in sent for r in records)
     assert all([texts[i] for i in r["source_ids"]] == [r["chosen"], r["rejected"]] for r in records)
     pairs, skipped = load_pairs([str(out)], Tokenizer.load(os.path.join(srv.ckpt, "tokenizer.json")), 256)
