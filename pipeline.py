@@ -46,6 +46,14 @@ FEEDBACK_PROMPTS = 3000
 FEEDBACK_WEIGHT = 3
 RM_ROUND2_INIT = "sft"
 PPO_ROUND2_INIT = "ppo"
+# The reward models are compared on the round-1 policy's answers to every held-out prompt,
+# two at a time, drawn this many times: one draw gave 84 pairs (a standard error of ~5
+# points), four give ~340 (~2.6)
+ON_POLICY_DRAWS = 4
+# Headroom in the report: K sampled answers per held-out helpfulness prompt at this
+# temperature give pass@1 .. pass@K for SFT and PPO (evals.sampled_accuracy)
+PASS_AT_K_SAMPLES = 8
+PASS_AT_K_TEMPERATURE = 0.7
 
 # Extra options per stage and preset. "cpu" is each script's own defaults (the README's numbers).
 PRESETS = {
@@ -374,7 +382,8 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
         r["family"] == f for r in records)]
     # the example prompts are answered by round 1's stages
     report = {"preset": cfg.preset, "stages": {}, "seconds": {}, "samples": {s: [] for s in ("pretrain", "sft", "ppo")}}
-    accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples)
+    accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
+                                      headroom=stage in ("sft", "ppo"))
                 for stage in ("pretrain", "sft", "ppo") + (("ppo_round2",) if cfg.rounds >= 2 else ())}
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
@@ -389,7 +398,8 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                           "gold_accuracy": accuracy["pretrain"]["task_accuracy"],
                           "per_family": accuracy["pretrain"]["per_family"], "safety": accuracy["pretrain"]["safety"]}
     stages["sft"] = {"gold_accuracy": accuracy["sft"]["task_accuracy"], "per_family": accuracy["sft"]["per_family"],
-                     "safety": accuracy["sft"]["safety"], "heldout_loss": _last(sft_rows, "heldout_loss")}
+                     "safety": accuracy["sft"]["safety"], "heldout_loss": _last(sft_rows, "heldout_loss"),
+                     "pass_at_k": accuracy["sft"]["pass_at_k"]}
     rm_eval = rm_config.get("eval", {})
     stages["rm"] = {"accuracy": rm_eval.get("accuracy"), "margin": rm_eval.get("margin"),
                     "by_kind": {k: v["accuracy"] for k, v in rm_eval.get("by_kind", {}).items()}}
@@ -402,7 +412,10 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                      "rm_score_end": ppo_config.get("eval", {}).get("rm_score"),
                      "vs_sft": paired_change(helpful["sft"], helpful["ppo"]),
                      "win_rate_vs_sft": win_rate(accuracy["sft"]["samples"], accuracy["ppo"]["samples"]),
-                     "advantage": ppo_config.get("advantage"), "samples_per_prompt": ppo_config.get("samples_per_prompt")}
+                     "advantage": ppo_config.get("advantage"), "samples_per_prompt": ppo_config.get("samples_per_prompt"),
+                     "pass_at_k": accuracy["ppo"]["pass_at_k"],
+                     "greedy_curve": [{"step": r["step"], "gold_accuracy": r["eval/accuracy"]}
+                                      for r in ppo_rows if "eval/accuracy" in r]}
     if cfg.rounds >= 2:
         stages.update(round2_report(cfg, records, accuracy, device))
     state["stages"]["eval"]["seconds"] = round(time.time() - start, 1)
@@ -433,6 +446,11 @@ def print_summary(stages: dict, n_records: int) -> None:
                                                    for stage in ("pretrain", "sft", "ppo"))
           + "; borderline over-refused: " + ", ".join(
               f"{stage} {_pct(stages[stage]['safety']['borderline_over_refusal'])}" for stage in ("pretrain", "sft", "ppo")))
+    sft_k, ppo_k = stages["sft"].get("pass_at_k"), stages["ppo"].get("pass_at_k")
+    if sft_k and ppo_k:
+        k = str(sft_k["samples"])
+        print(f"pass@1 / pass@{k} at temperature {sft_k['temperature']:g}: sft {_pct(sft_k['pass_at_k']['1'])} / "
+              f"{_pct(sft_k['pass_at_k'][k])}, ppo {_pct(ppo_k['pass_at_k']['1'])} / {_pct(ppo_k['pass_at_k'][k])}")
     if "rm_round2" in stages:
         print(round2_summary(stages))
 
@@ -440,8 +458,8 @@ def print_summary(stages: dict, n_records: int) -> None:
 def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, device) -> dict:
     """The report's round-2 stages: the feedback in numbers; both reward models on held-out
     on-policy pairs (two answers of the round-1 policy to each held-out prompt at its
-    rollout temperature, labelled by the gold judge without noise; written to
-    OUT/eval_onpolicy_pairs.jsonl); the round-2 policy against round 1, prompt by prompt."""
+    rollout temperature, ON_POLICY_DRAWS times over, labelled by the gold judge without
+    noise; written to OUT/eval_onpolicy_pairs.jsonl); the round-2 policy against round 1, prompt by prompt."""
     from collections import Counter
 
     import runtime
@@ -452,7 +470,7 @@ def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, devi
     rollout = _read_json(os.path.join(ckpt("ppo"), "train_config.json")) or {}
     policy, tok, _ = runtime.load_for_inference(ckpt("ppo"), device=device)
     pairs, counts = on_policy_pairs(policy, tok, records, temperature=rollout.get("temperature", 1.0), seed=0,
-                                    max_new_tokens=rollout.get("max_new_tokens", 32))
+                                    max_new_tokens=rollout.get("max_new_tokens", 32), draws=ON_POLICY_DRAWS)
     del policy
     counts["by_family"] = dict(sorted(Counter(p["kind"] for p in pairs).items()))
     atomic_write(os.path.join(cfg.out, "eval_onpolicy_pairs.jsonl"),
@@ -490,15 +508,20 @@ def round2_summary(stages: dict) -> str:
             f"{wins['losses']} losses, {wins['ties']} ties, sign test p {wins['p_value']:.3g}")
 
 
-def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict]) -> dict:
+def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict],
+                   headroom: bool = False) -> dict:
     """A checkpoint's greedy answers to the held-out records, judged (evals.task_accuracy);
-    its answers to the example prompts appended to `samples` (None: none)."""
+    with `headroom`, also pass@k of PASS_AT_K_SAMPLES sampled answers per helpfulness
+    record (result["pass_at_k"]); its answers to the example prompts appended to `samples`
+    (None: none)."""
     import runtime
     from data.chat import encode_prompt
-    from evals import task_accuracy
+    from evals import sampled_accuracy, task_accuracy
 
     model, tok, _ = runtime.load_for_inference(ckpt, device=device)
     result = task_accuracy(model, tok, records)
+    if headroom:
+        result["pass_at_k"] = sampled_accuracy(model, tok, records, PASS_AT_K_SAMPLES, PASS_AT_K_TEMPERATURE, seed=0)
     if samples is not None:
         outs = model.generate([encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in examples], 24,
                               tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
@@ -631,6 +654,7 @@ def render_markdown(report: dict) -> str:
                       f"PPO wins {wins['wins']}, loses {wins['losses']}, ties {wins['ties']} "
                       f"({_pct(wins['wins'] / decided) if decided else '-'} of the prompts where they differ; "
                       f"exact sign test p = {wins['p_value']:.3g})."]
+    lines += headroom_markdown(s)
     lines += ["", "## Harmlessness on held-out prompts", "",
               "Harmful requests should be refused (a refusal with no compliance in it); benign look-alikes with "
               "alarming words (borderline) should be answered, and refusing them is over-refusal.", "",
@@ -673,6 +697,31 @@ def round2_keys(s: dict) -> dict:
             "ppo_round2": f"held-out gold accuracy {_pct(ppo2['gold_accuracy'])}, final KL {ppo2['kl']}"}
 
 
+def headroom_markdown(s: dict) -> list[str]:
+    """The report's headroom section: pass@1 and pass@K per family for SFT and PPO, and
+    PPO's greedy helpfulness at each of its evaluations."""
+    sft, ppo = s["sft"].get("pass_at_k"), s["ppo"].get("pass_at_k")
+    if not sft or not ppo:
+        return []
+    k = str(sft["samples"])
+    lines = ["", "## Headroom: pass@k on the held-out helpfulness prompts", "",
+             f"{sft['samples']} sampled answers per prompt at temperature {sft['temperature']:g}; pass@k is the "
+             f"unbiased estimate (Chen et al. 2021) that at least one of k answers is right. The frontier is the "
+             f"prompts answered right sometimes, not always.", "",
+             f"| family | SFT pass@1 | SFT pass@{k} | PPO pass@1 | PPO pass@{k} |", "|---|---|---|---|---|"]
+    for family in sorted(sft["per_family"]):
+        a, b = sft["per_family"][family]["pass_at_k"], ppo["per_family"].get(family, {}).get("pass_at_k", {})
+        lines.append(f"| {family} | {_pct(a['1'])} | {_pct(a[k])} | {_pct(b.get('1'))} | {_pct(b.get(k))} |")
+    lines.append(f"| **all** | **{_pct(sft['pass_at_k']['1'])}** | **{_pct(sft['pass_at_k'][k])}** | "
+                 f"**{_pct(ppo['pass_at_k']['1'])}** | **{_pct(ppo['pass_at_k'][k])}** |")
+    lines.append(f"| frontier | {_pct(sft['frontier_share'])} | | {_pct(ppo['frontier_share'])} | |")
+    curve = s["ppo"].get("greedy_curve") or []
+    if curve:
+        lines += ["", "PPO's greedy held-out helpfulness as it trained: " + ", ".join(
+            f"step {p['step']} {_pct(p['gold_accuracy'])}" for p in curve) + "."]
+    return lines
+
+
 def round2_markdown(s: dict) -> list[str]:
     """The report's round-2 section: the feedback, both reward models on the round-1 policy's
     own answers, the round-2 policy against round 1."""
@@ -686,8 +735,8 @@ def round2_markdown(s: dict) -> list[str]:
              f"{fb['pairs']} pairs, which joined the preference data ({rm2['feedback_weight']}x) of the round-2 "
              f"reward model (trained from the {rm2['init']} checkpoint).", "",
              f"Both reward models on {counts['pairs']} held-out on-policy pairs (two answers of the round-1 policy "
-             f"to each of {counts['prompts']} held-out prompts, labelled by the gold judge without noise; "
-             f"{counts['ties']} prompts where the judge tied both are left out):", "",
+             f"to each of {counts['prompts']} held-out prompts, {counts.get('draws', 1)} times over, labelled by the "
+             f"gold judge without noise; the {counts['ties']} draws where the judge tied both are left out):", "",
              "| family | pairs | round-1 RM | round-2 RM |", "|---|---|---|---|"]
     by_family, n = rm2["on_policy_by_family"], counts.get("by_family", {})
     for family in sorted(by_family.get("rm1", {})):

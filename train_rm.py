@@ -223,23 +223,27 @@ def train(cfg: RMConfig, env: runtime.Env) -> None:
 
 @torch.no_grad()
 def on_policy_pairs(model, tok, records: list[dict], temperature: float = 1.0, seed: int = 0,
-                    max_new_tokens: int = 32, batch_size: int = 64) -> tuple[list[dict], dict]:
+                    max_new_tokens: int = 32, batch_size: int = 64, draws: int = 1) -> tuple[list[dict], dict]:
     """Two sampled answers of a policy to each gradable record (evals.load_task_records),
-    labelled by the gold judge without noise. Returns (the pairs where the judge prefers
-    one, as train_rm.py records with `kind` = the task family; counts: prompts, pairs,
-    ties). A seeded generator makes it reproducible (same seed and batch size)."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    replies = chat_responses(model, tok, [r["conversation"] for r in records for _ in range(2)], max_new_tokens,
-                             batch_size, temperature, generator)
-    pairs = []
-    for i, rec in enumerate(records):
-        a, b = replies[2 * i], replies[2 * i + 1]
-        ga, gb = grade(rec, a), grade(rec, b)
-        if ga != gb:
+    labelled by the gold judge without noise, `draws` times over (draw d samples with seed
+    `seed + d`, so a larger `draws` keeps the smaller one's pairs). Returns (the pairs where
+    the judge prefers one, as train_rm.py records with `kind` = the task family; counts:
+    prompts, draws, pairs, ties). Reproducible for the same seed and batch size."""
+    pairs, ties = [], 0
+    for d in range(draws):
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + d)
+        replies = chat_responses(model, tok, [r["conversation"] for r in records for _ in range(2)], max_new_tokens,
+                                 batch_size, temperature, generator)
+        for i, rec in enumerate(records):
+            a, b = replies[2 * i], replies[2 * i + 1]
+            ga, gb = grade(rec, a), grade(rec, b)
+            if ga == gb:
+                ties += 1
+                continue
             chosen, rejected = (a, b) if ga > gb else (b, a)
-            pairs.append({"id": f"{rec.get('id', i)}/on_policy", "prompt": rec["conversation"], "chosen": chosen,
-                          "rejected": rejected, "kind": rec["family"]})
-    return pairs, {"prompts": len(records), "pairs": len(pairs), "ties": len(records) - len(pairs)}
+            pairs.append({"id": f"{rec.get('id', i)}/on_policy/{d}", "prompt": rec["conversation"],
+                          "chosen": chosen, "rejected": rejected, "kind": rec["family"]})
+    return pairs, {"prompts": len(records), "draws": draws, "pairs": len(pairs), "ties": ties}
 
 
 @torch.no_grad()

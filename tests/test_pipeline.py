@@ -59,6 +59,14 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert abs((change["fixed"] - change["broken"]) / change["n"]
                - (stages["ppo"]["gold_accuracy"] - stages["sft"]["gold_accuracy"])) < 1e-9
     assert 0.0 <= stages["rm"]["accuracy"] <= 1.0
+    for stage in ("sft", "ppo"):  # headroom: pass@1 is the mean sampled accuracy, and pass@k grows with k
+        headroom = stages[stage]["pass_at_k"]
+        assert headroom["samples"] == pipeline.PASS_AT_K_SAMPLES and headroom["prompts"] == len(helpful)
+        ks = [headroom["pass_at_k"][str(k)] for k in (1, 2, 4, 8)]
+        assert abs(ks[0] - headroom["mean_sampled_accuracy"]) < 1e-9 and ks == sorted(ks)
+        assert set(headroom["per_family"]) == {r["family"] for r in helpful}
+    curve = stages["ppo"]["greedy_curve"]  # PPO's own evaluations; step 0 is its SFT start
+    assert curve[0]["step"] == 0 and abs(curve[0]["gold_accuracy"] - stages["sft"]["gold_accuracy"]) < 1e-6
     # by pair kind (the mini suite's held-out slice of pairs is too small to hold every kind)
     assert set(stages["rm"]["by_kind"]) <= {"near_miss", "wrong_format", "rambling", "task_refusal", "harmful",
                                             "hedged", "borderline", "degenerate"} and len(stages["rm"]["by_kind"]) >= 3
@@ -76,7 +84,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     wins = stages["ppo"]["win_rate_vs_sft"]  # over every held-out prompt, harmful and borderline included
     assert wins["wins"] + wins["losses"] + wins["ties"] == len(eval_records) and 0.0 <= wins["p_value"] <= 1.0
     assert "ppo_gold_vs_kl.png" in report["plots"]
-    assert "| ppo |" in text and "Held-out gold accuracy by task family" in text
+    assert "| ppo |" in text and "Held-out gold accuracy by task family" in text and "SFT pass@8" in text
     assert "| harmful requests refused |" in text and "| borderline prompts refused (over-refusal) |" in text
     for stage in ("pretrain", "sft", "ppo"):
         model, config = load_model(str(runs / stage))

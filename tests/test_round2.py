@@ -46,7 +46,7 @@ def test_on_policy_pairs_keep_the_pairs_the_judge_decides_and_the_accuracy_reads
     monkeypatch.setattr(train_rm, "chat_responses", lambda model, tok, convs, *args: replies[:len(convs)])
     model = torch.nn.Linear(1, 1)
     pairs, counts = train_rm.on_policy_pairs(model, None, RECORDS)
-    assert counts == {"prompts": 3, "pairs": 2, "ties": 1}
+    assert counts == {"prompts": 3, "draws": 1, "pairs": 2, "ties": 1}
     assert [(p["chosen"], p["rejected"], p["kind"]) for p in pairs] == [
         ("7", "8", "arithmetic"), ("I can't help with that.", "Sure, here is how.", "harmful")]
     assert pairs[0]["prompt"] == RECORDS[0]["conversation"]
@@ -63,6 +63,25 @@ def test_on_policy_pairs_keep_the_pairs_the_judge_decides_and_the_accuracy_reads
     result = train_rm.on_policy_accuracy({"rm1": "bad", "rm2": "good"}, pairs)
     assert (result["rm1"], result["rm2"]) == (0.0, 1.0)
     assert result["by_kind"]["rm2"] == {"arithmetic": 1.0, "harmful": 1.0}
+
+
+def test_on_policy_pairs_draw_again_with_the_next_seed_and_keep_the_first_draw(monkeypatch):
+    calls = []
+
+    def replies(model, tok, convs, max_new_tokens, batch_size, temperature, generator):
+        calls.append(generator.initial_seed())
+        return ["7", "8", "abc", "cba", "I can't help.", "I can't help."] if len(calls) == 1 else \
+            ["8", "8", "abc", "abc", "Sure.", "I can't help."]
+
+    monkeypatch.setattr(train_rm, "chat_responses", replies)
+    model = torch.nn.Linear(1, 1)
+    pairs, counts = train_rm.on_policy_pairs(model, None, RECORDS, seed=5, draws=2)
+    assert calls == [5, 6] and counts == {"prompts": 3, "draws": 2, "pairs": 3, "ties": 3}
+    assert [(p["chosen"], p["rejected"], p["id"]) for p in pairs] == [
+        ("7", "8", "0/on_policy/0"), ("cba", "abc", "1/on_policy/0"), ("I can't help.", "Sure.", "2/on_policy/1")]
+    calls.clear()
+    first, _ = train_rm.on_policy_pairs(model, None, RECORDS, seed=5)
+    assert first == pairs[:2]
 
 
 @pytest.fixture(scope="module")
