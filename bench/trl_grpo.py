@@ -67,12 +67,14 @@ class PeerConfig:
 
 # ----------------------------------------------------------------------------- 1. prompts
 
-def rl_prompts(cfg: PeerConfig) -> list[dict]:
-    """Fresh helpfulness prompts; with --frontier, those the SFT model sometimes gets right."""
+def rl_prompts(cfg: PeerConfig) -> tuple[list[dict], int]:
+    """(fresh helpfulness prompts, or with --frontier those the SFT model sometimes gets
+    right; how many fresh ones were drawn)."""
     from data.rl_prompts import estimate_pass_rates, fresh_task_prompts, frontier, prompt_texts
     from data.tasks import TASK_FAMILIES
     records = fresh_task_prompts(list(TASK_FAMILIES), cfg.prompts_per_family, cfg.seed,
                                  prompt_texts([cfg.sft_data, cfg.eval_data]))
+    fresh = len(records)
     if cfg.frontier:
         import runtime
         model, tok, _ = runtime.load_for_inference(cfg.init, device="cpu")
@@ -81,7 +83,7 @@ def rl_prompts(cfg: PeerConfig) -> list[dict]:
         records = frontier(records, rates)
     if not records:
         raise UserError("no fresh helpfulness prompts left outside the SFT and held-out files")
-    return records
+    return records, fresh
 
 
 # ----------------------------------------------------------------------------- 3. TRL
@@ -177,8 +179,9 @@ def main(argv=None) -> dict:
     cfg = parse_config(PeerConfig, argv, description=__doc__.split("\n\n")[0])
     print_config(cfg, "trl_grpo")
     os.makedirs(cfg.out, exist_ok=True)
-    records = rl_prompts(cfg)
-    print(f"{len(records)} RL prompts ({'frontier only' if cfg.frontier else 'all fresh'})", flush=True)
+    records, fresh = rl_prompts(cfg)
+    print(f"{fresh} fresh RL prompts" + (f", {len(records)} on the SFT model's frontier" if cfg.frontier else ""),
+          flush=True)
     ckpts, seconds = {"sft": cfg.init}, {}
     for name, run, skip in (("trl_grpo", run_trl, cfg.skip_trl), ("ours_rloo", run_ours, cfg.skip_ours)):
         if not skip:
@@ -186,7 +189,8 @@ def main(argv=None) -> dict:
             ckpts[name] = run(cfg, records)
             seconds[name] = time.time() - start
     judged = judge(ckpts, cfg.eval_data)
-    result = {"config": config_dict(cfg), "rl_prompts": len(records), "seconds": seconds, "results": judged}
+    result = {"config": config_dict(cfg), "fresh_prompts": fresh, "rl_prompts": len(records), "seconds": seconds,
+              "results": judged}
     with open(os.path.join(cfg.out, "peer.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(table(judged, seconds))
