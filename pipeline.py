@@ -459,7 +459,8 @@ def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, devi
     """The report's round-2 stages: the feedback in numbers; both reward models on held-out
     on-policy pairs (two answers of the round-1 policy to each held-out prompt at its
     rollout temperature, ON_POLICY_DRAWS times over, labelled by the gold judge without
-    noise; written to OUT/eval_onpolicy_pairs.jsonl); the round-2 policy against round 1, prompt by prompt."""
+    noise; written to OUT/eval_onpolicy_pairs.jsonl); the round-2 policy against round 1,
+    prompt by prompt."""
     from collections import Counter
 
     import runtime

@@ -321,9 +321,8 @@ def export_feedback(store: Store, out: str) -> dict:
     gives none). Thumbs are grouped by prompt: every thumbs-up completion against every
     thumbs-down completion of the same messages (a completion's latest rating counts), unless
     a vote compared those two (the vote decides: a tie vote with one thumb up and one down
-    gives no pair). Only
-    completed chat completions are exported; what cannot be used is counted by reason.
-    The file is written whole or not at all."""
+    gives no pair). Only completed chat completions are exported; what cannot be used is
+    counted by reason. The file is written whole or not at all."""
     feedback = store.feedback_records()
     if not feedback:
         raise UserError("no feedback in the serving store yet")
