@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from cli import UserError, config_dict, entry_point, parse_config
 from data import redteam
 from data.files import atomic_write
-from data.tasks import ANSWER_TYPE, FAMILIES, grade, make_task, split_of
+from data.rl_prompts import prompt_texts, rejection
+from data.tasks import ANSWER_TYPE, FAMILIES, grade, make_task
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXCLUDE = os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
@@ -125,17 +126,6 @@ def draw_prompt(family: str, rng: random.Random) -> dict:
     return {"family": family, "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer}
 
 
-def rejection(prompt: str, seen: set, exclude: set) -> str | None:
-    """Why a drawn prompt cannot go out, or None."""
-    if split_of(prompt) == "eval":
-        return "held_out_split"
-    if prompt in exclude:
-        return "in_exclude_file"
-    if prompt in seen:
-        return "duplicate"
-    return None
-
-
 def build_traffic(n: int, seed: int, families: list[str], exclude: set = frozenset(),
                   tries: int = 2000) -> tuple[list[dict], Counter]:
     """(n distinct training prompts, families taken in turn, as task records with messages;
@@ -165,14 +155,6 @@ def build_traffic(n: int, seed: int, families: list[str], exclude: set = frozens
     return traffic, rejected
 
 
-def record_prompt(rec: dict) -> str | None:
-    """A task record's user prompt: `prompt`, else its first user message."""
-    if isinstance(rec.get("prompt"), str):
-        return rec["prompt"]
-    users = [m.get("content") for m in rec.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-    return users[0] if users and isinstance(users[0], str) else None
-
-
 def load_excluded(path: str) -> set[str]:
     """The prompts of a task file (the suite's eval.jsonl): none of them may go out. The
     default file is optional; a file named with --exclude must exist."""
@@ -180,20 +162,7 @@ def load_excluded(path: str) -> set[str]:
         if not os.path.isfile(DEFAULT_EXCLUDE):
             return set()
         path = DEFAULT_EXCLUDE
-    excluded = set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    prompt = record_prompt(json.loads(line))
-                    if prompt is None:
-                        raise UserError(f"--exclude {path}:{n}: a record with no prompt or user message")
-                    excluded.add(prompt)
-    except OSError as e:
-        raise UserError(f"cannot read --exclude {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise UserError(f"--exclude {path} is not JSONL: {e}") from None
-    return excluded
+    return prompt_texts([path], label="--exclude ")
 
 
 # ----------------------------------------------------------------------------- raters

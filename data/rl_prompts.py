@@ -4,7 +4,8 @@ RL that generalizes should practise on instances the model was never shown an an
 and that no evaluation holds: `fresh_task_prompts` draws new instances from the task
 generators (data/tasks.py) and keeps a prompt only when it hashes to the training split
 (`split_of`), is not among the excluded prompts (the SFT demonstrations' and the held-out
-file's, read with `prompt_texts`) and was not drawn before.
+file's, read with `prompt_texts`) and was not drawn before (`rejection`: the same rule
+simulate_users.py applies to its traffic).
 
 A prompt teaches a group-baseline method (RLOO, GRPO) something only when the policy's
 samples disagree on it: if it always or never answers right, every advantage is zero.
@@ -15,25 +16,56 @@ groups the same way after the fact; choosing prompts first spends no rollouts on
 """
 from __future__ import annotations
 
+import json
 import random
-from collections import Counter
 
 import torch
 
-from data.chat import RecordError, iter_jsonl, prompt_messages
+from cli import UserError
 from data.tasks import ANSWER_TYPE, TASK_FAMILIES, grade, make_task, split_of
 
 
-def prompt_texts(paths: list[str]) -> set[str]:
-    """The user prompt (the last user turn) of every record of task JSONL files: the SFT
-    demonstrations' or the held-out file's, to keep RL prompts away from. Records without a
-    conversation are passed over."""
-    def last_user_turn(rec):
-        turns = [m for m in prompt_messages(rec) if m["role"] == "user"]
-        if not turns:
-            raise RecordError("missing_field", "no user turn")
-        return turns[-1]["content"]
-    return {text for _, text in iter_jsonl(paths, last_user_turn, Counter())}
+def record_prompt(rec: dict) -> str | None:
+    """A task record's user prompt: `prompt`, else its first user message."""
+    if isinstance(rec.get("prompt"), str):
+        return rec["prompt"]
+    users = [m.get("content") for m in rec.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    return users[0] if users and isinstance(users[0], str) else None
+
+
+def prompt_texts(paths: list[str], label: str = "") -> set[str]:
+    """The user prompts of task JSONL files (the SFT demonstrations', the held-out file's):
+    prompts that must never be drawn as training prompts. A file that cannot be read, or a
+    line that is not a record with a prompt, is a UserError naming `label` (the option the
+    file came from) and the file; nothing is skipped silently."""
+    prompts = set()
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        rec = json.loads(line)
+                        prompt = record_prompt(rec) if isinstance(rec, dict) else None
+                        if prompt is None:
+                            raise UserError(f"{label}{path}:{n}: a record with no prompt or user message")
+                        prompts.add(prompt)
+        except OSError as e:
+            raise UserError(f"cannot read {label}{path}: {e.strerror}") from None
+        except ValueError as e:
+            raise UserError(f"{label}{path} is not JSONL: {e}") from None
+    return prompts
+
+
+def rejection(prompt: str, seen: set, exclude: set) -> str | None:
+    """Why a drawn prompt cannot be a training prompt (held out by its hash, excluded,
+    drawn already), or None."""
+    if split_of(prompt) == "eval":
+        return "held_out_split"
+    if prompt in exclude:
+        return "in_exclude_file"
+    if prompt in seen:
+        return "duplicate"
+    return None
 
 
 def fresh_task_prompts(families: list[str], per_family: int, seed: int, exclude: set[str],
@@ -52,7 +84,7 @@ def fresh_task_prompts(families: list[str], per_family: int, seed: int, exclude:
             if len(seen) >= per_family:
                 break
             prompt, answer = make_task(family, rng)
-            if split_of(prompt) == "train" and prompt not in exclude and prompt not in seen:
+            if rejection(prompt, seen, exclude) is None:
                 seen.add(prompt)
                 records.append({"id": f"{family}/rl/{len(seen) - 1}", "family": family,
                                 "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer})

@@ -39,6 +39,20 @@ def test_fresh_prompts_are_never_an_sft_demonstration_nor_held_out(suite):
         fresh_task_prompts(["count"], 20, seed=3, exclude=exclude)  # seeded
 
 
+def test_prompt_files_that_cannot_be_read_whole_are_refused(tmp_path):
+    from cli import UserError
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "Reverse 'abc'."}) + "\n\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}) + "\n")
+    assert prompt_texts([str(good)]) == {"Reverse 'abc'.", "What is 2 + 2?"}
+    (tmp_path / "no_prompt.jsonl").write_text(json.dumps({"family": "count"}) + "\n")
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    for name, message in (("no_prompt", "--sft no_prompt.jsonl:1: a record with no prompt"),
+                          ("broken", "is not JSONL"), ("missing", "cannot read --sft")):
+        with pytest.raises(UserError, match=message.replace("--sft ", "--sft .*")):
+            prompt_texts([str(good), str(tmp_path / f"{name}.jsonl")], label="--sft ")
+
+
 def test_a_family_that_runs_out_gives_fewer_and_bad_families_are_refused():
     everything = {r["prompt"] for r in fresh_task_prompts(["next_letter"], 10_000, seed=0, exclude=set())}
     assert fresh_task_prompts(["next_letter"], 10, seed=1, exclude=everything) == []
