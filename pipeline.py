@@ -241,9 +241,9 @@ def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
     log_path = os.path.join(cfg.out, "logs", f"{stage}.log")
     start = time.time()
+    code = 0
     if stage == "feedback":  # prints its own commands (a server, the users, the export)
         shown = collect_feedback(cfg, log_path)
-        code = 0
     else:
         command = stage_command(stage, cfg)
         progress = checkpoint_progress(os.path.join(cfg.out, stage)) if stage in TRAINING else None
@@ -251,12 +251,11 @@ def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
             command.append("--resume")  # interrupted earlier: continue from its last checkpoint
         shown = shown_command(command)
         print(f"\n=== stage {stage}: {shown}", flush=True)
-    if stage == "eval":
-        state["stages"]["eval"] = {"command": shown, "seconds": 0.0}
-        evaluate_and_report(cfg, state, start)
-        code = 0
-    elif stage != "feedback":
-        code = run_logged(command, log_path)
+        if stage == "eval":
+            state["stages"]["eval"] = {"command": shown, "seconds": 0.0}
+            evaluate_and_report(cfg, state, start)
+        else:
+            code = run_logged(command, log_path)
     seconds = time.time() - start
     entry = state["stages"].setdefault(stage, {"seconds": 0.0})
     entry["command"] = shown

@@ -2,8 +2,8 @@
 engine ran before serving/decode.py), the fused step in float32 and with int8 weights, at
 1, 8 and 16 rows, against two floors measured the same way — the step's matmuls alone
 (the weights streamed from memory once per step) and the step's ops on a model too narrow
-for its matmuls to cost anything (dispatch alone, for the model's forward and the fused step) — and the whole engine loop (sampling,
-bookkeeping, text) in tokens/s.
+for its matmuls to cost anything (dispatch alone, for the model's forward and the fused
+step) — and the whole engine loop (sampling, bookkeeping, text) in tokens/s.
 
     python -m bench.decode --ckpt /tmp/bench_ckpt --threads 1
 """
