@@ -5,7 +5,10 @@ per-prompt baselines that give a small model a usable signal (RLOO: Ahmadian et 
 GRPO: Shao et al. 2024). Each step:
 
 1. Rollout: the policy samples --samples-per-prompt responses to each prompt of a batch
-   (a group shares one prompt pass through the KV cache), stopping at <|end|>.
+   (a group shares one prompt pass through the KV cache), stopping at <|end|>. With
+   --refresh-every N the prompts are, from every N-th step on, the frontier of freshly
+   drawn helpfulness instances: those the current policy answers right sometimes but not
+   always (data/rl_prompts.py), so RL practises where it can still learn, as it moves.
 2. Score: the reward model's normalized score of each response (--reward rm: a model of
    the preference data, the RLHF setting); or the task grader's 0/1 (--reward task, a
    verifiable reward); or, the default, both (--reward mix, as Tulu 3 mixes them): the
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,7 +55,7 @@ import torch
 
 import runtime
 from cli import UserError, entry_point, print_config
-from data import tasks
+from data import rl_prompts, tasks
 from data.chat import encode_chat, encode_prompt, iter_jsonl, load_chat_jsonl, prompt_messages
 from data.loader import BucketLoader, EpochCursor
 from data.tokenizer import Tokenizer
@@ -107,6 +111,15 @@ class PPOConfig(runtime.TrainConfig):
                                 "help": "conversations (any SFT format) for PPO-ptx (default: the suite's ptx.jsonl, "
                                         "its helpfulness demonstrations)"})
     ptx_batch_size: int = field(default=8, metadata={"help": "PPO-ptx conversations per policy update on each rank"})
+    refresh_every: int = field(default=0, metadata={"help": "every N steps from the start, the RL prompts become the "
+                               "frontier of freshly drawn helpfulness instances: those where the current policy's "
+                               "samples disagree (data/rl_prompts.py; 0 = the --prompts files throughout)"})
+    fresh_per_family: int = field(default=100, metadata={"help": "--refresh-every: fresh instances drawn per "
+                                  "helpfulness family at each refresh"})
+    pass_samples: int = field(default=8, metadata={"help": "--refresh-every: answers sampled per fresh instance to "
+                              "estimate its pass rate"})
+    exclude: list[str] = field(default_factory=list, metadata={"nargs": True, "help": "--refresh-every: task files "
+                               "whose prompts are never drawn (default: the suite's sft.jsonl and the --eval-data file)"})
     eval_every: int = 10
     save_every: int = 30
     log_every: int = 5
@@ -135,6 +148,9 @@ class PPOConfig(runtime.TrainConfig):
             raise UserError(f"--ptx-batch-size must be > 0, got {self.ptx_batch_size}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1) or self.cliprange <= 0 or self.cliprange_value <= 0:
             raise UserError("need 0 <= --gamma, --lam <= 1 and --cliprange, --cliprange-value > 0")
+        if self.refresh_every < 0 or (self.refresh_every and (self.fresh_per_family < 1 or self.pass_samples < 2)):
+            raise UserError("need --refresh-every >= 0, and with it --fresh-per-family >= 1 and --pass-samples >= 2 "
+                            "(one sample cannot tell a prompt the policy sometimes gets right)")
 
 
 # ----------------------------------------------------------------------------- the algorithm's pieces
@@ -603,6 +619,8 @@ class PPORun:
     ptx: BucketLoader | None
     cursor: EpochCursor
     kl_coef: float
+    excluded: set[str] = field(default_factory=set)  # --refresh-every: prompts never drawn
+    refreshed: list[dict] | None = None  # --refresh-every: the current frontier (saved for --resume)
 
 
 def load_models(cfg: PPOConfig, env: runtime.Env):
@@ -654,8 +672,9 @@ def setup_run(cfg: PPOConfig, env: runtime.Env) -> PPORun:
     cursor = EpochCursor(len(prompts), cfg.batch_size * env.world_size, cfg.seed)
     run = None
     trainer = runtime.Trainer(cfg, env, policy, stage="ppo", tokenizer_path=tokenizer_path,
-                              data_state=lambda: {**cursor.state_dict(), "kl_coef": run.kl_coef,
-                                                  **({"ptx": ptx.state_dict()} if ptx else {})},
+                              data_state=lambda: {**run.cursor.state_dict(), "kl_coef": run.kl_coef,
+                                                  **({"ptx": ptx.state_dict()} if ptx else {}),
+                                                  **({"refreshed": run.refreshed} if run.refreshed else {})},
                               before_save=(lambda: critic.save_at(trainer.step)) if critic else None,
                               extra_config={"init": cfg.init, "reward_model": cfg.reward_model,
                                             "base_stage": init_config.get("stage"), "reward": cfg.reward,
@@ -663,9 +682,13 @@ def setup_run(cfg: PPOConfig, env: runtime.Env) -> PPORun:
     scorer = runtime.RewardScorer(reward_model, tok, norm, autocast=trainer.autocast)
     run = PPORun(tok, trainer.model, reference, scorer, critic, trainer, records, prompts, eval_records, eval_file,
                  ptx, cursor, cfg.kl_coef)
+    if cfg.refresh_every:
+        run.excluded = excluded_prompts(cfg, eval_file)
     if cfg.resume:
         data = trainer.resume()["data"]
-        cursor.load_state_dict(data)
+        if data.get("refreshed"):  # the frontier chosen at the last refresh, and the position in it
+            use_prompts(run, cfg, env, data["refreshed"], trainer.step // cfg.refresh_every)
+        run.cursor.load_state_dict(data)
         run.kl_coef = data["kl_coef"]
         if ptx and "ptx" in data:
             ptx.load_state_dict(data["ptx"])
@@ -673,6 +696,52 @@ def setup_run(cfg: PPOConfig, env: runtime.Env) -> PPORun:
             critic.resume_at(trainer.step)
     trainer.start(flops_per_token=run.policy.flops_per_token(policy.cfg.max_seq_len))
     return run
+
+
+def excluded_prompts(cfg: PPOConfig, eval_file: str | None) -> set[str]:
+    """--refresh-every: the prompts never to draw, from --exclude or the suite's SFT
+    demonstrations and the held-out file."""
+    files = cfg.exclude or [f for f in (os.path.join(os.path.dirname(eval_file), "sft.jsonl") if eval_file else None,
+                                        eval_file) if f and os.path.isfile(f)]
+    return rl_prompts.prompt_texts(files, label="--exclude " if cfg.exclude else "")
+
+
+def use_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env, records: list[dict], refresh: int) -> None:
+    """Make `records` the RL prompts, visited in an order of their own."""
+    run.refreshed = records
+    run.records = records
+    run.prompts = [encode_prompt(run.tok, [{"role": "user", "content": r["prompt"]}]) for r in records]
+    run.cursor = EpochCursor(len(records), cfg.batch_size * env.world_size, cfg.seed + refresh)
+
+
+@torch.no_grad()
+def refresh_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> None:
+    """--refresh-every: draw fresh helpfulness instances (never an excluded prompt, never a
+    held-out one), estimate the current policy's pass rate on each from --pass-samples
+    answers at the rollout temperature, and train on the frontier (0 < pass rate < 1). When
+    the frontier is smaller than a rollout batch, other drawn prompts, at random, fill it. Every rank draws and estimates the same prompts with the same seed (a
+    sharded policy needs every rank in every forward)."""
+    refresh = run.trainer.step // cfg.refresh_every
+    seed = cfg.seed + refresh
+    drawn = rl_prompts.fresh_task_prompts(list(tasks.TASK_FAMILIES), cfg.fresh_per_family, seed, run.excluded)
+    rates = rl_prompts.estimate_pass_rates(run.policy, run.tok, drawn, cfg.pass_samples, cfg.temperature, seed,
+                                           cfg.max_new_tokens)
+    chosen = rl_prompts.frontier(drawn, rates)
+    rows = cfg.batch_size * env.world_size
+    if len(chosen) < rows:  # too few on the frontier: other fresh prompts, chosen at random, fill the batch
+        taken = {r["id"] for r in chosen}
+        rest = [r for r in drawn if r["id"] not in taken]
+        chosen = chosen + random.Random(seed).sample(rest, min(len(rest), rows - len(chosen)))
+    if len(chosen) < rows:
+        raise UserError(f"--refresh-every: only {len(drawn)} fresh prompts could be drawn, fewer than one rollout "
+                        f"batch of {rows} (raise --fresh-per-family)")
+    use_prompts(run, cfg, env, chosen, refresh)
+    frontier = sum(0 < p < 1 for p in rates)
+    mean_pass = sum(rates) / len(rates)
+    runtime.print0(f"refresh at step {run.trainer.step}: {len(drawn)} fresh prompts, mean pass rate {mean_pass:.3f}, "
+                   f"{frontier} on the frontier; training on {len(chosen)}")
+    run.trainer.log({"step": run.trainer.step, "refresh/drawn": len(drawn), "refresh/frontier": frontier,
+                     "refresh/mean_pass_rate": mean_pass})
 
 
 def run_eval(run: PPORun, cfg: PPOConfig, env: runtime.Env, kl: float) -> dict | None:
@@ -733,6 +802,8 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
         run.trainer.extra_config["eval_start"] = run_eval(run, cfg, env, 0.0)  # the SFT starting point
     with run.trainer:
         while run.trainer.step < cfg.max_steps:
+            if cfg.refresh_every and run.trainer.step % cfg.refresh_every == 0:
+                refresh_prompts(run, cfg, env)
             metrics = ppo_step(run, cfg, env)
             if run.trainer.due(cfg.eval_every):
                 run_eval(run, cfg, env, metrics["objective/kl"])

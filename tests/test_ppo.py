@@ -366,6 +366,69 @@ def test_rloo_loads_no_critic_and_drops_groups_with_equal_scores(setup, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def saved_frontier(out) -> list[dict]:
+    with open(os.path.join(out, "state", "trainer.json")) as f:
+        return json.load(f)["data"]["refreshed"]
+
+
+def test_refresh_trains_on_the_frontier_of_fresh_prompts(setup, tmp_path, monkeypatch):
+    """--refresh-every: at steps 0 and 2 fresh helpfulness instances are drawn, never a
+    held-out prompt or an SFT demonstration's; the RL prompts become those whose estimated
+    pass rate is strictly between 0 and 1 (here a stand-in estimate, so the frontier is
+    known), and the estimate sees the policy as it is at that step."""
+    from data.rl_prompts import prompt_texts
+    from data.tasks import split_of
+    seen_steps, calls, drawn = [], [], []
+    real_estimate = train_ppo.rl_prompts.estimate_pass_rates
+
+    def estimate(model, tok, records, samples, temperature, seed, max_new_tokens):
+        calls.append((len(records), samples, temperature, seed))
+        drawn.append(records)
+        seen_steps.append(sum(p.double().sum().item() for p in model.parameters()))
+        real_estimate(model, tok, records[:2], samples, temperature, seed, max_new_tokens)  # it runs on the policy
+        if len(calls) == 1:  # a frontier of 16
+            return [(0.0, 0.5, 1.0, 0.25)[i % 4] for i in range(len(records))]
+        # then only 3: 5 other drawn prompts fill the batch of 8
+        return [0.5 if i in (4, 9, 30) else float(i % 2) for i in range(len(records))]
+    monkeypatch.setattr(train_ppo.rl_prompts, "estimate_pass_rates", estimate)
+    out = tmp_path / "refresh"
+    options = {"reward": "rm", "max-steps": 4, "refresh-every": 2, "fresh-per-family": 4, "pass-samples": 3,
+               "save-every": 4, "temperature": 0.9}
+    train_ppo.main(ppo_args(setup, out, **options))
+    assert [c[:3] for c in calls] == [(32, 3, 0.9)] * 2 and calls[0][3] != calls[1][3]
+    assert seen_steps[0] != seen_steps[1]  # the second estimate saw the trained policy
+    with open(out / "metrics.jsonl") as f:
+        refreshes = [json.loads(line) for line in f if "refresh/drawn" in line]
+    assert [(r["step"], r["refresh/drawn"], r["refresh/frontier"]) for r in refreshes] == [(0, 32, 16), (2, 32, 3)]
+    frontier = saved_frontier(out)  # the second refresh's: its frontier first, then 5 others
+    assert frontier[:3] == [drawn[1][i] for i in (4, 9, 30)]
+    assert len({r["id"] for r in frontier}) == 8 and all(r in drawn[1] for r in frontier[3:])
+    assert len({r["prompt"] for r in drawn[0]}) == 32
+    never = prompt_texts([setup["eval"], os.path.join(os.path.dirname(setup["eval"]), "sft.jsonl")])
+    assert all(r["prompt"] not in never and split_of(r["prompt"]) == "train" for r in drawn[0] + drawn[1])
+    assert {r["family"] for r in drawn[0]} == set(tasks.TASK_FAMILIES)
+
+
+def test_refresh_resumes_exactly(setup, tmp_path):
+    """With the real estimate: 2 steps then 2 more after --resume (the saved frontier is
+    used until the next refresh) equal 4 steps in one go. The reward model scores them (the
+    tiny policy never answers right, so the grader would give every group 0 and nothing
+    would move)."""
+    options = {"reward": "rm", "refresh-every": 3, "fresh-per-family": 2, "pass-samples": 2, "save-every": 2,
+               "max-new-tokens": 4}
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_ppo.main(ppo_args(setup, full, **{"max-steps": 4, **options}))
+    train_ppo.main(ppo_args(setup, part, **{"max-steps": 2, **options}))
+    train_ppo.main(ppo_args(setup, part, **{"max-steps": 4, **options}) + ["--resume"])
+    rows = metrics(full)
+    assert rows[-1]["objective/kl"] != 0.0  # the policy moved
+    for key in ("loss", "objective/kl", "objective/scores"):
+        assert [r[key] for r in metrics(part)] == pytest.approx([r[key] for r in rows], abs=1e-6)
+    assert saved_frontier(part) == saved_frontier(full)
+    a, b = load_model(str(full))[0].state_dict(), load_model(str(part))[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_critic_warmup_trains_the_critic_and_leaves_the_policy_unchanged(setup, tmp_path):
     out = tmp_path / "warm"
     train_ppo.main(ppo_args(setup, out, **{"advantage": "gae", "samples-per-prompt": 1, "critic-warmup-steps": 2,
@@ -424,6 +487,9 @@ def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dir
         "must divide": {"minibatch-size": 3},
         ">= 2 for --advantage rloo": {"samples-per-prompt": 1},
         "are for --advantage gae": {"critic-warmup-steps": 1},
+        "--pass-samples >= 2": {"refresh-every": 2, "pass-samples": 1},
+        "cannot read --exclude": {"refresh-every": 2, "exclude": str(tmp_path / "missing.jsonl")},
+        "fewer than one rollout batch of 9": {"refresh-every": 2, "fresh-per-family": 1, "batch-size": 9},
     }
     for expected, overrides in cases.items():
         capsys.readouterr()
