@@ -468,6 +468,24 @@ def test_ppo_under_torchrun_matches_one_process(setup, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-4
 
 
+def test_refresh_under_torchrun_matches_one_process(setup, tmp_path):
+    """--refresh-every with two ranks: both draw and estimate the same fresh prompts (the
+    sharded policy answers them in lockstep), so the frontier and the steps are one
+    process's."""
+    options = {"reward": "rm", "refresh-every": 1, "fresh-per-family": 2, "pass-samples": 2, "max-new-tokens": 4}
+    train_ppo.main(ppo_args(setup, tmp_path / "one", **{"batch-size": 8, "minibatch-size": 8, **options}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_ppo.py", *ppo_args(setup, tmp_path / "two", **{"batch-size": 4, "minibatch-size": 4,
+                                                                                 **options})],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert saved_frontier(tmp_path / "two") == saved_frontier(tmp_path / "one")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("loss", "objective/kl", "objective/scores", "tokens/response_len"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+
+
 def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dirs):
     # a reward model with another tokenizer
     other = tmp_path / "other_rm"
