@@ -703,7 +703,10 @@ def excluded_prompts(cfg: PPOConfig, eval_file: str | None) -> set[str]:
     demonstrations and the held-out file."""
     files = cfg.exclude or [f for f in (os.path.join(os.path.dirname(eval_file), "sft.jsonl") if eval_file else None,
                                         eval_file) if f and os.path.isfile(f)]
-    return rl_prompts.prompt_texts(files, label="--exclude " if cfg.exclude else "")
+    excluded = rl_prompts.prompt_texts(files, label="--exclude " if cfg.exclude else "")
+    runtime.print0(f"refresh: fresh prompts never include the {len(excluded)} prompts of "
+                   f"{' '.join(files) or 'no file (give --exclude)'}")
+    return excluded
 
 
 def use_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env, records: list[dict], refresh: int) -> None:

@@ -371,7 +371,7 @@ def saved_frontier(out) -> list[dict]:
         return json.load(f)["data"]["refreshed"]
 
 
-def test_refresh_trains_on_the_frontier_of_fresh_prompts(setup, tmp_path, monkeypatch):
+def test_refresh_trains_on_the_frontier_of_fresh_prompts(setup, tmp_path, monkeypatch, capsys):
     """--refresh-every: at steps 0 and 2 fresh helpfulness instances are drawn, never a
     held-out prompt or an SFT demonstration's; the RL prompts become those whose estimated
     pass rate is strictly between 0 and 1 (here a stand-in estimate, so the frontier is
@@ -395,6 +395,8 @@ def test_refresh_trains_on_the_frontier_of_fresh_prompts(setup, tmp_path, monkey
     options = {"reward": "rm", "max-steps": 4, "refresh-every": 2, "fresh-per-family": 4, "pass-samples": 3,
                "save-every": 4, "temperature": 0.9}
     train_ppo.main(ppo_args(setup, out, **options))
+    sft_file = os.path.join(os.path.dirname(setup["eval"]), "sft.jsonl")
+    assert f"prompts of {sft_file} {setup['eval']}" in capsys.readouterr().out  # what is excluded is said
     assert [c[:3] for c in calls] == [(32, 3, 0.9)] * 2 and calls[0][3] != calls[1][3]
     assert seen_steps[0] != seen_steps[1]  # the second estimate saw the trained policy
     with open(out / "metrics.jsonl") as f:
