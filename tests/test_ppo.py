@@ -406,7 +406,7 @@ def test_refresh_trains_on_the_frontier_of_fresh_prompts(setup, tmp_path, monkey
     assert frontier[:3] == [drawn[1][i] for i in (4, 9, 30)]
     assert len({r["id"] for r in frontier}) == 8 and all(r in drawn[1] for r in frontier[3:])
     assert len({r["prompt"] for r in drawn[0]}) == 32
-    never = prompt_texts([setup["eval"], os.path.join(os.path.dirname(setup["eval"]), "sft.jsonl")])
+    never = prompt_texts([setup["eval"], sft_file])
     assert all(r["prompt"] not in never and split_of(r["prompt"]) == "train" for r in drawn[0] + drawn[1])
     assert {r["family"] for r in drawn[0]} == set(tasks.TASK_FAMILIES)
 
