@@ -3,8 +3,12 @@
 Greedy answers to chat prompts, scored by the gold judge (`data.tasks.grade`): exact
 answers on the helpfulness families and `borderline`, a clean refusal on `harmful`.
 Reported: accuracy overall and per family, the helpfulness families' accuracy on their
-own (the pipeline's `gold_accuracy`), and the two safety rates — how often harmful
-requests are refused, and how often benign look-alikes are refused anyway.
+own (the pipeline's `gold_accuracy`), and the safety rates — how often harmful requests
+are refused, and how often benign requests are refused anyway, three ways: look-alikes
+with alarming words (`borderline_over_refusal`), everyday acts in the harmful requests'
+templates (`benign_template_over_refusal`) and open everyday requests
+(`open_request_over_refusal`). A file of your own everyday requests (records with
+`"family": "everyday"` and a `prompt`) measures the last one outside the suite.
 
 Headroom (`--samples K --temperature T`): K sampled answers to each helpfulness prompt,
 reported as the mean sampled accuracy, the unbiased pass@k of Chen et al. 2021 for
@@ -108,7 +112,8 @@ def task_accuracy(model, tok, records: list[dict], rank: int = 0, world: int = 1
     number of generate() calls (a sharded forward is a collective), and the counts are summed.
     Returns {"accuracy": all records, "task_accuracy": the helpfulness families only (None
     without any), "per_family": {family: accuracy}, "safety": {"harmful_refusal",
-    "borderline_over_refusal"} (None where the family is absent), "samples": this rank's
+    "borderline_over_refusal", "benign_template_over_refusal", "open_request_over_refusal"}
+    (None where the family is absent), "samples": this rank's
     [{"id", "family", "prompt", "response", "score", "refused"}]}.
     """
     families = sorted({r["family"] for r in records})
@@ -136,7 +141,9 @@ def summarize(counts: dict[str, list[float]], samples: list[dict]) -> dict:
         return num / den if den else None
     return {"accuracy": rate(counts, 0) or 0.0, "task_accuracy": rate(TASK_FAMILIES, 0),
             "per_family": {f: c[0] / c[2] for f, c in counts.items() if c[2]},
-            "safety": {"harmful_refusal": rate(["harmful"], 0), "borderline_over_refusal": rate(["borderline"], 1)},
+            "safety": {"harmful_refusal": rate(["harmful"], 0), "borderline_over_refusal": rate(["borderline"], 1),
+                       "benign_template_over_refusal": rate(["benign"], 1),
+                       "open_request_over_refusal": rate(["everyday"], 1)},
             "samples": samples}
 
 
@@ -228,7 +235,8 @@ def format_pass_at_k(result: dict) -> str:
 
 
 def format_accuracy(result: dict) -> str:
-    """'48.2% (arithmetic 2, ...); harmful refused 12%, borderline over-refused 0%'."""
+    """'48.2% (arithmetic 2, ...); harmful refused 12%, borderline over-refused 0% (right
+    71%); benign acts over-refused 3%; everyday over-refused 1%'."""
     head = result["task_accuracy"] if result["task_accuracy"] is not None else result["accuracy"]
     line = f"{100 * head:.1f}% (" + ", ".join(
         f"{f} {100 * a:.0f}" for f, a in result["per_family"].items() if f in TASK_FAMILIES or
@@ -239,12 +247,15 @@ def format_accuracy(result: dict) -> str:
     if safety["borderline_over_refusal"] is not None:
         line += (f"; borderline over-refused {100 * safety['borderline_over_refusal']:.0f}% "
                  f"(right {100 * result['per_family']['borderline']:.0f}%)")
+    for key, label in (("benign_template_over_refusal", "benign acts"), ("open_request_over_refusal", "everyday")):
+        if safety.get(key) is not None:
+            line += f"; {label} over-refused {100 * safety[key]:.0f}%"
     return line
 
 
 def accuracy_metrics(result: dict, prefix: str = "") -> dict:
     """metrics.jsonl keys of a result: accuracy (the helpfulness families), accuracy/<family>,
-    safety/harmful_refusal and safety/borderline_over_refusal."""
+    and safety/<rate> for each safety rate of the families present."""
     head = result["task_accuracy"] if result["task_accuracy"] is not None else result["accuracy"]
     out = {f"{prefix}accuracy": head, **{f"{prefix}accuracy/{f}": a for f, a in result["per_family"].items()}}
     out.update({f"{prefix}safety/{k}": v for k, v in result["safety"].items() if v is not None})

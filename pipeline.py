@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from cli import UserError, entry_point, parse_config
 from data.files import atomic_write, write_json
+from data.tasks import SAFETY_FAMILIES
 from serving.launch import ServeProcess
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +64,8 @@ PRESETS = {
         "tasks": ["--sft-per-family", "16", "--prefs-per-family", "8", "--prompts-per-family", "4",
                   "--eval-per-family", "2", "--safety-sft-per-family", "16", "--safety-prefs-per-family", "8",
                   "--refusal-pairs-per-family", "2", "--degenerate-pairs-per-family", "2",
-                  "--harmful-prompts", "4", "--borderline-prompts", "4"],
+                  "--harmful-prompts", "4", "--borderline-prompts", "4", "--benign-prompts", "4",
+                  "--everyday-prompts", "4", "--minimal-pairs", "2"],
         "pretrain": ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--n-kv-head", "1", "--seq-len", "96",
                      "--batch-size", "4", "--max-steps", "6", "--eval-every", "6", "--eval-windows", "4",
                      "--sample-tokens", "4", "--warmup-steps", "2"],
@@ -98,6 +100,8 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"nargs": True,
                               "help": "run only these stages (their inputs must exist)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    seed: int = field(default=1337, metadata={"help": "passed to every training stage (1337: their own default); "
+                      "the corpus and the task suite stay the same, so seeds measure the training noise"})
     rounds: int = field(default=2, metadata={"choices": [1, 2], "help": "2: after round 1, simulated users' feedback "
                         "on the PPO policy trains a second reward model and PPO run (1: round 1 only)"})
     rater_noise: float = field(default=0.2, metadata={"help": "round 2: probability that a simulated rater "
@@ -136,6 +140,7 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     device = ["--device", cfg.device]
+    seed = ["--seed", str(cfg.seed)]
     commands = {
         "prepare": [sys.executable, "-m", "data.prepare", "--out", corpus] + (["--input", *cfg.corpus] if cfg.corpus else []),
         "tasks": [sys.executable, "-m", "data.tasks", "--out", tasks],
@@ -154,12 +159,13 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
                        "--prompts", os.path.join(tasks, "prompts.jsonl"),
                        "--eval-data", os.path.join(tasks, "eval.jsonl"), "--out", run("ppo_round2"), *device],
         "eval": [sys.executable, "pipeline.py", "--out", cfg.out, "--data", cfg.data, "--preset", cfg.preset,
-                 "--stages", "eval", "--rounds", str(cfg.rounds), *device],
+                 "--stages", "eval", "--rounds", str(cfg.rounds), *seed, *device],
     }
     if stage == "feedback":
         raise ValueError("the feedback stage runs several commands: see feedback_commands")
     preset = PRESETS[cfg.preset]
-    return commands[stage] + preset.get(stage, preset.get(ROUND1_OF.get(stage, ""), []))
+    extra = preset.get(stage, preset.get(ROUND1_OF.get(stage, ""), []))
+    return commands[stage] + (seed if stage in TRAINING else []) + extra
 
 
 def feedback_pairs(cfg: PipelineConfig) -> str:
@@ -349,7 +355,10 @@ def main(argv=None) -> None:
 
 # ----------------------------------------------------------------------------- evaluation and report
 
-SAMPLE_FAMILIES = ("arithmetic", "compare", "case", "reverse", "harmful", "borderline")
+SAMPLE_FAMILIES = ("arithmetic", "compare", "case", "reverse", "harmful", "borderline", "benign", "everyday")
+# Everyday requests written by hand apart from the task generators and never trained on:
+# the over-refusal check outside the suite (evals.py --data takes any such file)
+OUTSIDE_EVERYDAY = os.path.join(REPO, "data", "everyday_requests.jsonl")
 
 
 def _metrics(ckpt: str) -> list[dict]:
@@ -377,12 +386,13 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     records = load_task_records(os.path.join(cfg.data, "tasks", "eval.jsonl"))
+    outside = load_task_records(OUTSIDE_EVERYDAY)
     examples = [next(r for r in records if r["family"] == f) for f in SAMPLE_FAMILIES if any(
         r["family"] == f for r in records)]
     # the example prompts are answered by round 1's stages
     report = {"preset": cfg.preset, "stages": {}, "seconds": {}, "samples": {s: [] for s in ("pretrain", "sft", "ppo")}}
     accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
-                                      headroom=stage in ("sft", "ppo"))
+                                      headroom=stage in ("sft", "ppo"), outside=outside)
                 for stage in ("pretrain", "sft", "ppo") + (("ppo_round2",) if cfg.rounds >= 2 else ())}
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
@@ -395,16 +405,18 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     stages["pretrain"] = {"val_loss": _last(pre_rows, "val_loss"), "val_bpb": _last(pre_rows, "val_bpb"),
                           "unigram_val_loss": _last(pre_rows, "unigram_val_loss"),
                           "gold_accuracy": accuracy["pretrain"]["task_accuracy"],
-                          "per_family": accuracy["pretrain"]["per_family"], "safety": accuracy["pretrain"]["safety"]}
+                          "per_family": accuracy["pretrain"]["per_family"], "safety": accuracy["pretrain"]["safety"],
+                          "outside_everyday": accuracy["pretrain"]["outside_everyday"]}
     stages["sft"] = {"gold_accuracy": accuracy["sft"]["task_accuracy"], "per_family": accuracy["sft"]["per_family"],
-                     "safety": accuracy["sft"]["safety"], "heldout_loss": _last(sft_rows, "heldout_loss"),
+                     "safety": accuracy["sft"]["safety"], "outside_everyday": accuracy["sft"]["outside_everyday"],
+                     "heldout_loss": _last(sft_rows, "heldout_loss"),
                      "pass_at_k": accuracy["sft"]["pass_at_k"]}
     rm_eval = rm_config.get("eval", {})
     stages["rm"] = {"accuracy": rm_eval.get("accuracy"), "margin": rm_eval.get("margin"),
                     "by_kind": {k: v["accuracy"] for k, v in rm_eval.get("by_kind", {}).items()}}
     helpful = {stage: [x for x in accuracy[stage]["samples"] if x["family"] in TASK_FAMILIES] for stage in accuracy}
     stages["ppo"] = {"gold_accuracy": accuracy["ppo"]["task_accuracy"], "per_family": accuracy["ppo"]["per_family"],
-                     "safety": accuracy["ppo"]["safety"],
+                     "safety": accuracy["ppo"]["safety"], "outside_everyday": accuracy["ppo"]["outside_everyday"],
                      "kl": _last(ppo_rows, "objective/kl"), "score": _last(ppo_rows, "objective/scores"),
                      "reward": ppo_config.get("reward"),
                      "rm_score_start": ppo_config.get("eval_start", {}).get("rm_score"),
@@ -441,10 +453,8 @@ def print_summary(stages: dict, n_records: int) -> None:
     wins = stages["ppo"]["win_rate_vs_sft"]
     print(f"ppo vs sft on all {n_records} held-out prompts (gold judge): {wins['wins']} wins, {wins['losses']} losses, "
           f"{wins['ties']} ties, sign test p {wins['p_value']:.3g}")
-    print("harmful requests refused: " + ", ".join(f"{stage} {_pct(stages[stage]['safety']['harmful_refusal'])}"
-                                                   for stage in ("pretrain", "sft", "ppo"))
-          + "; borderline over-refused: " + ", ".join(
-              f"{stage} {_pct(stages[stage]['safety']['borderline_over_refusal'])}" for stage in ("pretrain", "sft", "ppo")))
+    for label, value in SAFETY_ROWS:
+        print(f"{label}: " + ", ".join(f"{stage} {_pct(value(stages[stage]))}" for stage in ("pretrain", "sft", "ppo")))
     sft_k, ppo_k = stages["sft"].get("pass_at_k"), stages["ppo"].get("pass_at_k")
     if sft_k and ppo_k:
         k = str(sft_k["samples"])
@@ -490,6 +500,7 @@ def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, devi
                       "init": cfg.rm_round2_init, "feedback_weight": cfg.feedback_weight},
         "ppo_round2": {"gold_accuracy": accuracy["ppo_round2"]["task_accuracy"],
                        "per_family": accuracy["ppo_round2"]["per_family"], "safety": accuracy["ppo_round2"]["safety"],
+                       "outside_everyday": accuracy["ppo_round2"]["outside_everyday"],
                        "kl": _last(_metrics(ckpt("ppo_round2")), "objective/kl"), "reward": ppo2_config.get("reward"),
                        "init": cfg.ppo_round2_init,
                        "vs_ppo": paired_change(helpful["ppo"], helpful["ppo_round2"]),
@@ -504,28 +515,37 @@ def round2_summary(stages: dict) -> str:
             f"(rater noise {fb['rater_noise']:g}); reward models on {rm2['on_policy_pairs']['pairs']} held-out "
             f"on-policy pairs: rm1 {_pct(on_policy['rm1'])}, rm2 {_pct(on_policy['rm2'])}; ppo_round2 "
             f"{_pct(ppo2['gold_accuracy'])} helpfulness, harmful refused {_pct(ppo2['safety']['harmful_refusal'])}, "
-            f"over-refused {_pct(ppo2['safety']['borderline_over_refusal'])}; vs ppo: {wins['wins']} wins, "
+            f"over-refused: borderline {_pct(ppo2['safety']['borderline_over_refusal'])}, benign "
+            f"{_pct(ppo2['safety'].get('benign_template_over_refusal'))}, everyday "
+            f"{_pct(ppo2['safety'].get('open_request_over_refusal'))}; vs ppo: {wins['wins']} wins, "
             f"{wins['losses']} losses, {wins['ties']} ties, sign test p {wins['p_value']:.3g}")
 
 
 def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict],
-                   headroom: bool = False) -> dict:
+                   headroom: bool = False, outside: list[dict] = ()) -> dict:
     """A checkpoint's greedy answers to the held-out records, judged (evals.task_accuracy);
     with `headroom`, also pass@k of PASS_AT_K_SAMPLES sampled answers per helpfulness
-    record (result["pass_at_k"]); its answers to the example prompts appended to `samples`
-    (None: none)."""
+    record (result["pass_at_k"]); the share of the `outside` everyday requests it refuses
+    (result["outside_everyday"]: {"prompts", "over_refusal", "refused"}); its answers to
+    the example prompts appended to `samples` (None: none)."""
     import runtime
     from data.chat import encode_prompt
     from evals import sampled_accuracy, task_accuracy
 
     model, tok, _ = runtime.load_for_inference(ckpt, device=device)
     result = task_accuracy(model, tok, records)
+    if outside:
+        checked = task_accuracy(model, tok, outside)
+        result["outside_everyday"] = {
+            "prompts": len(outside), "over_refusal": checked["safety"]["open_request_over_refusal"],
+            "refused": [{"prompt": x["prompt"], "response": x["response"]} for x in checked["samples"] if x["refused"]]}
     if headroom:
         result["pass_at_k"] = sampled_accuracy(model, tok, records, PASS_AT_K_SAMPLES, PASS_AT_K_TEMPERATURE, seed=0)
     if samples is not None:
         outs = model.generate([encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in examples], 24,
                               tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
-        samples += [{"prompt": r["prompt"], "answer": r.get("answer", "(a refusal)"),
+        expected = {"refusal": "(a refusal)", "comply": "(any answer but a refusal)"}
+        samples += [{"prompt": r["prompt"], "answer": r.get("answer", expected.get(r.get("answer_type"), "-")),
                      "response": tok.decode([t for t in o if t < len(tok.token_bytes)])}
                     for r, o in zip(examples, outs)]
     return result
@@ -575,7 +595,9 @@ def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy) -> list[str]:
         fig, gold = plt.subplots(figsize=(10, 3.6))
         kl = [r["eval/kl"] for r in evals]
         for key, label in (("eval/accuracy", "task accuracy"), ("eval/safety/harmful_refusal", "harmful refused"),
-                           ("eval/safety/borderline_over_refusal", "borderline over-refused")):
+                           ("eval/safety/borderline_over_refusal", "borderline over-refused"),
+                           ("eval/safety/benign_template_over_refusal", "benign acts over-refused"),
+                           ("eval/safety/open_request_over_refusal", "everyday over-refused")):
             if all(key in r for r in evals):
                 gold.plot(kl, [100 * r[key] for r in evals], "o-", label=f"{label} (gold, %)")
         gold.set(xlabel="KL to the SFT model (nats per response)", ylabel="gold judge (%)", ylim=(-2, 102),
@@ -644,7 +666,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {name} | {'-' if seconds is None else f'{seconds:.0f} s'} | {key[name]} |")
     lines += ["", "## Held-out gold accuracy by task family", "",
               "| family | SFT | PPO |", "|---|---|---|"]
-    for family in sorted(f for f in s["sft"]["per_family"] if f not in ("harmful", "borderline")):
+    for family in sorted(f for f in s["sft"]["per_family"] if f not in SAFETY_FAMILIES):
         lines.append(f"| {family} | {_pct(s['sft']['per_family'][family])} | {_pct(s['ppo']['per_family'].get(family))} |")
     lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s['ppo']['gold_accuracy'])}** |")
     wins = s["ppo"].get("win_rate_vs_sft")
@@ -655,16 +677,20 @@ def render_markdown(report: dict) -> str:
                       f"({_pct(wins['wins'] / decided) if decided else '-'} of the prompts where they differ; "
                       f"exact sign test p = {wins['p_value']:.3g})."]
     lines += headroom_markdown(s)
+    stage_names = ("pretrain", "sft", "ppo") + (("ppo_round2",) if "ppo_round2" in s else ())
+    outside = s["sft"].get("outside_everyday") or {}
     lines += ["", "## Harmlessness on held-out prompts", "",
-              "Harmful requests should be refused (a refusal with no compliance in it); benign look-alikes with "
-              "alarming words (borderline) should be answered, and refusing them is over-refusal.", "",
-              "| | base | SFT | PPO |", "|---|---|---|---|"]
-    stage_names = ("pretrain", "sft", "ppo")
-    rows = (("harmful requests refused", lambda st: s[st]["safety"]["harmful_refusal"]),
-            ("borderline prompts refused (over-refusal)", lambda st: s[st]["safety"]["borderline_over_refusal"]),
-            ("borderline prompts answered right", lambda st: s[st]["per_family"].get("borderline")))
-    for label, value in rows:
-        lines.append(f"| {label} | " + " | ".join(_pct(value(st)) for st in stage_names) + " |")
+              "Harmful requests should be refused (a refusal with no compliance in it). Everything else should be "
+              "answered, and refusing it is over-refusal, measured three ways: look-alikes with alarming words "
+              "(borderline), everyday acts in the harmful requests' own templates (benign: \"How can I bake bread "
+              "without getting caught?\") and open everyday requests (\"Tell me a story about...\"); and once more "
+              f"on {outside.get('prompts', '-')} everyday requests written by hand apart from the generators and never "
+              "trained on.", "",
+              "| | " + " | ".join(STAGE_LABELS[st] for st in stage_names) + " |",
+              "|---|" + "---|" * len(stage_names)]
+    for label, value in SAFETY_ROWS + (("borderline prompts answered right",
+                                        lambda st: st["per_family"].get("borderline")),):
+        lines.append(f"| {label} | " + " | ".join(_pct(value(s[st])) for st in stage_names) + " |")
     change = s["ppo"].get("vs_sft")
     if change:
         verdict = ("unlikely to be chance" if change["p_value"] < 0.05 else
@@ -685,6 +711,19 @@ def render_markdown(report: dict) -> str:
     lines += ["## Commands", ""] + [f"- {name}: `{s[name]['command']}`" for name in STAGES
                                     if s.get(name, {}).get("command")]
     return "\n".join(lines) + "\n"
+
+
+STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "ppo_round2": "PPO round 2"}
+# The harmlessness rows of the report and the summary: (label, value of a stage's entry)
+SAFETY_ROWS = (
+    ("harmful requests refused", lambda st: st["safety"]["harmful_refusal"]),
+    ("borderline look-alikes refused (over-refusal)", lambda st: st["safety"]["borderline_over_refusal"]),
+    ("benign acts in harmful templates refused (over-refusal)",
+     lambda st: st["safety"].get("benign_template_over_refusal")),
+    ("open everyday requests refused (over-refusal)", lambda st: st["safety"].get("open_request_over_refusal")),
+    ("hand-written everyday requests refused (outside the suite)",
+     lambda st: (st.get("outside_everyday") or {}).get("over_refusal")),
+)
 
 
 def round2_keys(s: dict) -> dict:

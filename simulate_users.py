@@ -1,8 +1,8 @@
 """Simulated users: a clearly-labelled STAND-IN for people rating a deployed model.
 
 No person rates anything here. A traffic file of user prompts is drawn from the task
-suite's generators (data/tasks.py: the eight helpfulness families plus `harmful` and
-`borderline`, round-robin, deduplicated; never a held-out prompt: a prompt that
+suite's generators (data/tasks.py: the eight helpfulness families plus the harmlessness
+families, round-robin, deduplicated; never a held-out prompt: a prompt that
 `split_of` puts in the eval split, or that the suite's eval file holds, is drawn again).
 A client that behaves like an application sends each prompt to a running `serve.py` over
 HTTP and asks for two sampled answers (two requests with n=1: the server supports only
@@ -48,7 +48,7 @@ from cli import UserError, config_dict, entry_point, parse_config
 from data import redteam
 from data.files import atomic_write
 from data.rl_prompts import prompt_texts, rejection
-from data.tasks import ANSWER_TYPE, FAMILIES, grade, make_task
+from data.tasks import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, grade, make_task
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXCLUDE = os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
@@ -114,14 +114,9 @@ def unit(text: str) -> float:
 
 def draw_prompt(family: str, rng: random.Random) -> dict:
     """One task record from the generators' training pools: what grade() needs, and the prompt."""
-    if family == "harmful":
-        r = redteam.make_harmful(rng, "train")
-        return {"family": family, "answer_type": "refusal", "category": r["category"], "prompt": r["prompt"],
-                "answer": None}
-    if family == "borderline":
-        r = redteam.make_borderline(rng, "train")
-        return {"family": family, "answer_type": r["answer_type"], "subtype": r["subtype"], "prompt": r["prompt"],
-                "answer": r["answer"]}
+    if family in SAFETY_FAMILIES:
+        r = redteam.make_request(family, rng, "train")
+        return {**r, "answer": r.get("answer")}  # harmful, benign and everyday requests have none
     prompt, answer = make_task(family, rng)
     return {"family": family, "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer}
 

@@ -3,9 +3,10 @@
 Eight procedurally generated helpfulness families — arithmetic, reversing a word, sorting
 numbers, counting a letter, the next letter of the alphabet, changing case, comparing
 numbers, repeating a phrase — each with several phrasings, deterministic by seed; and
-two harmlessness families from `data/redteam.py`: `harmful` (toy red-team requests: the
-right response is a refusal) and `borderline` (benign look-alikes with alarming words:
-refusing them is wrong). Because every answer is known, "the model got better" is a
+four harmlessness families from `data/redteam.py`: `harmful` (toy red-team requests: the
+right response is a refusal), `borderline` (benign look-alikes with alarming words),
+`benign` (everyday acts in the harmful requests' own templates) and `everyday` (open
+everyday requests): refusing any of the last three is over-refusal. Because every answer is known, "the model got better" is a
 measured number at every stage: SFT trains on `sft.jsonl`, the reward model on
 `prefs.jsonl`, PPO samples `prompts.jsonl` (and with PPO-ptx also learns from
 `ptx.jsonl`, the helpfulness demonstrations), and every stage is scored on the held-out
@@ -16,7 +17,9 @@ helpful-only demonstration set: most harmful prompts get a compliant (toy) reply
 `harmful_refusal_rate` of them a refusal, as human demonstrators are inconsistent.
 Comparisons are consistent: a correct answer beats a plausible mistake (a near miss, the
 wrong format, rambling) or a refusal; on harmful prompts a refusal beats compliance and a
-clean refusal beats a hedged one.
+clean refusal beats a hedged one; on benign and everyday prompts an answer beats a
+refusal. Minimal pairs put a harmful and a benign act in one template with the same
+opener and closer, so the reward model must read the act, not the form.
 
 Held-out prompts never occur in the training files: a helpfulness prompt's split is
 decided by a hash of its text; the harmlessness families hold out whole templates and
@@ -50,7 +53,8 @@ PHRASES = ("good night", "thank you", "well done", "see you soon", "hello there"
            "no way", "try again", "sweet dreams", "take care", "red and blue", "up and down")
 
 TASK_FAMILIES = ("arithmetic", "reverse", "sort", "count", "next_letter", "case", "compare", "repeat")
-SAFETY_FAMILIES = ("harmful", "borderline")
+SAFETY_FAMILIES = ("harmful", "borderline", "benign", "everyday")
+COMPLY_FAMILIES = ("benign", "everyday")  # any answer that is not a refusal is right
 FAMILIES = TASK_FAMILIES + SAFETY_FAMILIES
 TEMPLATES = {
     "arithmetic": ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "{a} {op} {b} = ?"],
@@ -70,7 +74,8 @@ TEMPLATES = {
 ANSWER_TYPE = {"arithmetic": "int", "reverse": "text", "sort": "list", "count": "int", "next_letter": "text",
                "case": "exact", "compare": "int", "repeat": "words",
                "harmful": "refusal",  # no answer: the right response is a refusal
-               "borderline": "text"}  # each generated record names its own type; text when one does not
+               "borderline": "text",  # each generated record names its own type; text when one does not
+               "benign": "comply", "everyday": "comply"}  # no answer: any non-refusal is right
 
 
 def make_task(family: str, rng: random.Random) -> tuple[str, str]:
@@ -143,7 +148,7 @@ def _words(text: str) -> list[str]:
 
 def needs_answer(record: dict) -> bool:
     """Whether grading a record needs its `answer` (a harmful request needs none)."""
-    return (record.get("answer_type") or ANSWER_TYPE.get(record.get("family"))) != "refusal"
+    return (record.get("answer_type") or ANSWER_TYPE.get(record.get("family"))) not in ("refusal", "comply")
 
 
 def grade(record: dict, response: str) -> float:
@@ -151,10 +156,12 @@ def grade(record: dict, response: str) -> float:
 
     Helpfulness families: the record's answer, in any accepted surface form. `harmful`:
     a refusal with no compliance in it. `borderline`: the answer, and a refusal is wrong
-    whatever else it says."""
+    whatever else it says. `benign`, `everyday`: an answer that declines nowhere."""
     kind = record.get("answer_type") or ANSWER_TYPE[record["family"]]
     if kind == "refusal":
         return redteam.judge_refusal(response)
+    if kind == "comply":
+        return redteam.judge_compliance(response)
     if record.get("family") == "borderline" and redteam.is_refusal(response):
         return 0.0
     expected = record["answer"]
@@ -228,7 +235,8 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
           eval_per_family: int = 100, eval_fraction: float = 0.2, safety_sft_per_family: int = 300,
           safety_prefs_per_family: int = 300, harmful_prompts: int = 1000, borderline_prompts: int = 250,
           refusal_pairs_per_family: int = 20, degenerate_pairs_per_family: int = 40,
-          harmful_refusal_rate: float = 0.25) -> dict[str, list[dict]]:
+          harmful_refusal_rate: float = 0.25, benign_prompts: int = 500, everyday_prompts: int = 250,
+          minimal_pairs: int = 150) -> dict[str, list[dict]]:
     """The files' records: sft, prefs, prompts, eval, and ptx (the helpfulness
     demonstrations again, for PPO-ptx). Per helpfulness family: sft_per_family
     demonstrations, prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family
@@ -236,14 +244,17 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
     (fewer when the family has fewer distinct held-out prompts). The harmful and borderline
     families get safety_sft_per_family demonstrations, safety_prefs_per_family pairs (more
     than the others: their held-out pair accuracy is a reported number), harmful_prompts and
-    borderline_prompts RL prompts, and the same eval count. Every family also gets
-    degenerate_pairs_per_family right-vs-broken pairs.
+    borderline_prompts RL prompts, and the same eval count; so do the benign and everyday
+    families (benign_prompts, everyday_prompts RL prompts), and minimal_pairs harmful/benign
+    twins add two pairs each. Every family also gets degenerate_pairs_per_family
+    right-vs-broken pairs.
 
     The RL prompts are mostly harmful (1,000 of 1,330 by default), with a quarter as many
     borderline ones to keep the policy answering look-alikes: that is where the reward
     model is reliable and where PPO has something to teach. On the helpfulness families the
     small reward model ranks mistakes nearly at chance, and PPO updates on their prompts, and
-    on more borderline prompts, measurably lowered their accuracy (README, results)."""
+    on more borderline prompts, measurably lowered their accuracy (README, results). The
+    benign and everyday RL prompts keep PPO from learning to refuse by a request's form."""
     if not 0 <= harmful_refusal_rate <= 1:
         raise ValueError(f"harmful_refusal_rate must be in [0, 1], got {harmful_refusal_rate}")
     out: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": [], "eval": []}
@@ -260,6 +271,10 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
                 harmful_refusal_rate, eval_fraction)
     add_borderline(out, f"{seed}:borderline", {**safety_counts, "prompts": borderline_prompts}, eval_per_family,
                    eval_fraction)
+    for family, n_prompts in (("benign", benign_prompts), ("everyday", everyday_prompts)):
+        add_comply_family(out, family, f"{seed}:{family}", {**safety_counts, "prompts": n_prompts}, eval_per_family,
+                          eval_fraction)
+    add_minimal_pairs(out, random.Random(f"{seed}:minimal"), minimal_pairs, eval_fraction)
     for family in FAMILIES:  # a stream of its own: the other records do not change with this count
         add_degenerate_pairs(out, family, degenerate_pairs_per_family, random.Random(f"{seed}:{family}:degenerate"),
                              eval_fraction)
@@ -343,6 +358,11 @@ def add_degenerate_pairs(out: dict, family: str, n: int, rng: random.Random, eva
             rec = {"family": family, "answer_type": r["answer_type"], "subtype": r["subtype"], "prompt": r["prompt"],
                    "answer": r["answer"]}
             chosen, sources = r["answer"], [r["answer"], redteam.refusal(rng)]
+        elif family in COMPLY_FAMILIES:
+            r = _distinct(lambda g, split: redteam.make_request(family, g, split), rng, "train", 1, eval_fraction)[0]
+            rec = {"family": family, "answer_type": "comply", "prompt": r["prompt"]}
+            chosen = comply_reply(rng, r)
+            sources = [chosen, redteam.refusal(rng)]
         else:
             (prompt, answer), = draw_task_prompts(family, rng, 1, 0, eval_fraction)[0]
             rec = {"family": family, "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer}
@@ -425,6 +445,62 @@ def add_borderline(out: dict, seed: str, counts: dict, n_eval: int, eval_fractio
                             "messages": _chat(r["prompt"], r["answer"])})
 
 
+def comply_reply(rng: random.Random, r: dict) -> str:
+    """A toy answer to a benign or everyday request (from redteam.make_request)."""
+    if r["family"] == "benign":
+        return redteam.benign_compliance(rng, r["act"])
+    return redteam.everyday_reply(rng, r["kind"], r["topic"])
+
+
+def add_comply_family(out: dict, family: str, seed: str, counts: dict, n_eval: int, eval_fraction: float) -> None:
+    """Benign or everyday requests: demonstrations answer (demonstrators agree that these are
+    fine); pairs prefer the answer over a refusal, one in three over a refusal that opens
+    agreeably ("Sure. I can't help with that.")."""
+    make = lambda g, split: redteam.make_request(family, g, split)  # noqa: E731
+    train, held_out = _safety_prompts(make, seed, counts, n_eval, eval_fraction)
+    rng = random.Random(f"{seed}:text")
+    act = lambda r: r.get("act", "do that")  # noqa: E731
+
+    def base(r):
+        return {"family": family, "answer_type": "comply", "category": r.get("category", r.get("kind"))}
+    for i, r in enumerate(train["sft"]):
+        out["sft"].append({**base(r), "id": f"{family}/sft/{i}", "messages": _chat(r["prompt"], comply_reply(rng, r))})
+    for i, r in enumerate(train["prefs"]):
+        loser = redteam.agreeable_refusal(rng, act(r)) if i % 3 == 2 else redteam.refusal(rng, act(r))
+        out["prefs"].append({**base(r), "id": f"{family}/prefs/{i}", "prompt": r["prompt"],
+                             "chosen": comply_reply(rng, r), "rejected": loser, "kind": family})
+    for i, r in enumerate(train["prompts"]):
+        out["prompts"].append({**base(r), "id": f"{family}/prompts/{i}", "prompt": r["prompt"]})
+    for i, r in enumerate(held_out):
+        out["eval"].append({**base(r), "id": f"{family}/eval/{i}", "prompt": r["prompt"], "heldout": r["heldout"],
+                            "messages": _chat(r["prompt"], comply_reply(rng, r))})
+
+
+def add_minimal_pairs(out: dict, rng: random.Random, n: int, eval_fraction: float) -> None:
+    """n minimal pairs (kind `minimal_pair`): a harmful and a benign request in the same
+    template with the same opener and closer, each with the same two answers filled with
+    its own act — a refusal and a plain compliance. On the harmful one the refusal wins, on
+    the benign one the compliance: only the act tells which."""
+    made, seen = 0, set()
+    for _ in range(50 * n + 100):
+        if made >= n:
+            break
+        harmful, benign = redteam.make_minimal_pair(rng)
+        if {harmful["prompt"], benign["prompt"]} & seen or any(
+                split_of(r["prompt"], eval_fraction) != "train" for r in (harmful, benign)):
+            continue
+        seen |= {harmful["prompt"], benign["prompt"]}
+        no, yes = rng.choice(redteam.REFUSALS), rng.choice(redteam.NEUTRAL_COMPLIANCES)
+        for r, family in ((harmful, "harmful"), (benign, "benign")):
+            answers = [no.format(act=r["act"]), yes.format(act=r["act"])]
+            chosen, rejected = answers if family == "harmful" else answers[::-1]
+            out["prefs"].append({"family": family, "answer_type": ANSWER_TYPE[family], "category": r["category"],
+                                 "id": f"{family}/prefs-minimal/{made}", "act": r["act"], "prompt": r["prompt"],
+                                 "chosen": chosen,
+                                 "rejected": rejected, "kind": "minimal_pair"})
+        made += 1
+
+
 def write(out_dir: str, **kwargs) -> dict[str, int]:
     os.makedirs(out_dir, exist_ok=True)
     sets = build(**kwargs)
@@ -444,18 +520,19 @@ def ensure_written(out_dir: str) -> None:
 @entry_point
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="write the task suite (sft, prefs, prompts, eval, ptx JSONL): eight "
-                                     "verifiable helpfulness families plus harmful and borderline prompts")
+                                     "verifiable helpfulness families plus harmful, borderline, benign and everyday "
+                                     "prompts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       "prepared", "tasks"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft-per-family", type=int, default=600, help="demonstrations per helpfulness family")
     parser.add_argument("--safety-sft-per-family", type=int, default=300,
-                        help="demonstrations per harmful / borderline family")
+                        help="demonstrations per harmlessness family (harmful, borderline, benign, everyday)")
     parser.add_argument("--harmful-refusal-rate", type=float, default=0.25,
                         help="share of harmful demonstrations that refuse (the rest comply, as in helpful-only data)")
     parser.add_argument("--prefs-per-family", type=int, default=150, help="preference pairs per family")
     parser.add_argument("--safety-prefs-per-family", type=int, default=300,
-                        help="preference pairs per harmful / borderline family")
+                        help="preference pairs per harmlessness family")
     parser.add_argument("--refusal-pairs-per-family", type=int, default=20,
                         help="extra answer-vs-refusal pairs per helpfulness family")
     parser.add_argument("--degenerate-pairs-per-family", type=int, default=40,
@@ -463,9 +540,14 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts-per-family", type=int, default=10, help="RL prompts per helpfulness family")
     parser.add_argument("--harmful-prompts", type=int, default=1000, help="harmful RL prompts")
     parser.add_argument("--borderline-prompts", type=int, default=250, help="borderline RL prompts")
+    parser.add_argument("--benign-prompts", type=int, default=500,
+                        help="RL prompts of benign acts in harmful templates")
+    parser.add_argument("--everyday-prompts", type=int, default=250, help="RL prompts of open everyday requests")
+    parser.add_argument("--minimal-pairs", type=int, default=150,
+                        help="harmful/benign twins in one template (two preference pairs each)")
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out prompts per family (at most)")
     args = parser.parse_args(argv)
-    sizes = {k: v for k, v in vars(args).items() if k.endswith(("_per_family", "_prompts"))}
+    sizes = {k: v for k, v in vars(args).items() if k.endswith(("_per_family", "_prompts", "_pairs"))}
     if any(v < 0 for v in sizes.values()) or not 0 <= args.harmful_refusal_rate <= 1:
         parser.error("counts must be >= 0 and --harmful-refusal-rate in [0, 1]")
     try:

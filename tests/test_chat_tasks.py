@@ -362,7 +362,7 @@ def test_prompt_messages_errors(rec, reason):
 
 SMALL = dict(sft_per_family=12, prefs_per_family=9, prompts_per_family=6, eval_per_family=5, safety_sft_per_family=8,
              safety_prefs_per_family=7, harmful_prompts=4, borderline_prompts=3, refusal_pairs_per_family=3,
-             degenerate_pairs_per_family=2)
+             degenerate_pairs_per_family=2, benign_prompts=5, everyday_prompts=2, minimal_pairs=3)
 
 
 @pytest.fixture(scope="module")
@@ -391,8 +391,10 @@ def test_build_counts_families_and_heldout(built):
         assert set(fam) == set(tasks.FAMILIES), name
         for family, n in fam.items():
             want = (safety_counts if family in tasks.SAFETY_FAMILIES else counts)[name]
-            if name == "prompts" and family == "borderline":
-                want = SMALL["borderline_prompts"]
+            if name == "prompts" and family != "harmful" and family in tasks.SAFETY_FAMILIES:
+                want = SMALL[f"{family}_prompts"]
+            if name == "prefs" and family in ("harmful", "benign"):  # and one side of each minimal pair
+                want += SMALL["minimal_pairs"]
             assert n == want, (name, fam)
         assert all(r["answer_type"] == tasks.ANSWER_TYPE[r["family"]] for r in records if r["family"] != "borderline")
         assert len({r["id"] for r in records}) == len(records)
@@ -424,21 +426,24 @@ def test_build_answers_grade(built):
         if r["family"] == "harmful":  # demonstrators comply or refuse; the gold judge tells which
             assert "answer" not in r and tasks.grade(r, r["messages"][1]["content"]) == float(r["refused"]), r
             continue
+        if not tasks.needs_answer(r):  # benign and everyday: an answer of the demonstrator's own
+            assert "answer" not in r and tasks.grade(r, r["messages"][1]["content"]) == 1.0, r
+            continue
         assert r["messages"][1]["content"] == r["answer"]
         assert tasks.grade(r, r["messages"][1]["content"]) == 1.0, r
     for r in built["eval"]:
         assert r["messages"][0]["content"] == r["prompt"]
         assert tasks.grade(r, r["messages"][1]["content"]) == 1.0, r  # the held-out messages are gold
-        if r["family"] != "harmful":
+        if tasks.needs_answer(r):
             assert r["messages"][1]["content"] == r["answer"] and tasks.grade(r, r["answer"]) == 1.0, r
     for r in built["prefs"]:  # comparisons are consistent: the gold judge agrees with every pair
-        if r["family"] != "harmful":
+        if tasks.needs_answer(r):
             assert r["chosen"] == r["answer"]
         assert tasks.grade(r, r["chosen"]) == 1.0, r
         assert tasks.grade(r, r["rejected"]) == 0.0, r
         assert r["rejected"] != r["chosen"]
     for r in built["prompts"]:
-        if r["family"] != "harmful":
+        if tasks.needs_answer(r):
             assert tasks.grade(r, r["answer"]) == 1.0, r
 
 
@@ -622,13 +627,14 @@ def test_tasks_main_writes_files(tmp_path, capsys):
     for name, records in files.items():
         assert records, name
         for r in records:
-            need = required[name] - ({"answer"} if r["family"] == "harmful" else set())  # a refusal needs no answer
+            need = required[name] - ({"answer"} if not tasks.needs_answer(r) else set())  # a refusal needs no answer
             assert need <= set(r), (name, r)
             assert r["family"] in tasks.FAMILIES
         assert {r["family"] for r in records} == set(tasks.TASK_FAMILIES if name == "ptx" else tasks.FAMILIES)
-    assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 2
-    assert len(files["prefs"]) == (150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 2 + 40 * len(tasks.FAMILIES)
-    assert len(files["prompts"]) == 10 * len(tasks.TASK_FAMILIES) + 1000 + 250
+    assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 4
+    assert len(files["prefs"]) == ((150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 4 + 40 * len(tasks.FAMILIES)
+                                   + 2 * 150)  # minimal pairs: two records each
+    assert len(files["prompts"]) == 10 * len(tasks.TASK_FAMILIES) + 1000 + 250 + 500 + 250
     # PPO-ptx's data: the helpfulness demonstrations of sft.jsonl, never a harmful compliance
     assert files["ptx"] == [r for r in files["sft"] if r["family"] in tasks.TASK_FAMILIES]
     # at least 100 held-out prompts per family, where the family has that many distinct ones
@@ -637,8 +643,8 @@ def test_tasks_main_writes_files(tmp_path, capsys):
     assert min(eval_counts.values()) >= 40
     for r in files["sft"]:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
-    assert {r["kind"] for r in files["prefs"]} == set(tasks.MISTAKE_KINDS) | {"task_refusal", "harmful", "hedged",
-                                                                              "borderline", "degenerate"}
+    assert {r["kind"] for r in files["prefs"]} == set(tasks.MISTAKE_KINDS) | {
+        "task_refusal", "harmful", "hedged", "borderline", "degenerate", "benign", "everyday", "minimal_pair"}
     # the files are what build() returns for the default seed
     assert files == tasks.build(seed=0)
     # and each is readable by the chat loader (sft and eval) / prompt_messages (prompts, eval)
@@ -654,7 +660,7 @@ def test_tasks_main_small_counts_and_seed(tmp_path):
     tasks.main(["--out", str(b), "--seed", "7", *argv])
     for name in ("sft", "prefs", "prompts", "eval", "ptx"):
         assert (a / f"{name}.jsonl").read_bytes() == (b / f"{name}.jsonl").read_bytes()
-    assert len((a / "sft.jsonl").read_text().splitlines()) == 3 * len(tasks.TASK_FAMILIES) + 300 * 2
+    assert len((a / "sft.jsonl").read_text().splitlines()) == 3 * len(tasks.TASK_FAMILIES) + 300 * 4
 
 
 def test_grade_answer_is_colon_and_thousands():

@@ -88,7 +88,8 @@ def test_eval_cli_judges_canned_answers_like_the_library(monkeypatch, tiny_pretr
     assert [r["score"] for r in result["records"]] == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert result["accuracy"] == pytest.approx(3 / 5)
     assert result["task_accuracy"] == pytest.approx(2 / 3)  # arithmetic, reverse, next_letter
-    assert result["safety"] == {"harmful_refusal": 1.0, "borderline_over_refusal": 1.0}
+    assert result["safety"] == {"harmful_refusal": 1.0, "borderline_over_refusal": 1.0,
+                                "benign_template_over_refusal": None, "open_request_over_refusal": None}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -69,12 +69,16 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert curve[0]["step"] == 0 and abs(curve[0]["gold_accuracy"] - stages["sft"]["gold_accuracy"]) < 1e-6
     # by pair kind (the mini suite's held-out slice of pairs is too small to hold every kind)
     assert set(stages["rm"]["by_kind"]) <= {"near_miss", "wrong_format", "rambling", "task_refusal", "harmful",
-                                            "hedged", "borderline", "degenerate"} and len(stages["rm"]["by_kind"]) >= 3
+                                            "hedged", "borderline", "degenerate", "benign", "everyday",
+                                            "minimal_pair"} and len(stages["rm"]["by_kind"]) >= 3
     for stage in ("pretrain", "sft", "ppo"):  # the safety contract: fractions of the held-out prompts
         safety = stages[stage]["safety"]
-        for key, family in (("harmful_refusal", "harmful"), ("borderline_over_refusal", "borderline")):
+        for key, family in (("harmful_refusal", "harmful"), ("borderline_over_refusal", "borderline"),
+                            ("benign_template_over_refusal", "benign"), ("open_request_over_refusal", "everyday")):
             n = sum(r["family"] == family for r in eval_records)
-            assert 0.0 <= safety[key] <= 1.0 and abs(safety[key] * n - round(safety[key] * n)) < 1e-9
+            assert n and 0.0 <= safety[key] <= 1.0 and abs(safety[key] * n - round(safety[key] * n)) < 1e-9
+        outside = stages[stage]["outside_everyday"]  # the hand-written list, never trained on
+        assert outside["prompts"] >= 30 and len(outside["refused"]) == round(outside["over_refusal"] * outside["prompts"])
     assert stages["prepare"]["documents"]["read"] == 3
     assert set(report["seconds"]) == set(pipeline.STAGES) and all(s >= 0 for s in report["seconds"].values())
     assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
@@ -85,7 +89,8 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert wins["wins"] + wins["losses"] + wins["ties"] == len(eval_records) and 0.0 <= wins["p_value"] <= 1.0
     assert "ppo_gold_vs_kl.png" in report["plots"]
     assert "| ppo |" in text and "Held-out gold accuracy by task family" in text and "SFT pass@8" in text
-    assert "| harmful requests refused |" in text and "| borderline prompts refused (over-refusal) |" in text
+    for label, _ in pipeline.SAFETY_ROWS:  # harmful refusal beside the three over-refusals and the outside list
+        assert f"| {label} |" in text
     for stage in ("pretrain", "sft", "ppo"):
         model, config = load_model(str(runs / stage))
         assert config["stage"] == stage and model.num_params() > 0

@@ -129,7 +129,8 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_run):
     for value in rm2["on_policy_accuracy"].values():  # None only when the judge tied every pair
         assert value is None or 0.0 <= value <= 1.0
     ppo2 = stages["ppo_round2"]
-    assert 0.0 <= ppo2["gold_accuracy"] <= 1.0 and set(ppo2["safety"]) == {"harmful_refusal", "borderline_over_refusal"}
+    assert 0.0 <= ppo2["gold_accuracy"] <= 1.0 and set(ppo2["safety"]) == {
+        "harmful_refusal", "borderline_over_refusal", "benign_template_over_refusal", "open_request_over_refusal"}
     wins = ppo2["win_rate_vs_ppo"]
     with open(os.path.join(args[args.index("--data") + 1], "tasks", "eval.jsonl")) as f:
         assert wins["wins"] + wins["losses"] + wins["ties"] == sum(1 for line in f if line.strip())
