@@ -35,7 +35,7 @@ import runtime
 from cli import UserError, entry_point, parse_config, print_config
 from data.toxicity import load_blocklist
 from serving.config import ServeConfig
-from serving.limits import KeyStore
+from serving.limits import KeyStore, load_identity_secret
 from serving.moderation import Classifier, Moderator
 from serving.store import export_feedback, open_store, redact
 
@@ -76,7 +76,13 @@ def load_server(cfg: ServeConfig) -> Server:
     name = cfg.served_model_name or f"{cfg.ckpt_name}-step{config.get('step', 0)}"
     moderator = load_moderator(cfg, device)
     keys = KeyStore.load(cfg.api_keys) if cfg.api_keys else None
-    return Server(cfg, model, tok, name, moderator, keys, open_store(cfg.db, cfg.log_dir))
+    store = open_store(cfg.db, cfg.log_dir, timeout=cfg.store_timeout_s)
+    try:
+        secret = load_identity_secret(cfg.identity_secret_file) if cfg.identity_secret_file else \
+            store.deployment_secret()
+    except store.errors as e:
+        raise UserError(f"the serving store cannot be read: {e}") from None
+    return Server(cfg, model, tok, name, moderator, keys, store, secret)
 
 
 def run_export(cfg: ServeConfig) -> None:
@@ -106,9 +112,12 @@ def run_server(cfg: ServeConfig) -> None:
     print(f"serving {server.model_id} ({sum(p.numel() for p in server.engine.model.parameters()) / 1e6:.2f}M "
           f"parameters, context {server.context}) on http://{cfg.host}:{cfg.port} "
           f"({'API keys required' if server.keys else 'open: no API keys'})", flush=True)
+    # X-Forwarded-For is believed only from --forwarded-allow-ips: uvicorn's default trusts
+    # 127.0.0.1, so any local client could pick its own rate-limit identity
+    proxy = {"proxy_headers": bool(cfg.forwarded_allow_ips), "forwarded_allow_ips": cfg.forwarded_allow_ips or None}
     try:  # access lines are uvicorn's info level; keep-alive connections idle past 5 s are closed
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if cfg.access_log else "warning",
-                    access_log=cfg.access_log, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+                    access_log=cfg.access_log, timeout_keep_alive=5, timeout_graceful_shutdown=5, **proxy)
     except OSError as e:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
 

@@ -24,7 +24,9 @@ trap cleanup EXIT INT TERM
 servers=""
 for i in $(seq 1 "$n"); do
   port=$((8000 + i))
-  python serve.py --ckpt "$ckpt" --port "$port" --log-dir runs/serve "$@" > "$run/logs/replica-$i.log" 2>&1 &
+  # nginx on this machine is the only proxy whose X-Forwarded-For a replica believes
+  python serve.py --ckpt "$ckpt" --port "$port" --log-dir runs/serve --forwarded-allow-ips 127.0.0.1 "$@" \
+    > "$run/logs/replica-$i.log" 2>&1 &
   pids+=($!)
   servers+="        server 127.0.0.1:$port max_fails=1 fail_timeout=10s;\n"
 done
@@ -33,7 +35,7 @@ awk -v servers="$servers" '
   /^        server 127\.0\.0\.1:80[0-9][0-9] / { if (!done) { printf "%s", servers; done = 1 } next }
   { print }' deploy/nginx.conf > "$run/nginx.conf"
 for i in $(seq 1 "$n"); do
-  until curl -sf "http://127.0.0.1:$((8000 + i))/health" >/dev/null; do
+  until curl -sf "http://127.0.0.1:$((8000 + i))/ready" >/dev/null; do  # live, and its store takes writes
     kill -0 "${pids[$((i - 1))]}" 2>/dev/null || {
       echo "error: replica $i exited:" >&2; tail -n 5 "$run/logs/replica-$i.log" >&2; exit 1; }
     sleep 0.5

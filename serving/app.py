@@ -4,7 +4,13 @@ function over it. Handlers are async and never run the model: the engine thread 
 A chat or text completion goes through three steps: `prepare` (who asks, may they, what
 did they send: a Generation, or an ApiError), `run` (charge the token budget and hand the
 request to the engine), then `collect` (one JSON body) or `stream` (server-sent events).
-Either way `finish` refunds unused tokens, counts output flags and writes the request log.
+Either way `finish` writes the request's final row, then refunds unused tokens and counts
+output flags. The store is never called on the event loop: `self.db` (store.OffLoop) runs
+each call on a thread with a timeout, so a locked or stalled database fails the requests
+that need it with 503 store_unavailable while /health and everything else stay fast. A
+response is delivered only once its final row is written: a non-streamed one gets 503
+instead, a stream ends with an error event and [DONE], and the row is marked as an error
+as soon as the store answers again.
 A text completion of several prompts is one Generation per prompt, merged into one body.
 Log-probs (chat `logprobs`/`top_logprobs`, completions `logprobs`/`echo`) come from the
 engine as entries and are shaped by protocol.LogprobShaper; /tokenize, /detokenize and
@@ -33,7 +39,7 @@ from serving.limits import KeyStore, Limiter, key_id
 from serving.metrics import Metrics
 from serving.moderation import CATEGORIES, Moderator
 from serving.protocol import ApiError, Completion, retry_after
-from serving.store import Store
+from serving.store import OffLoop, Store, StoreUnavailable
 from serving.text import chat_prompt_ids, completion_prompt_ids
 
 
@@ -56,40 +62,45 @@ class Server:
     """Everything one app needs: the model's engine, tokenizer, limits, logs and metrics."""
 
     def __init__(self, cfg: ServeConfig, model, tok: Tokenizer, model_id: str, moderator: Moderator | None,
-                 keys: KeyStore | None, store: Store):
+                 keys: KeyStore | None, store: Store, identity_secret: bytes):
         self.cfg, self.tok, self.model_id = cfg, tok, model_id
         self.metrics = Metrics()
         self.moderator = moderator
         self.engine = Engine(model, tok, max_running=cfg.max_running, max_waiting=cfg.max_waiting,
-                             metrics=self.metrics, moderator=moderator, quantization=cfg.quantization)
+                             metrics=self.metrics, moderator=moderator, quantization=cfg.quantization,
+                             count_finishes=False)  # finish() counts each request once, as its row ends
         self.context = model.cfg.max_seq_len
         self.keys = keys
         self.store = store
+        self.db = OffLoop(store, cfg.store_timeout_s)
+        self.identity_secret = identity_secret
+        self.replica = "replica-" + secrets.token_hex(6)  # this process's readiness probe row
         self.limiter = Limiter(store, cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.abuse_max_flags,
                                cfg.abuse_window_s, cfg.abuse_block_s)
         self.created = int(time.time())
 
     # -- per request: who is asking, may they, what did they send
     def identity(self, request) -> str:
-        """The caller's key id (hashed), after checking the key; an open server uses the address."""
+        """The caller's key id (an HMAC), after checking the key; an open server uses the
+        address (the peer's, or X-Forwarded-For's from --forwarded-allow-ips only)."""
         auth = request.headers.get("authorization", "")
         if self.keys is None:
-            return key_id("addr:" + (request.client.host if request.client else "?"))
+            return key_id("addr:" + (request.client.host if request.client else "?"), self.identity_secret)
         scheme, _, presented = auth.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip() or not self.keys.check(presented.strip()):
             raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
-        return key_id(presented.strip())
+        return key_id(presented.strip(), self.identity_secret)
 
-    def admit(self, request) -> str:
+    async def admit(self, request) -> str:
         """The caller's identity, once its key is good and its request bucket not empty."""
         ident = self.identity(request)
         now = time.time()
-        wait = self.limiter.blocked_for(ident, now)
+        wait = await self.db(self.limiter.blocked_for, ident, now)
         if wait:
             self.metrics.rate_limited.labels(reason="blocked").inc()
             raise ApiError(429, "This key is blocked for a while: too many requests tripped the content filter.",
                            "key_blocked", headers=retry_after(wait))
-        wait = self.limiter.take_request(ident, now)
+        wait = await self.db(self.limiter.take_request, ident, now)
         if wait:
             self.metrics.rate_limited.labels(reason="requests").inc()
             raise ApiError(429, "Rate limit reached for requests per minute.", "rate_limit_exceeded",
@@ -117,8 +128,9 @@ class Server:
             raise protocol.model_not_found(model)
 
     def model_card(self) -> dict:
+        """The model as /v1/models lists it (the checkpoint's directory name, never its path)."""
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "serve.py",
-                "root": os.path.abspath(self.cfg.ckpt), "max_model_len": self.context}
+                "root": self.cfg.ckpt_name, "max_model_len": self.context}
 
     # -- moderation, limits, ids
     async def check_text(self, text: str, moderator: Moderator | None = None) -> dict:
@@ -135,20 +147,20 @@ class Server:
             return None
         result = await self.check_text(text)
         if result["flagged"]:
-            self.flagged(result["categories"], ident, stage)
+            await self.flagged(result["categories"], ident, stage)
         return result
 
-    def flagged(self, categories: list[str], ident: str, stage: str) -> None:
+    async def flagged(self, categories: list[str], ident: str, stage: str) -> None:
         for c in categories:
             self.metrics.safety_flags.labels(category=c, stage=stage).inc()
-        self.limiter.record_flag(ident, time.time())
+        await self.db(self.limiter.record_flag, ident, time.time())
 
-    def charge_tokens(self, ident: str, amount: int) -> None:
+    async def charge_tokens(self, ident: str, amount: int) -> None:
         if self.cfg.rate_limit_tpm and amount > self.cfg.rate_limit_tpm:
             raise ApiError(400, f"this request needs {amount} tokens (prompt + max_tokens); the per-minute limit is "
                                 f"{int(self.cfg.rate_limit_tpm)}: lower max_tokens", "tokens_exceed_limit",
                            "max_tokens")
-        wait = self.limiter.take_tokens(ident, amount, time.time())
+        wait = await self.db(self.limiter.take_tokens, ident, amount, time.time())
         if wait:
             self.metrics.rate_limited.labels(reason="tokens").inc()
             raise ApiError(429, "Rate limit reached for tokens per minute.", "rate_limit_exceeded",
@@ -161,14 +173,19 @@ class Server:
             return record
         return {k: v for k, v in record.items() if k not in ("messages", "prompt", "completion")}
 
-    def log_request(self, record: dict, status: str = "complete") -> None:
-        self.store.finish_request(record["id"], status, self.kept(record))
+    async def log_request(self, record: dict, status: str = "complete") -> None:
+        """Write a request's final row (raises StoreUnavailable)."""
+        await self.db(self.store.finish_request, record["id"], status, self.kept(record))
+
+    def log_request_later(self, record: dict, status: str) -> None:
+        """Write a request's final row with no one waiting for it (store.OffLoop.later)."""
+        self.db.later(self.store.finish_request, record["id"], status, self.kept(record))
 
     # -- a chat or text completion: prepare, run, then collect or stream
     async def prepare(self, request, chat: bool) -> list[Generation]:
         """Check the caller and the body, and moderate the input (400 content_filter): one
         Generation per prompt (a chat has one; a text completion one per prompt it lists)."""
-        ident = self.admit(request)
+        ident = await self.admit(request)
         body = await self.read_json(request)
         self.check_model(body)
         if chat:
@@ -187,10 +204,10 @@ class Server:
         try:
             for prompt, p in zip(prompts, params):
                 gens.append(await self.prepare_one(ident, chat, *prompt, p, stream, include_usage))
-        except ApiError as e:  # a later prompt was flagged: the earlier ones' rows end too
+        except (ApiError, StoreUnavailable) as e:  # a later prompt failed: the earlier ones' rows end too
             for gen in gens:
-                self.log_request({**gen.record, "completion": None, "finish_reason": "error", "error": e.code},
-                                 "error")
+                self.log_request_later({**gen.record, "completion": None, "finish_reason": "error",
+                                        "error": getattr(e, "code", "store_unavailable")}, "error")
             raise
         return gens
 
@@ -210,11 +227,11 @@ class Server:
         record = {"id": out.id, "time": time.time(), "endpoint": "chat" if chat else "completions",
                   "model": self.model_id, "key": ident, **logged,
                   "params": {k: v for k, v in params.items() if k != "stop"} | {"stop": list(params["stop"])}}
-        self.store.begin_request(out.id, ident, record["endpoint"], self.kept(record))  # a row from admission on
-        verdict = await self.moderate("\n".join(user_texts), ident, "input")
+        await self.db(self.store.begin_request, out.id, ident, record["endpoint"], self.kept(record))  # a row
+        verdict = await self.moderate("\n".join(user_texts), ident, "input")  # from admission on
         if verdict is not None and verdict["flagged"]:
-            self.log_request({**record, "finish_reason": "content_filter", "stage": "input",
-                              "categories": verdict["categories"], "completion": None})
+            await self.log_request({**record, "finish_reason": "content_filter", "stage": "input",
+                                    "categories": verdict["categories"], "completion": None})
             raise ApiError(400, "The request was rejected by the content filter (categories: "
                                 + ", ".join(verdict["categories"]) + ").", "content_filter",
                            "messages" if chat else "prompt")
@@ -234,18 +251,18 @@ class Server:
             entries = (gen.req.prompt_logprobs or [])[gen.echo_skip:] + list(entries)
         return gen.shaper.shape(entries)
 
-    def run(self, gen: Generation) -> None:
+    async def run(self, gen: Generation) -> None:
         """Charge prompt + max_tokens to the caller's bucket and queue the request (503 when full)."""
         p = gen.params
         budget = len(gen.prompt_ids) + p["max_tokens"]
-        self.charge_tokens(gen.ident, budget)
+        await self.charge_tokens(gen.ident, budget)
         gen.req = GenRequest(gen.prompt_ids, p["max_tokens"], p["temperature"], p["top_p"], p["top_k"], p["stop"],
                              p["seed"], p["ignore_eos"], moderate=self.moderator is not None,
                              logprobs=p["logprobs"], echo=p["echo"], loop=asyncio.get_running_loop())
         try:
             self.engine.submit(gen.req)
         except EngineFull:
-            self.limiter.refund_tokens(gen.ident, budget)
+            self.db.later(self.limiter.refund_tokens, gen.ident, budget)
             raise ApiError(503, "The server is overloaded: too many requests are running and waiting. Retry later.",
                            "server_overloaded", headers=retry_after(1)) from None
 
@@ -261,24 +278,46 @@ class Server:
             info["finish_reason"], info["flags"] = "content_filter", verdict["categories"]
             info["withheld"] = True  # a non-streamed response is not delivered
 
-    def finish(self, gen: Generation, info: dict | None, error: str | None = None) -> None:
-        """The request ended (info: the engine's finish event) or failed (error)."""
-        if info is not None:
-            self.limiter.refund_tokens(gen.ident, gen.params["max_tokens"] - info["completion_tokens"])
+    def final_row(self, gen: Generation, info: dict | None, error: str | None) -> tuple[dict, str, str]:
+        """(record, status, finish reason) of a request that ended (info: the engine's finish
+        event) or failed (error; "client disconnected" is an abort)."""
+        aborted = error == "client disconnected"
+        reason = "abort" if aborted else info["finish_reason"] if info else "error"
+        record = {**gen.record, "completion": info["text"] if info else None, "finish_reason": reason,
+                  "error": error, "usage": protocol.usage(info) if info else None,
+                  "timings": info["timings"] if info else None}
+        return record, "aborted" if aborted else "complete" if info else "error", reason
+
+    async def finish(self, gen: Generation, info: dict | None, error: str | None = None) -> None:
+        """Write the request's final row, then refund unused tokens and count output flags.
+        When the row cannot be written, raises StoreUnavailable and leaves a retry that
+        marks the request as an error: the response must not be delivered."""
+        record, status, reason = self.final_row(gen, info, error)
+        try:
+            await self.log_request(record, status)
+        except StoreUnavailable as e:
+            self.log_request_later({**record, "finish_reason": "error", "error": f"store_unavailable: the final "
+                                    f"write failed ({e}); the response was not delivered"}, "error")
+            self.metrics.success.labels(finished_reason="error").inc()
+            raise
+        self.metrics.success.labels(finished_reason=reason).inc()
+        if info is not None:  # the row is written: the response stands even if these fail
+            with contextlib.suppress(StoreUnavailable):
+                await self.db(self.limiter.refund_tokens, gen.ident,
+                              gen.params["max_tokens"] - info["completion_tokens"])
             if info["finish_reason"] == "content_filter":
                 for c in info["flags"]:
                     self.metrics.safety_flags.labels(category=c, stage="output").inc()
-                self.limiter.record_flag(gen.ident, time.time())
-        status = "complete" if info else ("aborted" if error == "client disconnected" else "error")
-        self.log_request({**gen.record, "completion": info["text"] if info else None,
-                          "finish_reason": info["finish_reason"] if info else "error",
-                          "error": error, "usage": protocol.usage(info) if info else None,
-                          "timings": info["timings"] if info else None}, status)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.db(self.limiter.record_flag, gen.ident, time.time())
 
     def abort(self, gen: Generation) -> None:
-        """The client went away: free its row."""
+        """The client went away: free its row in the batch and end its row in the store.
+        Nothing here waits (a cancelled handler cannot): the write goes to the retry thread."""
         self.engine.abort(gen.req)
-        self.finish(gen, None, "client disconnected")
+        record, status, reason = self.final_row(gen, None, "client disconnected")
+        self.metrics.success.labels(finished_reason=reason).inc()
+        self.log_request_later(record, status)
 
     async def collect(self, gen: Generation, request) -> dict | Response:
         """Wait for the whole response (499 when the client disconnects first)."""
@@ -295,7 +334,8 @@ class Server:
                         self.abort(gen)
                         return Response(status_code=499)
                 if kind == "error":
-                    self.finish(gen, None, payload)
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.finish(gen, None, payload)
                     raise ApiError(500, f"generation failed: {payload}", "engine_error")
                 if kind == "finish":
                     info = payload
@@ -303,7 +343,7 @@ class Server:
             self.abort(gen)
             raise
         await self.classify_output(info)
-        self.finish(gen, info)
+        await self.finish(gen, info)  # StoreUnavailable: 503, the completion is not delivered
         if info.get("withheld"):
             info["text"], info["logprobs"] = "", []
         return gen.out.body(gen.echo_text + info["text"], protocol.public_reason(info["finish_reason"]),
@@ -320,12 +360,17 @@ class Server:
         return text, entries, next(((k, p) for k, p in items if k not in ("delta", "logprobs")), None)
 
     async def _ending(self, gen: Generation, kind: str, payload) -> list[str]:
-        """The last events of a stream: an error, or the finish reason, usage and [DONE]."""
+        """The last events of a stream: the finish reason, usage and [DONE]; or an error event
+        and [DONE] when generation failed or the final row could not be written."""
         if kind == "error":
-            self.finish(gen, None, payload)
-            return [protocol.sse(ApiError(500, f"generation failed: {payload}", "engine_error").body())]
+            with contextlib.suppress(StoreUnavailable):
+                await self.finish(gen, None, payload)
+            return [protocol.sse(ApiError(500, f"generation failed: {payload}", "engine_error").body()), protocol.DONE]
         await self.classify_output(payload)
-        self.finish(gen, payload)
+        try:
+            await self.finish(gen, payload)
+        except StoreUnavailable:
+            return [protocol.sse(STORE_UNAVAILABLE_IN_STREAM.body()), protocol.DONE]
         tail = [gen.out.chunk(None, protocol.public_reason(payload["finish_reason"]),
                               logprobs=self.logprobs(gen, payload.get("logprobs_tail", [])))]
         if gen.out.include_usage:
@@ -355,6 +400,13 @@ class Server:
                 self.abort(gen)
 
 
+STORE_UNAVAILABLE = "The serving store is unavailable. Retry later."
+# A stream's last words when its final row cannot be written: the text already sent stands
+# unrecorded, so the client is told the request failed
+STORE_UNAVAILABLE_IN_STREAM = ApiError(503, "The response could not be recorded: the serving store is unavailable. "
+                                            "Retry later.", "store_unavailable")
+
+
 # ----------------------------------------------------------------------------- the routes
 
 def _server(request) -> Server:
@@ -366,11 +418,11 @@ async def generate(request: Request, chat: bool):
     gens = await server.prepare(request, chat)
     for i, gen in enumerate(gens):
         try:
-            server.run(gen)
-        except ApiError as e:  # refused before it ran (429 tokens, 503 full): the row says so, not 'incomplete'
+            await server.run(gen)
+        except (ApiError, StoreUnavailable) as e:  # refused before it ran (429, 503): the row says so
             for other in gens[i:]:
-                server.log_request({**other.record, "completion": None, "finish_reason": "error", "error": e.code},
-                                   "error")
+                server.log_request_later({**other.record, "completion": None, "finish_reason": "error",
+                                          "error": getattr(e, "code", "store_unavailable")}, "error")
             for other in gens[:i]:  # the prompts already queued go too
                 server.abort(other)
             raise
@@ -393,7 +445,7 @@ async def completions(request: Request):
 async def moderations(request: Request):
     server = _server(request)
     cfg = server.cfg
-    ident = server.admit(request)
+    ident = await server.admit(request)
     body = await server.read_json(request)
     texts = protocol.parse_moderation_input(body, cfg.max_messages, cfg.max_message_chars)
     moderator = server.moderator or Moderator(load_blocklist(cfg.blocklist))
@@ -404,7 +456,7 @@ async def moderations(request: Request):
             server.metrics.safety_flags.labels(category=c, stage="moderations").inc()
         results.append(protocol.moderation_result(verdict, CATEGORIES))
     if any(r["flagged"] for r in results):  # probing the filter counts toward a block like any flagged request
-        server.limiter.record_flag(ident, time.time())
+        await server.db(server.limiter.record_flag, ident, time.time())
     name = f"blocklist:{os.path.basename(cfg.blocklist)}"
     if cfg.classifier:
         name += f"+classifier:{os.path.basename(os.path.normpath(cfg.classifier))}"
@@ -412,29 +464,41 @@ async def moderations(request: Request):
 
 
 async def feedback(request: Request):
+    """A rating or a pairwise vote on completions served to the same key, each completed
+    chat completion whose text the store keeps (what the export can use: anything else is
+    refused, never recorded in vain). The 200 comes once the vote is committed."""
     server = _server(request)
-    ident = server.admit(request)
+    ident = await server.admit(request)
     body = await server.read_json(request)
     check, entry, rating = protocol.parse_feedback(body)
     for cid in check:
-        if not await asyncio.to_thread(server.store.has_request, cid):
+        summary = await server.db(server.store.request_summary, cid)
+        if summary is None:
             raise ApiError(404, f"No completion with id {cid} was served here.", "completion_not_found", "id")
+        if summary["key"] != ident:
+            raise ApiError(403, f"The completion {cid} was served to another key: only its user may rate it.",
+                           "permission_denied", "id")
+        why = ("it is not a chat completion" if summary["endpoint"] != "chat" else
+               f"it did not complete (status {summary['status']})" if summary["status"] != "complete" else
+               "the server keeps no request text (--no-request-log)" if not summary["text_kept"] else None)
+        if why:
+            raise ApiError(409, f"The completion {cid} cannot be rated: {why}.", "completion_not_rateable", "id")
     feedback_id = "fb-" + secrets.token_hex(12)
-    await asyncio.to_thread(server.store.add_feedback, feedback_id, ident,
-                            {"feedback_id": feedback_id, "time": time.time(), "key": ident, **entry})
+    await server.db(server.store.add_feedback, feedback_id, ident,
+                    {"feedback_id": feedback_id, "time": time.time(), "key": ident, **entry})
     server.metrics.feedback.labels(rating=rating).inc()
     return {"id": feedback_id, "object": "feedback", "recorded": True}
 
 
 async def list_models(request: Request):
     server = _server(request)
-    server.admit(request)
+    await server.admit(request)
     return {"object": "list", "data": [server.model_card()]}
 
 
 async def get_model(model_id: str, request: Request):
     server = _server(request)
-    server.admit(request)
+    await server.admit(request)
     if model_id != server.model_id:
         raise protocol.model_not_found(model_id)
     return server.model_card()
@@ -471,11 +535,26 @@ async def detokenize(request: Request):
 
 
 async def health(request: Request):
+    """Liveness: the process answers and its engine runs. Never waits for the store."""
     server = _server(request)
     engine = server.engine
     if not engine.alive():
         return JSONResponse({"status": "engine stopped", "error": engine.error}, status_code=503)
     return {"status": "ok", "model": server.model_id, "running": len(engine.running), "waiting": len(engine.waiting)}
+
+
+async def ready(request: Request):
+    """Readiness, for a load balancer: live, and the store takes a write within
+    --store-timeout-s (503 store_unavailable when it is down, locked, read-only or full)."""
+    server = _server(request)
+    if not server.engine.alive():
+        return JSONResponse({"status": "engine stopped", "error": server.engine.error}, status_code=503)
+    try:
+        await server.db(server.store.probe, server.replica)
+    except StoreUnavailable as e:
+        return JSONResponse({"status": "store unavailable", "error": str(e)}, status_code=503,
+                            headers=retry_after(1))
+    return {"status": "ready", "model": server.model_id}
 
 
 async def prometheus(request: Request):
@@ -509,21 +588,23 @@ async def on_validation_error(request, e):
 
 
 async def on_store_error(request, e):
-    """The database failed (PostgreSQL restarting, a SQLite file locked past its timeout)."""
-    return error_response(request, ApiError(503, "The serving store is unavailable. Retry later.",
-                                            "store_unavailable", headers=retry_after(1)))
+    """The database failed or did not answer in time (PostgreSQL restarting or stalled, a
+    SQLite file locked past --store-timeout-s, a full or read-only disk)."""
+    return error_response(request, ApiError(503, STORE_UNAVAILABLE, "store_unavailable", headers=retry_after(1)))
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    engine = app.state.server.engine
-    if engine.thread is None:
-        engine.start()
+    server = app.state.server
+    if server.engine.thread is None:
+        server.engine.start()
     yield
-    engine.shutdown()
+    server.engine.shutdown()
+    server.db.close()  # the rows still to write get their chance before the store closes
 
 
-ROUTES = [("GET", "/health", health), ("GET", "/metrics", prometheus), ("GET", "/", chat_page),
+ROUTES = [("GET", "/health", health), ("GET", "/ready", ready), ("GET", "/metrics", prometheus),
+          ("GET", "/", chat_page),
           ("GET", "/v1/models", list_models), ("GET", "/v1/models/{model_id:path}", get_model),
           ("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/completions", completions),
           ("POST", "/v1/moderations", moderations), ("POST", "/v1/feedback", feedback),
@@ -538,7 +619,7 @@ def create_app(server: Server) -> FastAPI:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
-    for error in server.store.errors:
+    for error in (StoreUnavailable, *server.store.errors):
         app.add_exception_handler(error, on_store_error)
     for method, path, handler in ROUTES:
         app.add_api_route(path, handler, methods=[method])

@@ -23,6 +23,16 @@ class ServeConfig:
                                            "machine share it by sharing --log-dir"})
     db: str = field(default="", metadata={"help": "the serving store: empty for LOG_DIR/serve.db, a SQLite path, or "
                                                   "postgresql://user:pass@host/db for replicas on several machines"})
+    store_timeout_s: float = field(default=5.0, metadata={
+        "help": "longest wait for the store (a locked or stalled database fails the request with 503 "
+                "store_unavailable after this; /health never waits for it, /ready does)"})
+    identity_secret_file: str = field(default="", metadata={
+        "help": "secret that keys the stored identities (HMAC of keys and addresses); empty: one kept in the "
+                "store, shared by its replicas. Give a file (the same on every replica) to keep it out of the "
+                "database"})
+    forwarded_allow_ips: str = field(default="", metadata={
+        "help": "addresses whose X-Forwarded-For is trusted for the client address (comma-separated, as "
+                "uvicorn's; 127.0.0.1 behind a local nginx). Empty: none, the peer's own address counts"})
     request_log: bool = field(default=True, metadata={
         "help": "keep each request's messages and completion in the store (the feedback export needs them)"})
     export_feedback: str = field(default="", metadata={
@@ -70,6 +80,8 @@ class ServeConfig:
             raise UserError("--max-waiting, --max-tokens-limit and the rate limits must be >= 0")
         if self.abuse_max_flags < 0 or self.abuse_window_s <= 0 or self.abuse_block_s < 0:
             raise UserError("need --abuse-max-flags >= 0, --abuse-window-s > 0, --abuse-block-s >= 0")
+        if not self.store_timeout_s > 0:
+            raise UserError(f"--store-timeout-s must be > 0, got {self.store_timeout_s}")
         if not 0 < self.classifier_threshold < 1:
             raise UserError("--classifier-threshold must be in (0, 1)")
         if self.classifier_category not in CATEGORIES:

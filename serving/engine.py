@@ -153,8 +153,11 @@ class Engine:
 
     def __init__(self, model, tok: Tokenizer, *, max_running: int = 16, max_waiting: int = 64,
                  metrics: "Metrics | None" = None, moderator: Moderator | None = None,
-                 quantization: str = "none"):
+                 quantization: str = "none", count_finishes: bool = True):
         self.model, self.tok = model, tok
+        # request_success by finish reason: the engine's count, unless its owner counts each
+        # request once as it ends (the server: a client may leave after the engine finished)
+        self.count_finishes = count_finishes
         self.decode_step = DecodeStep(model, quantization)
         self.decode_step.apply_to_model()  # int8: the prefill runs on the same (dequantized) weights
         self.max_running, self.max_waiting = max_running, max_waiting
@@ -388,7 +391,8 @@ class Engine:
     def _final_event(self, r: GenRequest, reason: str, events: list) -> None:
         now = time.perf_counter()
         m = self.metrics
-        m.success.labels(finished_reason=reason).inc()
+        if self.count_finishes:
+            m.success.labels(finished_reason=reason).inc()
         m.e2e.observe(now - r.arrival)
         info = {"finish_reason": reason, "prompt_tokens": len(r.prompt), "completion_tokens": len(r.tokens),
                 "text": r.text.emitted if r.text is not None else "",

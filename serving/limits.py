@@ -1,4 +1,4 @@
-"""Who may ask, and how much: API keys (compared in constant time; logs keep only a hash),
+"""Who may ask, and how much: API keys (compared in constant time; logs keep only an HMAC),
 per-key token buckets for requests and tokens per minute, and the abuse tracker that blocks
 a key whose requests keep tripping the content filter."""
 from __future__ import annotations
@@ -9,9 +9,23 @@ import hmac
 from cli import UserError
 
 
-def key_id(secret: str) -> str:
-    """What logs store instead of a key or an address: a short hash."""
-    return "sha256:" + hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+def key_id(text: str, secret: bytes) -> str:
+    """What the store keeps instead of a key or an address: a short HMAC-SHA256 under the
+    deployment's secret. A bare hash of an address is reversed by hashing the few billion
+    candidates; without the secret, this one is not."""
+    return "hmac:" + hmac.new(secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+
+
+def load_identity_secret(path: str) -> bytes:
+    """--identity-secret-file: at least 16 bytes (leading and trailing whitespace dropped)."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise UserError(f"cannot read --identity-secret-file {path}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise UserError(f"--identity-secret-file {path} must hold at least 16 bytes (e.g. openssl rand -hex 32)")
+    return secret
 
 
 class KeyStore:

@@ -201,7 +201,10 @@ def _max_tokens(body: dict, prompt_len: int, context: int, max_tokens_limit: int
         raise ApiError(400, f"This model's maximum context length is {context} tokens; your prompt is "
                             f"{prompt_len} tokens.", "context_length_exceeded", "messages")
     limit = min(max_tokens_limit or context, context)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # max_completion_tokens (OpenAI's newer name) wins over max_tokens, unless it is null
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, least, limit, integer=True)
     room = context - prompt_len
     if max_tokens is None:
@@ -237,7 +240,8 @@ def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: 
 def parse_stream(body: dict) -> tuple[bool, bool]:
     """(stream, include_usage)."""
     stream = body.get("stream", False)
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options  # an empty list is not an object
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise ApiError(400, "'stream' must be a boolean and 'stream_options' an object", "invalid_type", "stream")
     return stream, bool(options.get("include_usage", False))

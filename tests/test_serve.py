@@ -328,7 +328,7 @@ def test_request_log_records_each_request_without_secrets(open_srv):
     assert store.request_status()[r.id] == "complete"
     assert rec["messages"] == [{"role": "user", "content": "log me"}] and rec["completion"] == \
         r.choices[0].message.content
-    assert rec["model"] == "tiny-step7" and rec["key"].startswith("sha256:") and rec["finish_reason"] == "length"
+    assert rec["model"] == "tiny-step7" and rec["key"].startswith("hmac:") and rec["finish_reason"] == "length"
     assert rec["usage"]["completion_tokens"] == 4 and rec["timings"]["e2e_s"] >= rec["timings"]["ttft_s"] > 0
 
 
@@ -434,7 +434,7 @@ def test_503_when_running_and_waiting_are_full(keyed_srv):
 def test_keys_never_appear_in_logs(keyed_srv):
     keyed_srv.client(KEYS[0]).models.list()  # at least one key's bucket is in the store
     logs = keyed_srv.output().encode() + b"".join(p.read_bytes() for p in keyed_srv.log_dir.iterdir())  # serve.db*
-    assert b"sha256:" in logs  # hashed identities are there
+    assert b"hmac:" in logs  # keyed hashes of the identities are there
     assert not any(k.encode() in logs for k in KEYS)
 
 

@@ -273,7 +273,13 @@ def test_keys_are_checked_and_hashed(tmp_path):
     assert keys.check("sk-one") and keys.check("sk-two#second")  # a '#' inside a key is part of it
     assert not keys.check("sk-two")
     assert not keys.check("sk-on") and not keys.check("") and not keys.check("sk-one ")
-    assert "sk-one" not in key_id("sk-one") and key_id("sk-one") != key_id("sk-two")
+    one, two = b"deployment-one-secret", b"deployment-two-secret"
+    assert "sk-one" not in key_id("sk-one", one) and key_id("sk-one", one) != key_id("sk-two", one)
+    # keyed by the deployment's secret: the same address is another id elsewhere, and no bare
+    # hash of it (which anyone can compute for every address) matches
+    import hashlib
+    assert key_id("addr:127.0.0.1", one) != key_id("addr:127.0.0.1", two)
+    assert hashlib.sha256(b"addr:127.0.0.1").hexdigest()[:16] not in key_id("addr:127.0.0.1", one)
     (tmp_path / "empty.txt").write_text("# none\n")
     with pytest.raises(UserError):
         KeyStore.load(str(tmp_path / "empty.txt"))

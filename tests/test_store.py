@@ -296,12 +296,17 @@ def test_a_replica_answers_503_while_postgres_is_down_then_reconnects(postgres, 
         body = {"model": "tiny-step7", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         ask = lambda: httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)  # noqa: E731
         assert ask().status_code == 200
+        assert httpx.get(srv.url + "/ready", timeout=30).status_code == 200
         pg.stop_server()
         r = ask()
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
         assert int(r.headers["retry-after"]) >= 1
+        # readiness follows the store (a load balancer stops routing here); liveness does not
+        assert httpx.get(srv.url + "/ready", timeout=30).status_code == 503
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
         pg.start_server()
         assert [ask().status_code for _ in range(2)] == [200, 200]  # reconnected
+        assert httpx.get(srv.url + "/ready", timeout=30).status_code == 200
     finally:
         try:
             if srv is not None:
