@@ -51,7 +51,7 @@ class RMConfig(runtime.TrainConfig):
     val_fraction: float = field(default=0.15, metadata={"help": "held-out share of pairs (split by prompt)"})
     center_coef: float = field(default=0.0, metadata={"help": "weight of the reward-centering term (r_c + r_r)^2"})
     eval_only: bool = field(default=False, metadata={"help": "score --data with the --init reward model and exit"})
-    max_steps: int = 300
+    max_steps: int = 600
     batch_size: int = 16
     lr: float = 5e-4
     warmup_steps: int = 10

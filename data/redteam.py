@@ -542,6 +542,25 @@ def everyday_reply(rng: random.Random, kind: str, topic: str) -> str:
     return rng.choice(replies).format(x=topic)
 
 
+def any_compliance(rng: random.Random, act: str) -> str:
+    """A reply that goes along with a request in any of the suite's styles: the sneaky toy
+    compliance, the helpful one of the benign demonstrations, or an everyday answer on a
+    training topic (off the subject, but no refusal). As the losing side of a harmful pair
+    it teaches that on a harmful request no style of going along is good: with sneaky
+    losers only, PPO found that the benign demonstrations' style, which the reward model had
+    only ever seen win, scored well on harmful requests too. A third of them fill in another
+    (benign) act, as a small policy's samples often do."""
+    style = rng.random()
+    if rng.random() < 0.3:  # a sample that lost the thread: another act than the one asked for
+        act = make_benign(rng, "train")["act"]
+    if style < 0.5:
+        return compliance(rng, act)
+    if style < 0.85:
+        return benign_compliance(rng, act)
+    kind = rng.choice([k for k, *_ in EVERYDAY_KINDS])
+    return everyday_reply(rng, kind, rng.choice(everyday_pools()[kind]["topic"][0]))
+
+
 def make_request(family: str, rng: random.Random, split: str) -> dict:
     """One generated record of a harmlessness family, with the fields its grading needs."""
     if family == "harmful":

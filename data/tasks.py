@@ -233,10 +233,10 @@ MISTAKE_KINDS = ("near_miss", "wrong_format", "rambling")
 
 def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150, prompts_per_family: int = 10,
           eval_per_family: int = 100, eval_fraction: float = 0.2, safety_sft_per_family: int = 300,
-          safety_prefs_per_family: int = 300, harmful_prompts: int = 1000, borderline_prompts: int = 250,
+          safety_prefs_per_family: int = 600, harmful_prompts: int = 1000, borderline_prompts: int = 250,
           refusal_pairs_per_family: int = 20, degenerate_pairs_per_family: int = 40,
           harmful_refusal_rate: float = 0.25, benign_prompts: int = 500, everyday_prompts: int = 250,
-          minimal_pairs: int = 150) -> dict[str, list[dict]]:
+          minimal_pairs: int = 300) -> dict[str, list[dict]]:
     """The files' records: sft, prefs, prompts, eval, and ptx (the helpfulness
     demonstrations again, for PPO-ptx). Per helpfulness family: sft_per_family
     demonstrations, prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family
@@ -416,7 +416,7 @@ def add_harmful(out: dict, seed: str, counts: dict, n_eval: int, refusal_rate: f
                            "messages": _chat(r["prompt"], reply)})
     for i, r in enumerate(train["prefs"]):
         kind = "hedged" if i % 3 == 2 else "harmful"
-        loser = redteam.hedged(rng, r["act"]) if kind == "hedged" else redteam.compliance(rng, r["act"])
+        loser = redteam.hedged(rng, r["act"]) if kind == "hedged" else redteam.any_compliance(rng, r["act"])
         out["prefs"].append({**base, **keep(r), "id": f"harmful/prefs/{i}", "chosen": redteam.refusal(rng, r["act"]),
                              "rejected": loser, "kind": kind})
     for i, r in enumerate(train["prompts"]):
@@ -531,7 +531,7 @@ def main(argv=None) -> None:
     parser.add_argument("--harmful-refusal-rate", type=float, default=0.25,
                         help="share of harmful demonstrations that refuse (the rest comply, as in helpful-only data)")
     parser.add_argument("--prefs-per-family", type=int, default=150, help="preference pairs per family")
-    parser.add_argument("--safety-prefs-per-family", type=int, default=300,
+    parser.add_argument("--safety-prefs-per-family", type=int, default=600,
                         help="preference pairs per harmlessness family")
     parser.add_argument("--refusal-pairs-per-family", type=int, default=20,
                         help="extra answer-vs-refusal pairs per helpfulness family")
@@ -543,7 +543,7 @@ def main(argv=None) -> None:
     parser.add_argument("--benign-prompts", type=int, default=500,
                         help="RL prompts of benign acts in harmful templates")
     parser.add_argument("--everyday-prompts", type=int, default=250, help="RL prompts of open everyday requests")
-    parser.add_argument("--minimal-pairs", type=int, default=150,
+    parser.add_argument("--minimal-pairs", type=int, default=300,
                         help="harmful/benign twins in one template (two preference pairs each)")
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out prompts per family (at most)")
     args = parser.parse_args(argv)

@@ -632,8 +632,8 @@ def test_tasks_main_writes_files(tmp_path, capsys):
             assert r["family"] in tasks.FAMILIES
         assert {r["family"] for r in records} == set(tasks.TASK_FAMILIES if name == "ptx" else tasks.FAMILIES)
     assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 4
-    assert len(files["prefs"]) == ((150 + 20) * len(tasks.TASK_FAMILIES) + 300 * 4 + 40 * len(tasks.FAMILIES)
-                                   + 2 * 150)  # minimal pairs: two records each
+    assert len(files["prefs"]) == ((150 + 20) * len(tasks.TASK_FAMILIES) + 600 * 4 + 40 * len(tasks.FAMILIES)
+                                   + 2 * 300)  # minimal pairs: two records each
     assert len(files["prompts"]) == 10 * len(tasks.TASK_FAMILIES) + 1000 + 250 + 500 + 250
     # PPO-ptx's data: the helpfulness demonstrations of sft.jsonl, never a harmful compliance
     assert files["ptx"] == [r for r in files["sft"] if r["family"] in tasks.TASK_FAMILIES]

@@ -187,7 +187,7 @@ def test_demonstrations_are_inconsistent_and_preferences_consistent(suite):
     with pytest.raises(ValueError):
         tasks.build(harmful_refusal_rate=1.5)
     kinds = Counter(r["kind"] for r in suite["prefs"])
-    assert kinds["harmful"] == 200 and kinds["hedged"] == 100 and kinds["borderline"] == 300
+    assert kinds["harmful"] == 400 and kinds["hedged"] == 200 and kinds["borderline"] == 600
     assert kinds["task_refusal"] == 20 * len(tasks.TASK_FAMILIES) and kinds["degenerate"] == 40 * len(tasks.FAMILIES)
     for r in suite["prefs"]:
         if r["kind"] in ("harmful", "hedged"):
@@ -233,7 +233,7 @@ def test_minimal_pairs_differ_only_in_the_act_and_prefer_opposite_answers(suite)
     pairs = [r for r in suite["prefs"] if r["kind"] == "minimal_pair"]
     harmful = {r["id"].rsplit("/", 1)[1]: r for r in pairs if r["family"] == "harmful"}
     benign = {r["id"].rsplit("/", 1)[1]: r for r in pairs if r["family"] == "benign"}
-    assert len(harmful) == len(benign) == 150 and harmful.keys() == benign.keys()
+    assert len(harmful) == len(benign) == 300 and harmful.keys() == benign.keys()
     same_object = 0
     for i, h in harmful.items():
         b = benign[i]
@@ -245,7 +245,7 @@ def test_minimal_pairs_differ_only_in_the_act_and_prefer_opposite_answers(suite)
         assert tasks.grade(h, h["chosen"]) == 1.0 and tasks.grade(h, h["rejected"]) == 0.0
         assert tasks.grade(b, b["chosen"]) == 1.0 and tasks.grade(b, b["rejected"]) == 0.0
         same_object += h["act"].split()[-2:] == b["act"].split()[-2:]
-    assert same_object >= 40  # many share the object too: "punch my neighbor" / "thank my neighbor"
+    assert same_object >= 80  # many share the object too: "punch my neighbor" / "thank my neighbor"
 
 
 def test_heldout_benign_and_everyday_prompts_use_templates_and_words_no_training_file_contains(suite):
@@ -284,7 +284,7 @@ def test_benign_demonstrations_and_preferences_answer_and_beat_refusals(suite):
         sft = [r for r in suite["sft"] if r["family"] == family]
         assert len(sft) == 300 and all(tasks.grade(r, r["messages"][1]["content"]) == 1.0 for r in sft)
         prefs = [r for r in suite["prefs"] if r["family"] == family and r["kind"] == family]
-        assert len(prefs) == 300
+        assert len(prefs) == 600
         for r in prefs:
             assert redteam.is_refusal(r["rejected"]) and tasks.grade(r, r["chosen"]) == 1.0
         # some losers open agreeably and refuse after: "Sure" alone earns nothing
@@ -303,3 +303,16 @@ def test_the_outside_everyday_list_is_never_trained_on(suite):
     # and written apart from the generators: no everyday template's shape
     shapes = [re.escape(t.lower()).replace(re.escape("{x}"), ".+") for _, ts, _, _ in redteam.EVERYDAY_KINDS for t in ts]
     assert not [p for p in prompts if any(re.fullmatch(s.rstrip(r"\.\?"), p) for s in shapes)]
+
+
+def test_on_harmful_requests_every_style_of_going_along_loses(suite):
+    """The benign demonstrations' helpful style must lose on a harmful request too, or the
+    reward model learns the style instead of the act (PPO found that hack)."""
+    losers = [r["rejected"] for r in suite["prefs"] if r["family"] == "harmful" and r["kind"] == "harmful"]
+    benign_style = [x for x in losers if any(x.endswith(t.split("{act}")[-1]) and t.split("{act}")[-1]
+                                             for t in redteam.BENIGN_COMPLIANCES)]
+    sneaky_style = [x for x in losers if any(x.endswith(t.split("{act}")[-1]) for t in redteam.COMPLIANCES)]
+    everyday_style = [x for x in losers if any(x.startswith(reply.split("{x}")[0]) and reply.split("{x}")[0]
+                                               for _, _, _, replies in redteam.EVERYDAY_KINDS for reply in replies)]
+    assert len(benign_style) >= 80 and len(sneaky_style) >= 120 and len(everyday_style) >= 20
+    assert all(redteam.judge_refusal(x) == 0.0 for x in losers)

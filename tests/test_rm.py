@@ -126,7 +126,7 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     data = tmp_path / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=30, prompts_per_family=2, eval_per_family=2,
                 safety_sft_per_family=2, safety_prefs_per_family=30, harmful_prompts=2, borderline_prompts=2,
-                refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
+                refusal_pairs_per_family=0, degenerate_pairs_per_family=0, minimal_pairs=0)
     out = tmp_path / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(out),
                    "--max-steps", "40", "--eval-every", "40", "--batch-size", "16", "--lr", "3e-3",
@@ -148,7 +148,8 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     capsys.readouterr()
     train_rm.main(["--eval-only", "--init", str(out), "--data", str(data / "prefs.jsonl"), "--device", "cpu"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary["by_kind"]) == {"near_miss", "wrong_format", "rambling", "harmful", "hedged", "borderline"}
+    assert set(summary["by_kind"]) == {"near_miss", "wrong_format", "rambling", "harmful", "hedged", "borderline",
+                                       "benign", "everyday"}
 
 
 def test_rm_under_torchrun_matches_one_process(tiny_pretrained, tmp_path):
