@@ -361,7 +361,8 @@ def test_sft_runs_on_an_imported_model(works, tmp_path):
     hf_tokenizer(works, "split").save(str(src / "tokenizer.json"))
     convert.import_hf(str(src), str(tmp_path / "ours"))
     tasks.write(str(tmp_path / "tasks"), sft_per_family=4, prefs_per_family=2, prompts_per_family=2, eval_per_family=1,
-                safety_sft_per_family=4, safety_prefs_per_family=2, harmful_prompts=2, borderline_prompts=2)
+                safety_sft_per_family=4, safety_prefs_per_family=2, harmful_prompts=2, borderline_prompts=2,
+                benign_prompts=2, everyday_prompts=2, minimal_pairs=2)
     train_sft.main(["--init", str(tmp_path / "ours"), "--data", str(tmp_path / "tasks" / "sft.jsonl"),
                     "--eval-data", str(tmp_path / "tasks" / "eval.jsonl"), "--out", str(tmp_path / "sft"),
                     "--max-steps", "2", "--eval-every", "100", "--batch-size", "4", "--device", "cpu",

@@ -282,6 +282,7 @@ def setup(tiny_pretrained, tmp_path_factory):
     data = root / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=8, prompts_per_family=4, eval_per_family=2,
                 safety_sft_per_family=2, safety_prefs_per_family=8, harmful_prompts=4, borderline_prompts=4,
+                benign_prompts=4, everyday_prompts=4, minimal_pairs=4,
                 refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
     rm = root / "rm"
     train_rm.main(["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--out", str(rm), "--max-steps", "4",
@@ -536,4 +537,4 @@ def test_bad_input_fails_clearly_or_is_counted(setup, tmp_path, capsys, data_dir
     no_answer.write_text(open(setup["prompts"]).read() + json.dumps({"prompt": "Tell me a story."}) + "\n")
     train_ppo.main(ppo_args(setup, tmp_path / "task", **{"prompts": str(no_answer), "max-steps": 1, "reward": "task"}))
     # ... and the grader never scores harmful or borderline prompts (the reward model alone does)
-    assert "skipped 9 (no_answer 1, safety_family 8)" in capsys.readouterr().out
+    assert "skipped 17 (no_answer 1, safety_family 16)" in capsys.readouterr().out  # harmful, borderline, benign, everyday: 4 each

@@ -15,7 +15,8 @@ from data.tasks import TASK_FAMILIES, build, grade, split_of
 def suite(tmp_path_factory):
     """A small task suite written as files: (sft path, eval path, its records)."""
     out = build(sft_per_family=120, prefs_per_family=10, eval_per_family=40, safety_sft_per_family=5,
-                safety_prefs_per_family=5, harmful_prompts=5, borderline_prompts=5)
+                safety_prefs_per_family=5, harmful_prompts=5, borderline_prompts=5,
+                benign_prompts=5, everyday_prompts=5, minimal_pairs=5)
     root = tmp_path_factory.mktemp("suite")
     for name in ("sft", "eval"):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out[name]))

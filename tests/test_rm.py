@@ -160,7 +160,8 @@ def test_rm_under_torchrun_matches_one_process(tiny_pretrained, tmp_path):
     from data import tasks
     data = tmp_path / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=12, prompts_per_family=2, eval_per_family=2,
-                safety_sft_per_family=2, safety_prefs_per_family=12, harmful_prompts=2, borderline_prompts=2)
+                safety_sft_per_family=2, safety_prefs_per_family=12, harmful_prompts=2, borderline_prompts=2,
+                benign_prompts=2, everyday_prompts=2, minimal_pairs=2)
     common = ["--init", tiny_pretrained, "--data", str(data / "prefs.jsonl"), "--max-steps", "3", "--eval-every", "3",
               "--log-every", "1", "--device", "cpu", "--dtype", "float32", "--lr", "1e-3"]
     train_rm.main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"])

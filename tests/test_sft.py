@@ -19,6 +19,7 @@ def task_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tasks")
     tasks.write(str(out), sft_per_family=40, prefs_per_family=6, prompts_per_family=6, eval_per_family=4,
                 safety_sft_per_family=40, safety_prefs_per_family=6, harmful_prompts=6, borderline_prompts=6,
+                benign_prompts=6, everyday_prompts=6, minimal_pairs=6,
                 refusal_pairs_per_family=0, degenerate_pairs_per_family=0)
     return out
 
@@ -46,7 +47,7 @@ def test_short_sft_lowers_heldout_loss_and_writes_an_sft_checkpoint(tiny_pretrai
     with open(os.path.join(tiny_pretrained, "tokenizer.json"), "rb") as f:
         assert (out / "tokenizer.json").read_bytes() == f.read()  # the tokenizer travels with the weights
     text = capsys.readouterr().out
-    assert "sft data: 400 conversations from 1 file(s); skipped 0 (none); truncated " in text  # a 96-token model
+    assert "sft data: 480 conversations from 1 file(s); skipped 0 (none); truncated " in text  # a 96-token model
 
 
 def test_bad_records_are_counted_and_summarized(tiny_pretrained, task_dir, tmp_path, capsys):
