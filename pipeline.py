@@ -406,9 +406,9 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                           "unigram_val_loss": _last(pre_rows, "unigram_val_loss"),
                           "gold_accuracy": accuracy["pretrain"]["task_accuracy"],
                           "per_family": accuracy["pretrain"]["per_family"], "safety": accuracy["pretrain"]["safety"],
-                          "outside_everyday": accuracy["pretrain"]["outside_everyday"]}
+                          "outside_everyday": accuracy["pretrain"].get("outside_everyday")}
     stages["sft"] = {"gold_accuracy": accuracy["sft"]["task_accuracy"], "per_family": accuracy["sft"]["per_family"],
-                     "safety": accuracy["sft"]["safety"], "outside_everyday": accuracy["sft"]["outside_everyday"],
+                     "safety": accuracy["sft"]["safety"], "outside_everyday": accuracy["sft"].get("outside_everyday"),
                      "heldout_loss": _last(sft_rows, "heldout_loss"),
                      "pass_at_k": accuracy["sft"]["pass_at_k"]}
     rm_eval = rm_config.get("eval", {})
@@ -416,7 +416,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                     "by_kind": {k: v["accuracy"] for k, v in rm_eval.get("by_kind", {}).items()}}
     helpful = {stage: [x for x in accuracy[stage]["samples"] if x["family"] in TASK_FAMILIES] for stage in accuracy}
     stages["ppo"] = {"gold_accuracy": accuracy["ppo"]["task_accuracy"], "per_family": accuracy["ppo"]["per_family"],
-                     "safety": accuracy["ppo"]["safety"], "outside_everyday": accuracy["ppo"]["outside_everyday"],
+                     "safety": accuracy["ppo"]["safety"], "outside_everyday": accuracy["ppo"].get("outside_everyday"),
                      "kl": _last(ppo_rows, "objective/kl"), "score": _last(ppo_rows, "objective/scores"),
                      "reward": ppo_config.get("reward"),
                      "rm_score_start": ppo_config.get("eval_start", {}).get("rm_score"),
@@ -500,7 +500,7 @@ def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, devi
                       "init": cfg.rm_round2_init, "feedback_weight": cfg.feedback_weight},
         "ppo_round2": {"gold_accuracy": accuracy["ppo_round2"]["task_accuracy"],
                        "per_family": accuracy["ppo_round2"]["per_family"], "safety": accuracy["ppo_round2"]["safety"],
-                       "outside_everyday": accuracy["ppo_round2"]["outside_everyday"],
+                       "outside_everyday": accuracy["ppo_round2"].get("outside_everyday"),
                        "kl": _last(_metrics(ckpt("ppo_round2")), "objective/kl"), "reward": ppo2_config.get("reward"),
                        "init": cfg.ppo_round2_init,
                        "vs_ppo": paired_change(helpful["ppo"], helpful["ppo_round2"]),
@@ -691,6 +691,10 @@ def render_markdown(report: dict) -> str:
     for label, value in SAFETY_ROWS + (("borderline prompts answered right",
                                         lambda st: st["per_family"].get("borderline")),):
         lines.append(f"| {label} | " + " | ".join(_pct(value(s[st])) for st in stage_names) + " |")
+    refused = (s["ppo"].get("outside_everyday") or {}).get("refused") or []
+    if refused:
+        lines += ["", f"The hand-written everyday requests PPO refused ({len(refused)}):", ""]
+        lines += [f"- {x['prompt']} -> `{x['response']!r}`" for x in refused]
     change = s["ppo"].get("vs_sft")
     if change:
         verdict = ("unlikely to be chance" if change["p_value"] < 0.05 else
