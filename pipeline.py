@@ -2,6 +2,7 @@
 
     prepare (data/) -> tasks -> pretrain -> sft -> rm -> ppo
       -> feedback -> rm_round2 -> ppo_round2 (round 2; --rounds 1 leaves it out) -> eval + report
+    with --align dpo: ... -> sft -> dpo -> eval + report (round 1 only)
 
 Round 2 closes the loop: the round-1 policy is served (serve.py), simulated users (a
 stand-in for people: simulate_users.py) rate its answers with a set disagreement rate
@@ -18,6 +19,7 @@ hold each stage's command, wall time and key numbers, plots and sample completio
 
     python pipeline.py                     # the CPU defaults, both rounds: 20-25 minutes on 2 cores
     python pipeline.py --rounds 1          # round 1 only (10-13 minutes)
+    python pipeline.py --align dpo         # DPO (train_dpo.py) on the same pairs in place of the reward model and PPO
     python pipeline.py --preset mini       # seconds per stage: a smoke test of the whole chain
     python pipeline.py --preset gpu        # a larger model for one GPU
     NPROC=8 python pipeline.py --preset gpu  # each training stage under torchrun on 8 GPUs
@@ -38,9 +40,10 @@ from data.tasks import SAFETY_FAMILIES
 from serving.launch import ServeProcess
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("prepare", "tasks", "pretrain", "sft", "rm", "ppo", "feedback", "rm_round2", "ppo_round2", "eval")
+STAGES = ("prepare", "tasks", "pretrain", "sft", "rm", "ppo", "dpo", "feedback", "rm_round2", "ppo_round2", "eval")
 ROUND2 = ("feedback", "rm_round2", "ppo_round2")
-TRAINING = ("pretrain", "sft", "rm", "ppo", "rm_round2", "ppo_round2")
+TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "rm_round2", "ppo_round2")
+ALIGN_STAGES = {"ppo": ("rm", "ppo"), "dpo": ("dpo",)}  # --align: what turns the SFT model into the policy
 ROUND1_OF = {"rm_round2": "rm", "ppo_round2": "ppo"}  # a round-2 stage takes its round-1 stage's preset options
 # Round 2's defaults, chosen by measurement (docs/results.md, "Round 2: the loop closed")
 FEEDBACK_PROMPTS = 3000
@@ -72,6 +75,8 @@ PRESETS = {
         "sft": ["--max-steps", "4", "--batch-size", "8", "--eval-every", "4", "--save-every", "4",
                 "--eval-max-new-tokens", "4", "--warmup-steps", "1"],
         "rm": ["--max-steps", "3", "--batch-size", "8", "--eval-every", "3", "--save-every", "3", "--warmup-steps", "1"],
+        "dpo": ["--max-steps", "2", "--batch-size", "4", "--eval-every", "2", "--save-every", "2",
+                "--eval-max-new-tokens", "4", "--kl-prompts", "4", "--warmup-steps", "1"],
         "ppo": ["--max-steps", "2", "--batch-size", "4", "--minibatch-size", "8", "--max-new-tokens", "6",
                 "--eval-every", "2", "--save-every", "2", "--eval-max-new-tokens", "4", "--log-every", "1"],
         "feedback": ["--prompts", "12", "--max-tokens", "6"],
@@ -103,7 +108,10 @@ class PipelineConfig:
     seed: int = field(default=1337, metadata={"help": "passed to every training stage (1337: their own default); "
                       "the corpus and the task suite stay the same, so seeds measure the training noise"})
     rounds: int = field(default=2, metadata={"choices": [1, 2], "help": "2: after round 1, simulated users' feedback "
-                        "on the PPO policy trains a second reward model and PPO run (1: round 1 only)"})
+                        "on the PPO policy trains a second reward model and PPO run (1: round 1 only; "
+                        "--align dpo runs round 1 only)"})
+    align: str = field(default="ppo", metadata={"choices": ["ppo", "dpo"], "help": "how the SFT model becomes the "
+                       "policy: ppo (a reward model, then PPO) or dpo (train_dpo.py on the same preference pairs)"})
     rater_noise: float = field(default=0.2, metadata={"help": "round 2: probability that a simulated rater "
                                "disagrees with the gold judge"})
     feedback_prompts: int = field(default=FEEDBACK_PROMPTS, metadata={"help": "round 2: user prompts the simulated "
@@ -124,12 +132,21 @@ class PipelineConfig:
         if not 0 <= self.rater_noise <= 1 or self.feedback_prompts < 1 or self.feedback_weight < 1:
             raise UserError("need 0 <= --rater-noise <= 1, --feedback-prompts >= 1 and --feedback-weight >= 1")
         asked = {self.from_stage} | (set(self.stages) if set(self.stages) != set(STAGES) else set())
-        if self.rounds == 1 and asked & set(ROUND2):
-            raise UserError(f"{', '.join(sorted(asked & set(ROUND2)))}: round-2 stage(s) need --rounds 2")
+        if (self.rounds == 1 or self.align == "dpo") and asked & set(ROUND2):
+            raise UserError(f"{', '.join(sorted(asked & set(ROUND2)))}: round-2 stage(s) need --rounds 2 and "
+                            "--align ppo")
+        other = {s for a, stages in ALIGN_STAGES.items() if a != self.align for s in stages}
+        if asked & other:
+            raise UserError(f"{', '.join(sorted(asked & other))}: not a stage of --align {self.align}")
+
+    def round2(self) -> bool:
+        return self.rounds >= 2 and self.align == "ppo"
 
     def active_stages(self) -> tuple[str, ...]:
-        """The stages of this run, in order: round 2's only with --rounds 2."""
-        return tuple(s for s in STAGES if self.rounds >= 2 or s not in ROUND2)
+        """The stages of this run, in order: the --align stages; round 2's only with --rounds
+        2 and --align ppo (round 2 has a reward model and PPO)."""
+        other = {s for a, stages in ALIGN_STAGES.items() if a != self.align for s in stages}
+        return tuple(s for s in STAGES if s not in other and (self.round2() or s not in ROUND2))
 
 
 def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
@@ -152,6 +169,8 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
         "ppo": [*launcher, "train_ppo.py", "--init", run("sft"), "--reward-model", run("rm"),
                 "--prompts", os.path.join(tasks, "prompts.jsonl"), "--eval-data", os.path.join(tasks, "eval.jsonl"),
                 "--out", run("ppo"), *device],
+        "dpo": [*launcher, "train_dpo.py", "--init", run("sft"), "--data", os.path.join(tasks, "prefs.jsonl"),
+                "--eval-data", os.path.join(tasks, "eval.jsonl"), "--out", run("dpo"), *device],
         "rm_round2": [*launcher, "train_rm.py", "--init", run(cfg.rm_round2_init),
                       "--data", os.path.join(tasks, "prefs.jsonl"), *[feedback_pairs(cfg)] * cfg.feedback_weight,
                       "--out", run("rm_round2"), *device],
@@ -159,7 +178,7 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
                        "--prompts", os.path.join(tasks, "prompts.jsonl"),
                        "--eval-data", os.path.join(tasks, "eval.jsonl"), "--out", run("ppo_round2"), *device],
         "eval": [sys.executable, "pipeline.py", "--out", cfg.out, "--data", cfg.data, "--preset", cfg.preset,
-                 "--stages", "eval", "--rounds", str(cfg.rounds), *seed, *device],
+                 "--stages", "eval", "--rounds", str(cfg.rounds), "--align", cfg.align, *seed, *device],
     }
     if stage == "feedback":
         raise ValueError("the feedback stage runs several commands: see feedback_commands")
@@ -390,15 +409,15 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     examples = [next(r for r in records if r["family"] == f) for f in SAMPLE_FAMILIES if any(
         r["family"] == f for r in records)]
     # the example prompts are answered by round 1's stages
-    report = {"preset": cfg.preset, "stages": {}, "seconds": {}, "samples": {s: [] for s in ("pretrain", "sft", "ppo")}}
+    policy = cfg.align  # the stage whose checkpoint is round 1's policy: ppo or dpo
+    report = {"preset": cfg.preset, "align": policy, "stages": {}, "seconds": {},
+              "samples": {s: [] for s in ("pretrain", "sft", policy)}}
     accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
-                                      headroom=stage in ("sft", "ppo"), outside=outside)
-                for stage in ("pretrain", "sft", "ppo") + (("ppo_round2",) if cfg.rounds >= 2 else ())}
+                                      headroom=stage in ("sft", policy), outside=outside)
+                for stage in ("pretrain", "sft", policy) + (("ppo_round2",) if cfg.round2() else ())}
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
-    pre_rows, sft_rows, rm_rows, ppo_rows = (_metrics(ckpt(s)) for s in ("pretrain", "sft", "rm", "ppo"))
-    rm_config = _read_json(os.path.join(ckpt("rm"), "config.json")) or {}
-    ppo_config = _read_json(os.path.join(ckpt("ppo"), "config.json")) or {}
+    pre_rows, sft_rows, policy_rows = (_metrics(ckpt(s)) for s in ("pretrain", "sft", policy))
     stages = report["stages"]
     stages["prepare"] = {"documents": prep.get("documents"), "tokens": prep.get("tokens"),
                          "bytes_per_token": prep.get("bytes_per_token"), "pii_replaced": prep.get("pii")}
@@ -411,23 +430,35 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
                      "safety": accuracy["sft"]["safety"], "outside_everyday": accuracy["sft"].get("outside_everyday"),
                      "heldout_loss": _last(sft_rows, "heldout_loss"),
                      "pass_at_k": accuracy["sft"]["pass_at_k"]}
-    rm_eval = rm_config.get("eval", {})
-    stages["rm"] = {"accuracy": rm_eval.get("accuracy"), "margin": rm_eval.get("margin"),
-                    "by_kind": {k: v["accuracy"] for k, v in rm_eval.get("by_kind", {}).items()}}
     helpful = {stage: [x for x in accuracy[stage]["samples"] if x["family"] in TASK_FAMILIES] for stage in accuracy}
-    stages["ppo"] = {"gold_accuracy": accuracy["ppo"]["task_accuracy"], "per_family": accuracy["ppo"]["per_family"],
-                     "safety": accuracy["ppo"]["safety"], "outside_everyday": accuracy["ppo"].get("outside_everyday"),
-                     "kl": _last(ppo_rows, "objective/kl"), "score": _last(ppo_rows, "objective/scores"),
-                     "reward": ppo_config.get("reward"),
-                     "rm_score_start": ppo_config.get("eval_start", {}).get("rm_score"),
-                     "rm_score_end": ppo_config.get("eval", {}).get("rm_score"),
-                     "vs_sft": paired_change(helpful["sft"], helpful["ppo"]),
-                     "win_rate_vs_sft": win_rate(accuracy["sft"]["samples"], accuracy["ppo"]["samples"]),
-                     "advantage": ppo_config.get("advantage"), "samples_per_prompt": ppo_config.get("samples_per_prompt"),
-                     "pass_at_k": accuracy["ppo"]["pass_at_k"],
-                     "greedy_curve": [{"step": r["step"], "gold_accuracy": r["eval/accuracy"]}
-                                      for r in ppo_rows if "eval/accuracy" in r]}
-    if cfg.rounds >= 2:
+    # what every policy stage reports: gold numbers, against SFT prompt by prompt, headroom
+    stages[policy] = {"gold_accuracy": accuracy[policy]["task_accuracy"], "per_family": accuracy[policy]["per_family"],
+                      "safety": accuracy[policy]["safety"], "outside_everyday": accuracy[policy].get("outside_everyday"),
+                      "vs_sft": paired_change(helpful["sft"], helpful[policy]),
+                      "win_rate_vs_sft": win_rate(accuracy["sft"]["samples"], accuracy[policy]["samples"]),
+                      "pass_at_k": accuracy[policy]["pass_at_k"]}
+    if policy == "ppo":
+        rm_config = _read_json(os.path.join(ckpt("rm"), "config.json")) or {}
+        ppo_config = _read_json(os.path.join(ckpt("ppo"), "config.json")) or {}
+        rm_eval = rm_config.get("eval", {})
+        stages["rm"] = {"accuracy": rm_eval.get("accuracy"), "margin": rm_eval.get("margin"),
+                        "by_kind": {k: v["accuracy"] for k, v in rm_eval.get("by_kind", {}).items()}}
+        stages["ppo"].update({
+            "kl": _last(policy_rows, "objective/kl"), "score": _last(policy_rows, "objective/scores"),
+            "reward": ppo_config.get("reward"), "rm_score_start": ppo_config.get("eval_start", {}).get("rm_score"),
+            "rm_score_end": ppo_config.get("eval", {}).get("rm_score"), "advantage": ppo_config.get("advantage"),
+            "samples_per_prompt": ppo_config.get("samples_per_prompt"),
+            "greedy_curve": [{"step": r["step"], "gold_accuracy": r["eval/accuracy"]}
+                             for r in policy_rows if "eval/accuracy" in r]})
+    else:
+        dpo_config = _read_json(os.path.join(ckpt("dpo"), "train_config.json")) or {}
+        stages["dpo"].update({
+            "kl": _last(policy_rows, "kl"), "val_reward_accuracy": _last(policy_rows, "val_reward_accuracy"),
+            "val_reward_margin": _last(policy_rows, "val_reward_margin"), "loss": dpo_config.get("loss"),
+            "beta": dpo_config.get("beta"), "sft_coef": dpo_config.get("sft_coef"),
+            "greedy_curve": [{"step": r["step"], "gold_accuracy": r["accuracy"]}
+                             for r in policy_rows if "accuracy" in r]})
+    if cfg.round2():
         stages.update(round2_report(cfg, records, accuracy, device))
     state["stages"]["eval"]["seconds"] = round(time.time() - start, 1)
     for name in cfg.active_stages():
@@ -437,29 +468,31 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
             report["seconds"][name] = seconds
         if name in state["stages"]:
             stages.setdefault(name, {})["command"] = state["stages"][name].get("command")
-    report["plots"] = make_plots(cfg.out, pre_rows, sft_rows, ppo_rows, accuracy)
+    report["plots"] = make_plots(cfg.out, pre_rows, sft_rows, policy_rows if policy == "ppo" else [], accuracy, policy)
     report["complete"] = True
     write_json(os.path.join(cfg.out, "report.json"), report)
     atomic_write(os.path.join(cfg.out, "report.md"), render_markdown(report))
-    print_summary(stages, len(records))
+    print_summary(stages, len(records), policy)
     return report
 
 
-def print_summary(stages: dict, n_records: int) -> None:
+def print_summary(stages: dict, n_records: int, policy: str = "ppo") -> None:
+    pol = stages[policy]
     print(f"gold accuracy: pretrain {100 * stages['pretrain']['gold_accuracy']:.1f}%, "
-          f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, ppo {100 * stages['ppo']['gold_accuracy']:.1f}% "
-          f"(ppo KL {stages['ppo']['kl']}; vs sft: fixed {stages['ppo']['vs_sft']['fixed']}, "
-          f"broke {stages['ppo']['vs_sft']['broken']}, McNemar p {stages['ppo']['vs_sft']['p_value']:.3g})")
-    wins = stages["ppo"]["win_rate_vs_sft"]
-    print(f"ppo vs sft on all {n_records} held-out prompts (gold judge): {wins['wins']} wins, {wins['losses']} losses, "
-          f"{wins['ties']} ties, sign test p {wins['p_value']:.3g}")
+          f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, {policy} {100 * pol['gold_accuracy']:.1f}% "
+          f"({policy} KL {pol['kl']}; vs sft: fixed {pol['vs_sft']['fixed']}, "
+          f"broke {pol['vs_sft']['broken']}, McNemar p {pol['vs_sft']['p_value']:.3g})")
+    wins = pol["win_rate_vs_sft"]
+    print(f"{policy} vs sft on all {n_records} held-out prompts (gold judge): {wins['wins']} wins, "
+          f"{wins['losses']} losses, {wins['ties']} ties, sign test p {wins['p_value']:.3g}")
     for label, value in SAFETY_ROWS:
-        print(f"{label}: " + ", ".join(f"{stage} {_pct(value(stages[stage]))}" for stage in ("pretrain", "sft", "ppo")))
-    sft_k, ppo_k = stages["sft"].get("pass_at_k"), stages["ppo"].get("pass_at_k")
-    if sft_k and ppo_k:
+        print(f"{label}: " + ", ".join(f"{stage} {_pct(value(stages[stage]))}" for stage in ("pretrain", "sft", policy)))
+    sft_k, pol_k = stages["sft"].get("pass_at_k"), pol.get("pass_at_k")
+    if sft_k and pol_k:
         k = str(sft_k["samples"])
         print(f"pass@1 / pass@{k} at temperature {sft_k['temperature']:g}: sft {_pct(sft_k['pass_at_k']['1'])} / "
-              f"{_pct(sft_k['pass_at_k'][k])}, ppo {_pct(ppo_k['pass_at_k']['1'])} / {_pct(ppo_k['pass_at_k'][k])}")
+              f"{_pct(sft_k['pass_at_k'][k])}, {policy} {_pct(pol_k['pass_at_k']['1'])} / "
+              f"{_pct(pol_k['pass_at_k'][k])}")
     if "rm_round2" in stages:
         print(round2_summary(stages))
 
@@ -551,8 +584,9 @@ def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None,
     return result
 
 
-def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy) -> list[str]:
-    """PNG plots next to the report (matplotlib, no display needed)."""
+def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy, policy: str = "ppo") -> list[str]:
+    """PNG plots next to the report (matplotlib, no display needed); PPO's curves only
+    when there are PPO rows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -576,6 +610,28 @@ def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy) -> list[str]:
     fig.savefig(os.path.join(out, files[-1]), dpi=100)
     plt.close(fig)
 
+    if ppo_rows:
+        files += ppo_plots(out, ppo_rows, series, plt)
+
+    families = sorted(accuracy["sft"]["per_family"])
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    width = 0.27
+    for i, stage in enumerate(("pretrain", "sft", policy)):
+        ax.bar([j + (i - 1) * width for j in range(len(families))],
+               [100 * accuracy[stage]["per_family"].get(f, 0.0) for f in families], width, label=stage)
+    ax.set_xticks(range(len(families)), families)
+    ax.set(title="held-out gold accuracy by stage (%)", ylim=(0, 100))
+    ax.legend()
+    files.append("accuracy_by_stage.png")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, files[-1]), dpi=100)
+    plt.close(fig)
+    return files
+
+
+def ppo_plots(out: str, ppo_rows, series, plt) -> list[str]:
+    """PPO's reward and KL per step, and its evaluations' gold metrics against KL."""
+    files = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].plot(*series(ppo_rows, "objective/scores"), label="score")
     axes[0].plot(*series(ppo_rows, "objective/rlhf_reward"), label="score - beta * KL")
@@ -612,20 +668,6 @@ def make_plots(out: str, pre_rows, sft_rows, ppo_rows, accuracy) -> list[str]:
         fig.tight_layout()
         fig.savefig(os.path.join(out, files[-1]), dpi=100)
         plt.close(fig)
-
-    families = sorted(accuracy["sft"]["per_family"])
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    width = 0.27
-    for i, stage in enumerate(("pretrain", "sft", "ppo")):
-        ax.bar([j + (i - 1) * width for j in range(len(families))],
-               [100 * accuracy[stage]["per_family"].get(f, 0.0) for f in families], width, label=stage)
-    ax.set_xticks(range(len(families)), families)
-    ax.set(title="held-out gold accuracy by stage (%)", ylim=(0, 100))
-    ax.legend()
-    files.append("accuracy_by_stage.png")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, files[-1]), dpi=100)
-    plt.close(fig)
     return files
 
 
@@ -639,6 +681,8 @@ def _pct(x) -> str:
 
 def render_markdown(report: dict) -> str:
     s = report["stages"]
+    pol = report.get("align", "ppo")  # round 1's policy stage
+    label = STAGE_LABELS[pol]
     lines = [f"# Pipeline report (preset {report['preset']})", "",
              "| stage | wall time | key numbers |", "|---|---|---|"]
     docs = s["prepare"].get("documents") or {}
@@ -651,12 +695,17 @@ def render_markdown(report: dict) -> str:
         "pretrain": f"val loss {s['pretrain']['val_loss']}, val bits/byte {s['pretrain']['val_bpb']} "
                     f"(unigram baseline loss {s['pretrain']['unigram_val_loss']})",
         "sft": f"held-out gold accuracy {_pct(s['sft']['gold_accuracy'])}, held-out loss {s['sft']['heldout_loss']}",
-        "rm": f"held-out pair accuracy {_pct(s['rm']['accuracy'])} ("
-              + ", ".join(f"{k} {_pct(v)}" for k, v in s["rm"]["by_kind"].items()) + ")",
-        "ppo": f"held-out gold accuracy {_pct(s['ppo']['gold_accuracy'])}, final KL {s['ppo']['kl']}, "
-               f"reward {s['ppo']['reward']}",
         "eval": "this report",
     }
+    if pol == "ppo":
+        key["rm"] = (f"held-out pair accuracy {_pct(s['rm']['accuracy'])} ("
+                     + ", ".join(f"{k} {_pct(v)}" for k, v in s["rm"]["by_kind"].items()) + ")")
+        key["ppo"] = (f"held-out gold accuracy {_pct(s['ppo']['gold_accuracy'])}, final KL {s['ppo']['kl']}, "
+                      f"reward {s['ppo']['reward']}")
+    else:
+        key["dpo"] = (f"held-out gold accuracy {_pct(s['dpo']['gold_accuracy'])}, KL to SFT {s['dpo']['kl']}, "
+                      f"held-out implicit-reward accuracy {_pct(s['dpo']['val_reward_accuracy'])} "
+                      f"(loss {s['dpo']['loss']}, beta {s['dpo']['beta']}, sft coef {s['dpo']['sft_coef']})")
     if "rm_round2" in s:
         key.update(round2_keys(s))
     for name in STAGES:
@@ -665,19 +714,19 @@ def render_markdown(report: dict) -> str:
         seconds = report["seconds"].get(name)
         lines.append(f"| {name} | {'-' if seconds is None else f'{seconds:.0f} s'} | {key[name]} |")
     lines += ["", "## Held-out gold accuracy by task family", "",
-              "| family | SFT | PPO |", "|---|---|---|"]
+              f"| family | SFT | {label} |", "|---|---|---|"]
     for family in sorted(f for f in s["sft"]["per_family"] if f not in SAFETY_FAMILIES):
-        lines.append(f"| {family} | {_pct(s['sft']['per_family'][family])} | {_pct(s['ppo']['per_family'].get(family))} |")
-    lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s['ppo']['gold_accuracy'])}** |")
-    wins = s["ppo"].get("win_rate_vs_sft")
+        lines.append(f"| {family} | {_pct(s['sft']['per_family'][family])} | {_pct(s[pol]['per_family'].get(family))} |")
+    lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s[pol]['gold_accuracy'])}** |")
+    wins = s[pol].get("win_rate_vs_sft")
     if wins:
         decided = wins["wins"] + wins["losses"]
-        lines += ["", f"PPO against SFT on all {decided + wins['ties']} held-out prompts, judged by the gold judge: "
-                      f"PPO wins {wins['wins']}, loses {wins['losses']}, ties {wins['ties']} "
+        lines += ["", f"{label} against SFT on all {decided + wins['ties']} held-out prompts, judged by the gold "
+                      f"judge: {label} wins {wins['wins']}, loses {wins['losses']}, ties {wins['ties']} "
                       f"({_pct(wins['wins'] / decided) if decided else '-'} of the prompts where they differ; "
                       f"exact sign test p = {wins['p_value']:.3g})."]
-    lines += headroom_markdown(s)
-    stage_names = ("pretrain", "sft", "ppo") + (("ppo_round2",) if "ppo_round2" in s else ())
+    lines += headroom_markdown(s, pol)
+    stage_names = ("pretrain", "sft", pol) + (("ppo_round2",) if "ppo_round2" in s else ())
     outside = s["sft"].get("outside_everyday") or {}
     lines += ["", "## Harmlessness on held-out prompts", "",
               "Harmful requests should be refused (a refusal with no compliance in it). Everything else should be "
@@ -691,15 +740,15 @@ def render_markdown(report: dict) -> str:
     for label, value in SAFETY_ROWS + (("borderline prompts answered right",
                                         lambda st: st["per_family"].get("borderline")),):
         lines.append(f"| {label} | " + " | ".join(_pct(value(s[st])) for st in stage_names) + " |")
-    refused = (s["ppo"].get("outside_everyday") or {}).get("refused") or []
+    refused = (s[pol].get("outside_everyday") or {}).get("refused") or []
     if refused:
-        lines += ["", f"The hand-written everyday requests PPO refused ({len(refused)}):", ""]
+        lines += ["", f"The hand-written everyday requests {label} refused ({len(refused)}):", ""]
         lines += [f"- {x['prompt']} -> `{x['response']!r}`" for x in refused]
-    change = s["ppo"].get("vs_sft")
+    change = s[pol].get("vs_sft")
     if change:
         verdict = ("unlikely to be chance" if change["p_value"] < 0.05 else
                    "no evidence of a change either way")
-        lines += ["", f"Prompt by prompt: of the {change['n']} held-out helpfulness prompts, PPO answers "
+        lines += ["", f"Prompt by prompt: of the {change['n']} held-out helpfulness prompts, {label} answers "
                       f"{change['fixed']} right that SFT got wrong, and {change['broken']} wrong that SFT got right "
                       f"(McNemar's exact test: p = {change['p_value']:.3g}, {verdict})."]
     if "rm_round2" in s:
@@ -709,7 +758,7 @@ def render_markdown(report: dict) -> str:
     for i, example in enumerate(report["samples"].get("sft", [])):
         lines.append(f"**{example['prompt']}** (answer: {example['answer']})")
         lines.append("")
-        for stage in ("pretrain", "sft", "ppo"):
+        for stage in ("pretrain", "sft", pol):
             lines.append(f"- {stage}: `{report['samples'][stage][i]['response']!r}`")
         lines.append("")
     lines += ["## Commands", ""] + [f"- {name}: `{s[name]['command']}`" for name in STAGES
@@ -717,7 +766,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "ppo_round2": "PPO round 2"}
+STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "ppo_round2": "PPO round 2"}
 # The harmlessness rows of the report and the summary: (label, value of a stage's entry)
 SAFETY_ROWS = (
     ("harmful requests refused", lambda st: st["safety"]["harmful_refusal"]),
@@ -740,10 +789,11 @@ def round2_keys(s: dict) -> dict:
             "ppo_round2": f"held-out gold accuracy {_pct(ppo2['gold_accuracy'])}, final KL {ppo2['kl']}"}
 
 
-def headroom_markdown(s: dict) -> list[str]:
-    """The report's headroom section: pass@1 and pass@K per family for SFT and PPO, and
-    PPO's greedy helpfulness at each of its evaluations."""
-    sft, ppo = s["sft"].get("pass_at_k"), s["ppo"].get("pass_at_k")
+def headroom_markdown(s: dict, pol: str = "ppo") -> list[str]:
+    """The report's headroom section: pass@1 and pass@K per family for SFT and the policy
+    (PPO or DPO), and the policy's greedy helpfulness at each of its evaluations."""
+    label = STAGE_LABELS[pol]
+    sft, ppo = s["sft"].get("pass_at_k"), s[pol].get("pass_at_k")
     if not sft or not ppo:
         return []
     k = str(sft["samples"])
@@ -751,16 +801,16 @@ def headroom_markdown(s: dict) -> list[str]:
              f"{sft['samples']} sampled answers per prompt at temperature {sft['temperature']:g}; pass@k is the "
              f"unbiased estimate (Chen et al. 2021) that at least one of k answers is right. The frontier is the "
              f"prompts answered right sometimes, not always.", "",
-             f"| family | SFT pass@1 | SFT pass@{k} | PPO pass@1 | PPO pass@{k} |", "|---|---|---|---|---|"]
+             f"| family | SFT pass@1 | SFT pass@{k} | {label} pass@1 | {label} pass@{k} |", "|---|---|---|---|---|"]
     for family in sorted(sft["per_family"]):
         a, b = sft["per_family"][family]["pass_at_k"], ppo["per_family"].get(family, {}).get("pass_at_k", {})
         lines.append(f"| {family} | {_pct(a['1'])} | {_pct(a[k])} | {_pct(b.get('1'))} | {_pct(b.get(k))} |")
     lines.append(f"| **all** | **{_pct(sft['pass_at_k']['1'])}** | **{_pct(sft['pass_at_k'][k])}** | "
                  f"**{_pct(ppo['pass_at_k']['1'])}** | **{_pct(ppo['pass_at_k'][k])}** |")
     lines.append(f"| frontier | {_pct(sft['frontier_share'])} | | {_pct(ppo['frontier_share'])} | |")
-    curve = s["ppo"].get("greedy_curve") or []
+    curve = s[pol].get("greedy_curve") or []
     if curve:
-        lines += ["", "PPO's greedy held-out helpfulness as it trained: " + ", ".join(
+        lines += ["", f"{label}'s greedy held-out helpfulness as it trained: " + ", ".join(
             f"step {p['step']} {_pct(p['gold_accuracy'])}" for p in curve) + "."]
     return lines
 

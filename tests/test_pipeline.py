@@ -80,7 +80,8 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
         outside = stages[stage]["outside_everyday"]  # the hand-written list, never trained on
         assert outside["prompts"] >= 30 and len(outside["refused"]) == round(outside["over_refusal"] * outside["prompts"])
     assert stages["prepare"]["documents"]["read"] == 3
-    assert set(report["seconds"]) == set(pipeline.STAGES) and all(s >= 0 for s in report["seconds"].values())
+    assert set(report["seconds"]) == set(pipeline.PipelineConfig().active_stages()) == set(pipeline.STAGES) - {"dpo"}
+    assert all(s >= 0 for s in report["seconds"].values())
     assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
     for plot in report["plots"]:
         assert (runs / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,6 +97,39 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
         assert config["stage"] == stage and model.num_params() > 0
     _, config = load_model(str(runs / "rm"), model_class=ScalarHeadModel)
     assert config["stage"] == "rm"
+
+
+def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo(tmp_path, capsys):
+    args = mini_args(tmp_path) + ["--align", "dpo"]
+    pipeline.main(args)
+    out = capsys.readouterr().out
+    assert "=== stage dpo done" in out and "python train_dpo.py --init" in out
+    assert "=== stage rm" not in out and "=== stage ppo" not in out and "=== stage feedback" not in out
+    runs = tmp_path / "runs"
+    report = json.loads((runs / "report.json").read_text())
+    stages = report["stages"]
+    assert report["align"] == "dpo" and "rm" not in stages and "ppo" not in stages
+    dpo = stages["dpo"]
+    eval_records = [json.loads(line) for line in (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()]
+    assert 0.0 <= dpo["gold_accuracy"] <= 1.0 and isinstance(dpo["kl"], float)
+    assert set(dpo["safety"]) >= {"harmful_refusal", "borderline_over_refusal", "benign_template_over_refusal",
+                                  "open_request_over_refusal"}
+    wins = dpo["win_rate_vs_sft"]
+    assert wins["wins"] + wins["losses"] + wins["ties"] == len(eval_records)
+    assert dpo["greedy_curve"][0]["step"] == 0  # its own evaluations: step 0 is the SFT start
+    assert abs(dpo["greedy_curve"][0]["gold_accuracy"] - stages["sft"]["gold_accuracy"]) < 1e-6
+    assert set(report["samples"]) == {"pretrain", "sft", "dpo"}
+    assert set(report["seconds"]) == {"prepare", "tasks", "pretrain", "sft", "dpo", "eval"}
+    text = (runs / "report.md").read_text()
+    assert "| dpo |" in text and "| family | SFT | DPO |" in text and "DPO against SFT on all" in text
+    _, config = load_model(str(runs / "dpo"))
+    assert config["stage"] == "dpo"
+    for bad, expected in ((["--stages", "rm"], "not a stage of --align dpo"),
+                          (["--stages", "feedback"], "need --rounds 2 and --align ppo")):
+        with pytest.raises(SystemExit):
+            pipeline.main(args + bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
 
 
 def test_an_interrupted_training_stage_is_resumed_and_bad_options_fail_clearly(tmp_path, capsys):
