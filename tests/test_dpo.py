@@ -105,6 +105,30 @@ def test_sft_coef_adds_the_chosen_answers_mean_token_nll(tiny_pretrained):
     assert (added - base).item() == pytest.approx(-0.5 * chosen.item(), rel=1e-5)
 
 
+def test_every_pair_format_loads_with_only_the_final_answer_counted(tiny_pretrained, tmp_path):
+    """serve.py's feedback export (round 2's pairs), the suite's strings, message lists and
+    Anthropic-HH conversations: the mask covers the final answer and its <|end|>."""
+    tok = Tokenizer.load(os.path.join(tiny_pretrained, "tokenizer.json"))
+    records = [
+        {"prompt": [{"role": "user", "content": "Say 'hi' 2 times."}], "chosen": "hi hi", "rejected": "hi",
+         "kind": "feedback_pairwise", "source_ids": ["chatcmpl-a", "chatcmpl-b"]},
+        {"prompt": "Reverse 'dog'.", "chosen": "god", "rejected": "I can't help with that.", "kind": "task_refusal"},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there.", "rejected": "\n\nHuman: Hi\n\nAssistant: No."},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = train_dpo.load_dpo_pairs([str(path)], tok, 96)
+    assert [p[2] for p in pairs] == ["feedback_pairwise", "task_refusal", "all", "all"]
+    answers = [("hi hi", "hi"), ("god", "I can't help with that."), ("Hello!", "Go away."), ("Hello there.", "No.")]
+    for (chosen, rejected, _, prompt), texts in zip(pairs, answers):
+        for side, text in zip((chosen, rejected), texts):
+            answer = [t for t, m in zip(side.ids, side.mask) if m]
+            assert answer == tok.encode(text) + [tok.end_id]
+        assert prompt[-1]["role"] == "user"
+
+
 def test_short_dpo_learns_the_pairs(tiny_pretrained, suite, tmp_path):
     out = tmp_path / "dpo"
     run(["--init", tiny_pretrained, "--data", suite / "prefs.jsonl", "--eval-data", suite / "eval.jsonl",
