@@ -164,7 +164,8 @@ def run_ours(cfg: DPOPeerConfig, records: list[dict]) -> dict:
            "--out", out, "--val-fraction", "0", "--batch-size", str(cfg.batch_size), "--max-steps", str(cfg.steps),
            "--lr", str(cfg.lr), "--beta", str(cfg.beta), "--schedule", "constant", "--warmup-steps", "0",
            "--weight-decay", "0", "--grad-clip", "1.0", "--log-every", "1", "--eval-every", str(cfg.steps),
-           "--save-every", str(cfg.steps), "--kl-prompts", "0", "--seed", str(cfg.seed), "--device", "cpu",
+           "--save-every", str(cfg.steps), "--kl-prompts", "0", "--sft-coef", "0", "--seed", str(cfg.seed),
+           "--device", "cpu",
            "--dtype", "float32"]
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()

@@ -97,7 +97,7 @@ def test_sft_coef_adds_the_chosen_answers_mean_token_nll(tiny_pretrained):
         ids, _ = encode_chat(tok, [{"role": "user", "content": "Help me."}, {"role": "assistant", "content": answer}])
         sides.append(train_dpo.Side(ids, train_dpo.answer_only(ids, tok.assistant_id)))
     pair, ref = [(sides[0], sides[1], "x", [])], torch.tensor([[-3.0, -2.0]], dtype=torch.float64)
-    plain = train_dpo.DPOConfig(init=tiny_pretrained, beta=0.2)
+    plain = train_dpo.DPOConfig(init=tiny_pretrained, beta=0.2, sft_coef=0.0)
     rpo = train_dpo.DPOConfig(init=tiny_pretrained, beta=0.2, sft_coef=0.5)
     base, _, _ = train_dpo.pair_batch_loss(model, pair, ref, plain, tok.pad_id, "cpu")
     added, _, _ = train_dpo.pair_batch_loss(model, pair, ref, rpo, tok.pad_id, "cpu")
@@ -132,7 +132,8 @@ def test_every_pair_format_loads_with_only_the_final_answer_counted(tiny_pretrai
 def test_short_dpo_learns_the_pairs(tiny_pretrained, suite, tmp_path):
     out = tmp_path / "dpo"
     run(["--init", tiny_pretrained, "--data", suite / "prefs.jsonl", "--eval-data", suite / "eval.jsonl",
-         "--out", out, "--max-steps", 30, "--eval-every", 30, "--batch-size", 8, "--lr", 2e-3, *FAST])
+         "--out", out, "--max-steps", 30, "--eval-every", 30, "--batch-size", 8, "--lr", 2e-3, "--sft-coef", 0,
+         *FAST])
     evals = {r["step"]: r for r in rows(out) if "val_loss" in r}
     assert set(evals) == {0, 30}
     assert evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at step 0
