@@ -49,6 +49,7 @@ from data.prefs import pair_messages
 from data.tokenizer import Tokenizer
 from evals import (accuracy_metrics, chat_responses, format_accuracy, format_samples, load_task_records,
                    task_accuracy, task_files)
+from train_ppo import load_frozen
 from train_rm import split_pairs
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -247,10 +248,7 @@ def load_models(cfg: DPOConfig, env):
     if init_config.get("stage") == "rm":
         raise UserError(f"{cfg.init} is a reward model; DPO starts from a language model (SFT)")
     policy, _ = runtime.load_model(cfg.init)
-    reference, _ = runtime.load_model(cfg.init, dropout=0.0)
-    reference.requires_grad_(False)
-    reference.eval()
-    reference = runtime.prepare_model(reference, env, runtime.compute_dtype(cfg.dtype, env.device))
+    reference, _ = load_frozen(cfg.init, env, runtime.compute_dtype(cfg.dtype, env.device))
     return policy, reference, init_config
 
 
