@@ -69,19 +69,28 @@ def count_chunks(texts: Iterable[str], pattern: str = GPT4_SPLIT_PATTERN, worker
     return counts
 
 
-def train_merges(chunk_counts: dict, num_merges: int, verbose: bool = False) -> list[tuple[int, int]]:
+_DIGIT = regex.compile(rb"([0-9])")
+
+
+def train_merges(chunk_counts: dict, num_merges: int, verbose: bool = False,
+                 digits_alone: bool = True) -> list[tuple[int, int]]:
     """Learn `num_merges` BPE merges from {chunk (str or bytes): count}.
 
     Returns the merges in order; merge k creates token id 256 + k. Ties between equally
     frequent pairs go to the smallest (left, right) ids, so training is deterministic.
+    digits_alone: no merge ever joins an ASCII digit to anything, so every digit stays its
+    own token on any corpus ("836" is 8, 3, 6), as Llama's tokenizer splits digits: the
+    model sees the same place-value pieces in every number, and a corpus full of numbers
+    spends no vocabulary on frequent ones. (The split pattern alone would allow "836".)
     """
     words: list[list[int]] = []
     freqs: list[int] = []
     for chunk, count in chunk_counts.items():
         data = chunk.encode("utf-8", "surrogatepass") if isinstance(chunk, str) else chunk
-        if len(data) >= 2:  # single bytes never take part in a pair
-            words.append(list(data))
-            freqs.append(count)
+        for part in _DIGIT.split(data) if digits_alone else [data]:
+            if len(part) >= 2:  # single bytes (every digit, here) never take part in a pair
+                words.append(list(part))
+                freqs.append(count)
 
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)
     where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> chunks that (may) hold it
@@ -173,12 +182,12 @@ class Tokenizer:
     # -- training / persistence
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
-              workers: int = 1, verbose: bool = False) -> "Tokenizer":
+              workers: int = 1, verbose: bool = False, digits_alone: bool = True) -> "Tokenizer":
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
             raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
         counts = count_chunks(texts, pattern, workers)
-        merges = train_merges(counts, num_merges, verbose=verbose)
+        merges = train_merges(counts, num_merges, verbose=verbose, digits_alone=digits_alone)
         return cls(merges, pattern)
 
     def save(self, path: str) -> None:

@@ -546,3 +546,50 @@ def test_decode_partial_utf8_does_not_raise(tok):
     data = tok.decode_bytes(ids)
     cut = [b for b in data[:2]]  # raw byte ids: the first two bytes of a 3-byte character
     assert tok.decode(cut) == "\ufffd"
+
+
+# ----------------------------------------------------------------------------- digits stay single tokens
+
+def _number_corpus(n: int = 400) -> list[str]:
+    """Documents dense in numbers (years, prices, counts, ids), where plain BPE merges digits."""
+    rng = random.Random(7)
+    docs = []
+    for _ in range(n):
+        year, price, count = rng.choice([1999, 2000, 2024, 1066]), rng.randint(1, 999), rng.randint(10, 99999)
+        docs.append(f"In {year} the 836 ships sold {count} barrels at ${price}.{rng.randint(10, 99)} each; "
+                    f"order #{rng.randint(100, 999)}-{rng.randint(1000, 9999)} of 1999, page 12.")
+    return docs
+
+
+def test_digits_are_single_tokens_on_a_corpus_full_of_numbers():
+    docs = _number_corpus()
+    tok = Tokenizer.train(docs, vocab_size=600)
+    assert all(not any(48 <= b <= 57 for b in tok.token_bytes[i]) or len(tok.token_bytes[i]) == 1
+               for i in range(len(tok.token_bytes))), "a merged token holds a digit"
+    text = "In 2024, 1,836 of 31415926 ships cost $12.50 (x2) - not 007.\n" + docs[3]
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert sum(len(tok.token_bytes[i]) == 1 and chr(tok.token_bytes[i][0]).isdigit() for i in ids) == \
+        sum(c.isdigit() for c in text)
+
+
+def test_digits_alone_matches_naive_reference_on_split_chunks():
+    counts = Counter(regex.findall(GPT4_SPLIT_PATTERN, " ".join(_number_corpus(60))))
+    split = Counter()
+    for chunk, n in counts.items():  # the rule by hand: every digit cut out of its chunk
+        for part in regex.split(r"([0-9])", chunk):
+            split[part] += n
+    assert tokmod.train_merges(counts, 80) == naive_train_merges(split, 80)
+
+
+def test_tokenizers_with_digit_merges_still_load_and_encode_as_before(tmp_path):
+    """A tokenizer trained without the rule (before it existed, or by choice) keeps its merges."""
+    docs = _number_corpus()
+    old = Tokenizer.train(docs, vocab_size=600, digits_alone=False)
+    assert any(len(b) > 1 and all(48 <= c <= 57 for c in b) for b in old.token_bytes)  # e.g. "836"
+    path = tmp_path / "old.json"
+    old.save(str(path))
+    loaded = Tokenizer.load(str(path))
+    text = "In 1999 the 836 ships sold 12345 barrels."
+    assert loaded.encode(text) == old.encode(text)
+    assert len(loaded.encode("836")) == 1 and loaded.decode(loaded.encode(text)) == text
