@@ -267,8 +267,9 @@ def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
     log_path = os.path.join(cfg.out, "logs", f"{stage}.log")
     start = time.time()
     code = 0
+    parts = {}  # the pipeline's own stages time their parts here; training stages log theirs
     if stage == "feedback":  # prints its own commands (a server, the users, the export)
-        shown = collect_feedback(cfg, log_path)
+        shown = collect_feedback(cfg, log_path, parts)
     else:
         command = stage_command(stage, cfg)
         progress = checkpoint_progress(os.path.join(cfg.out, stage)) if stage in TRAINING else None
@@ -286,6 +287,8 @@ def run_stage(stage: str, cfg: PipelineConfig, state: dict) -> None:
     entry["command"] = shown
     if stage != "eval":  # an interrupted stage's time adds up
         entry["seconds"] = round(entry.get("seconds", 0.0) + seconds, 1)
+        if parts:
+            entry["parts"] = {k: round(v, 1) for k, v in parts.items()}
     save_state(cfg, state)
     if code != 0:
         raise UserError(f"stage {stage} failed (exit {code}); see {log_path}")
@@ -306,29 +309,36 @@ def sort_pairs(path: str) -> int:
     return len(lines)
 
 
-def collect_feedback(cfg: PipelineConfig, log_path: str) -> str:
+def collect_feedback(cfg: PipelineConfig, log_path: str, parts: dict) -> str:
     """Round 2's feedback stage: serve.py on a free loopback port serving the round-1 policy,
     the simulated users against it, the server stopped, the feedback exported; writes
-    OUT/feedback/feedback.json (its completion mark) and returns the commands as shown."""
+    OUT/feedback/feedback.json (its completion mark), the seconds of each part to `parts`,
+    and returns the commands as shown."""
     import shutil
 
     folder = os.path.join(cfg.out, "feedback")
     shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's votes must not count twice
     os.makedirs(folder)
     print("\n=== stage feedback: serving the round-1 policy to simulated users (a stand-in for people)", flush=True)
+    t0 = time.time()
     server = ServeProcess(feedback_commands(cfg, "")["serve"], os.path.join(cfg.out, "logs", "feedback.serve.log"))
+    parts["server start"] = time.time() - t0
     commands = feedback_commands(cfg, server.url)
     shown = [shown_command(server.command) + " &", shown_command(commands["users"])]
     try:
         print(f"=== stage feedback: {shown[0]}\n=== stage feedback: {shown[1]}", flush=True)
+        t0 = time.time()
         if run_logged(commands["users"], log_path) != 0:
             raise UserError(f"stage feedback: the simulated users failed; see {log_path}")
+        parts["simulated users' traffic"] = time.time() - t0
     finally:
         server.stop()  # SIGTERM: uvicorn finishes what it is doing and closes the store
     shown.append(shown_command(commands["export"]))
     print(f"=== stage feedback: {shown[-1]}", flush=True)
+    t0 = time.time()
     if run_logged(commands["export"], log_path) != 0:
         raise UserError(f"stage feedback: the export failed; see {log_path}")
+    parts["export"] = time.time() - t0
     users = _read_json(os.path.join(folder, "traffic.summary.json")) or {}
     pairs = sort_pairs(feedback_pairs(cfg))
     write_json(os.path.join(folder, "feedback.json"), {
@@ -393,12 +403,46 @@ def _last(rows: list[dict], key: str):
     return values[-1] if values else None
 
 
+def stage_parts(cfg: PipelineConfig, stage: str, state: dict) -> dict[str, float]:
+    """Seconds per part of a stage: a training stage's `time_parts` records in its
+    metrics.jsonl (one per run; a resumed stage has several, which add up), or the parts the
+    pipeline timed itself (feedback, eval)."""
+    parts = dict(state["stages"].get(stage, {}).get("parts") or {})
+    for row in _metrics(os.path.join(cfg.out, stage)) if stage in TRAINING else []:
+        for part, seconds in (row.get("time_parts") or {}).items():
+            parts[part] = parts.get(part, 0.0) + seconds
+    return parts
+
+
+def time_table(cfg: PipelineConfig, state: dict) -> list[dict]:
+    """Where the job's minutes went: a row per part of every stage that ran (stage, part,
+    seconds, share of the job); a training stage's time outside its timed parts (starting
+    Python, loading models and data) is its `startup and loading` row."""
+    rows = []
+    for stage in cfg.active_stages():
+        wall = state["stages"].get(stage, {}).get("seconds")
+        if wall is None:
+            continue
+        parts = stage_parts(cfg, stage, state)
+        rest = wall - sum(parts.values())
+        if not parts:
+            parts = {"all": wall}
+        elif rest > 0.05:  # a resumed stage's parts can exceed its wall time by a rounding
+            parts["startup and loading" if stage in TRAINING else "other"] = rest
+        rows += [{"stage": stage, "part": part, "seconds": round(seconds, 1)} for part, seconds in parts.items()]
+    total = sum(r["seconds"] for r in rows) or 1.0
+    for row in rows:
+        row["share"] = round(row["seconds"] / total, 4)
+    return rows
+
+
 def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     """Greedy gold accuracy and safety rates of every stage on the held-out tasks, the same
     prompts answered by each stage, the numbers each stage logged, plots; writes
     report.json and report.md."""
     import torch
 
+    import runtime
     from data.tasks import TASK_FAMILIES
     from evals import load_task_records, paired_change, win_rate
 
@@ -412,8 +456,9 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     policy = cfg.align  # the stage whose checkpoint is round 1's policy: ppo or dpo
     report = {"preset": cfg.preset, "align": policy, "stages": {}, "seconds": {},
               "samples": {s: [] for s in ("pretrain", "sft", policy)}}
+    clock = runtime.PartTimes()
     accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
-                                      headroom=stage in ("sft", policy), outside=outside)
+                                      headroom=stage in ("sft", policy), outside=outside, clock=clock)
                 for stage in ("pretrain", "sft", policy) + (("ppo_round2",) if cfg.round2() else ())}
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
@@ -459,8 +504,13 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
             "greedy_curve": [{"step": r["step"], "gold_accuracy": r["accuracy"]}
                              for r in policy_rows if "accuracy" in r]})
     if cfg.round2():
-        stages.update(round2_report(cfg, records, accuracy, device))
+        with clock.part("round 2: on-policy pairs, both reward models"):
+            stages.update(round2_report(cfg, records, accuracy, device))
+    with clock.part("plots"):
+        report["plots"] = make_plots(cfg.out, pre_rows, sft_rows, policy_rows if policy == "ppo" else [], accuracy,
+                                     policy)
     state["stages"]["eval"]["seconds"] = round(time.time() - start, 1)
+    state["stages"]["eval"]["parts"] = {k: round(v, 1) for k, v in clock.seconds.items()}
     for name in cfg.active_stages():
         seconds = state["stages"].get(name, {}).get("seconds")
         if seconds is not None:
@@ -468,7 +518,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
             report["seconds"][name] = seconds
         if name in state["stages"]:
             stages.setdefault(name, {})["command"] = state["stages"][name].get("command")
-    report["plots"] = make_plots(cfg.out, pre_rows, sft_rows, policy_rows if policy == "ppo" else [], accuracy, policy)
+    report["time_table"] = time_table(cfg, state)
     report["complete"] = True
     write_json(os.path.join(cfg.out, "report.json"), report)
     atomic_write(os.path.join(cfg.out, "report.md"), render_markdown(report))
@@ -555,25 +605,31 @@ def round2_summary(stages: dict) -> str:
 
 
 def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict],
-                   headroom: bool = False, outside: list[dict] = ()) -> dict:
+                   headroom: bool = False, outside: list[dict] = (), clock=None) -> dict:
     """A checkpoint's greedy answers to the held-out records, judged (evals.task_accuracy);
     with `headroom`, also pass@k of PASS_AT_K_SAMPLES sampled answers per helpfulness
     record (result["pass_at_k"]); the share of the `outside` everyday requests it refuses
     (result["outside_everyday"]: {"prompts", "over_refusal", "refused"}); its answers to
-    the example prompts appended to `samples` (None: none)."""
+    the example prompts appended to `samples` (None: none). `clock` (runtime.PartTimes)
+    gets the seconds of the greedy answers and of the sampling."""
     import runtime
     from data.chat import encode_prompt
     from evals import sampled_accuracy, task_accuracy
 
-    model, tok, _ = runtime.load_for_inference(ckpt, device=device)
-    result = task_accuracy(model, tok, records)
-    if outside:
-        checked = task_accuracy(model, tok, outside)
-        result["outside_everyday"] = {
-            "prompts": len(outside), "over_refusal": checked["safety"]["open_request_over_refusal"],
-            "refused": [{"prompt": x["prompt"], "response": x["response"]} for x in checked["samples"] if x["refused"]]}
+    clock = clock or runtime.PartTimes()
+    with clock.part("greedy answers, every checkpoint"):
+        model, tok, _ = runtime.load_for_inference(ckpt, device=device)
+        result = task_accuracy(model, tok, records)
+        if outside:
+            checked = task_accuracy(model, tok, outside)
+            result["outside_everyday"] = {
+                "prompts": len(outside), "over_refusal": checked["safety"]["open_request_over_refusal"],
+                "refused": [{"prompt": x["prompt"], "response": x["response"]} for x in checked["samples"]
+                            if x["refused"]]}
     if headroom:
-        result["pass_at_k"] = sampled_accuracy(model, tok, records, PASS_AT_K_SAMPLES, PASS_AT_K_TEMPERATURE, seed=0)
+        with clock.part(f"pass@k: {PASS_AT_K_SAMPLES} samples per prompt"):
+            result["pass_at_k"] = sampled_accuracy(model, tok, records, PASS_AT_K_SAMPLES, PASS_AT_K_TEMPERATURE,
+                                                   seed=0)
     if samples is not None:
         outs = model.generate([encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]) for r in examples], 24,
                               tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
@@ -753,6 +809,7 @@ def render_markdown(report: dict) -> str:
                       f"(McNemar's exact test: p = {change['p_value']:.3g}, {verdict})."]
     if "rm_round2" in s:
         lines += round2_markdown(s)
+    lines += time_table_markdown(report.get("time_table") or [])
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", "## The same prompts, answered by each stage (greedy)", ""]
     for i, example in enumerate(report["samples"].get("sft", [])):
@@ -764,6 +821,17 @@ def render_markdown(report: dict) -> str:
     lines += ["## Commands", ""] + [f"- {name}: `{s[name]['command']}`" for name in STAGES
                                     if s.get(name, {}).get("command")]
     return "\n".join(lines) + "\n"
+
+
+def time_table_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    total = sum(r["seconds"] for r in rows)
+    lines = ["", "## Where the time goes", "",
+             f"{total / 60:.1f} minutes in all; each stage's parts (`time_table` in report.json).", "",
+             "| stage | part | seconds | share |", "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['part']} | {r['seconds']:.0f} | {100 * r['share']:.1f}% |" for r in rows]
+    return lines
 
 
 STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "ppo_round2": "PPO round 2"}

@@ -707,6 +707,27 @@ class TrainConfig:
 
 
 
+class PartTimes:
+    """Seconds per named part of a stage (evaluation, checkpoint, ...): its time table."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.add(name, time.time() - t)
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
 class Trainer:
     """The bookkeeping around a stage's loss: precision, sharding, optimizer, LR schedule,
     gradient sync and clipping, the non-finite guard, logging, checkpoints, resume, signals.
@@ -744,6 +765,8 @@ class Trainer:
         self.nonfinite_streak = 0
         self.logger = None
         self.stop = None
+        self.times = PartTimes()  # the stage's time table: see timed()
+        self._loop_start = None
 
     # -- setup
     def resume(self) -> dict:
@@ -843,7 +866,24 @@ class Trainer:
         """Call after evaluation or saving: that time is not training throughput."""
         self.t_last = time.time()
 
-    def save(self) -> None:
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Time a part of the stage that is not a training step (evaluation, checkpoint,
+        PPO's rollouts): its seconds go to the stage's time table and not to tokens/s.
+        On leaving the `with trainer:` loop, the table is logged to metrics.jsonl as
+        {"step", "time_parts": {part: seconds, "training steps": the loop's remainder}}."""
+        try:
+            with self.times.part(part):
+                yield
+        finally:
+            self.pause_clock()
+
+    def add_time(self, part: str, seconds: float) -> None:
+        """Count seconds timed by the stage itself (DPO's reference pass before the trainer
+        existed, PPO's rollouts inside a step)."""
+        self.times.add(part, seconds)
+
+    def _save(self) -> None:
         if self.before_save is not None:
             self.before_save()
         save_checkpoint(self.cfg.out, self.model, self.optimizer, self.env, stage=self.stage, step=self.step,
@@ -851,6 +891,10 @@ class Trainer:
                         tokenizer_path=self.tokenizer_path, extra_config=self.extra_config)
         print0(f"saved checkpoint at step {self.step} to {self.cfg.out}")
         self.pause_clock()
+
+    def save(self) -> None:
+        with self.timed("checkpoint"):
+            self._save()
 
     def maybe_save(self) -> None:
         if self.due(self.cfg.save_every):
@@ -871,9 +915,21 @@ class Trainer:
         if self.logger is not None:
             self.logger.close()
 
+    def log_time_parts(self) -> None:
+        if self._loop_start is None:
+            return
+        loop_seconds, parts_before = self._loop_start
+        in_loop = self.times.total() - parts_before
+        parts = {**self.times.seconds, "training steps": time.time() - loop_seconds - in_loop}
+        self.log({"step": self.step, "time_parts": {k: round(v, 2) for k, v in parts.items()}})
+        self._loop_start = None
+
     def __enter__(self):
+        self._loop_start = (time.time(), self.times.total())
         return self
 
     def __exit__(self, *exc):
+        if self.logger is not None:
+            self.log_time_parts()
         self.close()
         return False

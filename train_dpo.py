@@ -35,6 +35,7 @@ Steps:
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -279,39 +280,42 @@ def train(cfg: DPOConfig, env: runtime.Env) -> None:
     runtime.print0(f"dpo data: {len(train_pairs)} training pairs, {len(val_pairs)} held out, from "
                    f"{len(data_files)} file(s); {len(eval_records)} gold-evaluation records")
 
+    t_reference = time.time()
     ref_train = reference_logprobs(reference, train_pairs, cfg, tok.pad_id, env)
     ref_val = reference_logprobs(reference, val_pairs, cfg, tok.pad_id, env)
+    t_reference = time.time() - t_reference
     runtime.seed_everything(cfg.seed, env.rank)
     cursor = EpochCursor(len(train_pairs), rows, cfg.seed)
     trainer = runtime.Trainer(cfg, env, policy, stage="dpo", tokenizer_path=tokenizer_path,
                               data_state=cursor.state_dict,
                               extra_config={"init": cfg.init, "base_stage": init_config.get("stage")})
     policy = trainer.model
+    trainer.add_time("reference log-probs", t_reference)
     if cfg.resume:
         cursor.load_state_dict(trainer.resume()["data"])
     trainer.start()
 
     def evaluate() -> None:
-        held = evaluate_pairs(policy, val_pairs, ref_val, cfg, tok.pad_id, env) if val_pairs else None
-        record, line = {"step": trainer.step}, f"eval step {trainer.step}:"
-        if held:
-            record.update({"val_loss": held["loss"], "val_reward_accuracy": held["accuracy"],
-                           "val_reward_margin": held["margin"],
-                           **{f"val_reward_accuracy/{k}": v for k, v in held["by_kind"].items()}})
-            line += (f" held-out pairs loss {held['loss']:.4f}, implicit-reward accuracy "
-                     f"{100 * held['accuracy']:.1f}%, margin {held['margin']:.3f};")
-        if eval_records:
-            result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
-            record.update(accuracy_metrics(result))
-            line += f" gold accuracy {format_accuracy(result)}"
-            kl = sampled_kl(policy, reference, tok, eval_records, cfg, env)
-            if kl is not None:
-                record["kl"] = kl
-                line += f"; KL to the reference {kl:.3f}"
-            line += format_samples(result["samples"], 3)
-        runtime.print0(line)
-        trainer.log(record)
-        trainer.pause_clock()
+        with trainer.timed("evaluation"):
+            held = evaluate_pairs(policy, val_pairs, ref_val, cfg, tok.pad_id, env) if val_pairs else None
+            record, line = {"step": trainer.step}, f"eval step {trainer.step}:"
+            if held:
+                record.update({"val_loss": held["loss"], "val_reward_accuracy": held["accuracy"],
+                               "val_reward_margin": held["margin"],
+                               **{f"val_reward_accuracy/{k}": v for k, v in held["by_kind"].items()}})
+                line += (f" held-out pairs loss {held['loss']:.4f}, implicit-reward accuracy "
+                         f"{100 * held['accuracy']:.1f}%, margin {held['margin']:.3f};")
+            if eval_records:
+                result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
+                record.update(accuracy_metrics(result))
+                line += f" gold accuracy {format_accuracy(result)}"
+                kl = sampled_kl(policy, reference, tok, eval_records, cfg, env)
+                if kl is not None:
+                    record["kl"] = kl
+                    line += f"; KL to the reference {kl:.3f}"
+                line += format_samples(result["samples"], 3)
+            runtime.print0(line)
+            trainer.log(record)
 
     if trainer.step == 0:
         evaluate()

@@ -753,13 +753,13 @@ def run_eval(run: PPORun, cfg: PPOConfig, env: runtime.Env, kl: float) -> dict |
     if not run.eval_records:
         runtime.print0(f"eval step {trainer.step}: no gradable records in {run.eval_file}, skipped")
         return None
-    result = evaluate(run.policy, run.tok, run.eval_records, run.scorer, cfg, env, run.policy.cfg.max_seq_len)
-    runtime.print0(f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
-                   f"mean reward-model score {result['rm_score']:+.3f}" + format_samples(result["samples"],
-                                                                                      cfg.eval_samples))
-    trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], "eval/kl": kl,
-                 **accuracy_metrics(result, "eval/")})
-    trainer.pause_clock()
+    with trainer.timed("evaluation"):
+        result = evaluate(run.policy, run.tok, run.eval_records, run.scorer, cfg, env, run.policy.cfg.max_seq_len)
+        runtime.print0(f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
+                       f"mean reward-model score {result['rm_score']:+.3f}" + format_samples(result["samples"],
+                                                                                          cfg.eval_samples))
+        trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], "eval/kl": kl,
+                     **accuracy_metrics(result, "eval/")})
     summary = {"accuracy": result["task_accuracy"], "per_family": result["per_family"],
                "safety": result["safety"], "rm_score": result["rm_score"], "kl": kl}
     trainer.extra_config["eval"] = summary
@@ -781,6 +781,7 @@ def ppo_step(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> dict:
     beta = run.kl_coef
     advantages(batch, beta, cfg)  # 3. and 4. per-token rewards and advantages
     t_rollout = time.time() - t0
+    trainer.add_time("rollouts (sampling, scoring)", t_rollout)  # the rest of the step: the updates
     learn_policy = trainer.step >= cfg.critic_warmup_steps  # 5. update
     losses = update(trainer, critic, batch, cfg, env, learn_policy, run.ptx, run.tok.pad_id)
     metrics = {**step_metrics(batch, beta, cfg, {"time/generation": t_rollout,  # 6. log, adapt beta
@@ -806,7 +807,8 @@ def train(cfg: PPOConfig, env: runtime.Env) -> None:
     with run.trainer:
         while run.trainer.step < cfg.max_steps:
             if cfg.refresh_every and run.trainer.step % cfg.refresh_every == 0:
-                refresh_prompts(run, cfg, env)
+                with run.trainer.timed("prompt refresh"):
+                    refresh_prompts(run, cfg, env)
             metrics = ppo_step(run, cfg, env)
             if run.trainer.due(cfg.eval_every):
                 run_eval(run, cfg, env, metrics["objective/kl"])

@@ -178,20 +178,20 @@ def build_model(cfg: PretrainConfig, tok: Tokenizer) -> Transformer:
 
 def log_eval(model, val_sources, byte_lengths, baseline: float, tok, trainer, cfg: PretrainConfig, env) -> None:
     """Validation loss and bits per byte (pooled and per source), and a sample."""
-    results = evaluate(model, val_sources, byte_lengths, cfg, env, trainer.dtype)
-    pooled = results["all"]
-    per_source = {n: r for n, r in results.items() if n != "all" and len(results) > 2}
-    runtime.print0(f"eval step {trainer.step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
-                   f"val bpb {pooled['val_bpb']:.4f}"
-                   + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in per_source.items()))
-    record = {"step": trainer.step, **pooled, "unigram_val_loss": baseline}
-    for name, r in per_source.items():
-        record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})
-    trainer.log(record)
-    if cfg.sample_tokens:
-        text = sample_text(model, tok, cfg, env, trainer.dtype)
-        runtime.print0("sample: " + text.replace("\n", "\n        ")[:600])
-    trainer.pause_clock()
+    with trainer.timed("evaluation"):
+        results = evaluate(model, val_sources, byte_lengths, cfg, env, trainer.dtype)
+        pooled = results["all"]
+        per_source = {n: r for n, r in results.items() if n != "all" and len(results) > 2}
+        runtime.print0(f"eval step {trainer.step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
+                       f"val bpb {pooled['val_bpb']:.4f}"
+                       + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in per_source.items()))
+        record = {"step": trainer.step, **pooled, "unigram_val_loss": baseline}
+        for name, r in per_source.items():
+            record.update({f"{name}/val_loss": r["val_loss"], f"{name}/val_bpb": r["val_bpb"]})
+        trainer.log(record)
+        if cfg.sample_tokens:
+            text = sample_text(model, tok, cfg, env, trainer.dtype)
+            runtime.print0("sample: " + text.replace("\n", "\n        ")[:600])
 
 
 def train(cfg: PretrainConfig, env: runtime.Env) -> None:

@@ -185,11 +185,11 @@ def train(cfg: RMConfig, env: runtime.Env) -> None:
     trainer.start()
 
     def evaluate() -> dict:
-        result = evaluate_pairs(model, val_pairs, tok.pad_id, env, cfg.batch_size, trainer.autocast)
-        runtime.print0(f"eval step {trainer.step}: held-out {format_eval(result)}")
-        trainer.log({"step": trainer.step, "val_accuracy": result["accuracy"], "val_margin": result["margin"],
-                     **{f"val_accuracy/{k}": v["accuracy"] for k, v in result["by_kind"].items()}})
-        trainer.pause_clock()
+        with trainer.timed("evaluation"):
+            result = evaluate_pairs(model, val_pairs, tok.pad_id, env, cfg.batch_size, trainer.autocast)
+            runtime.print0(f"eval step {trainer.step}: held-out {format_eval(result)}")
+            trainer.log({"step": trainer.step, "val_accuracy": result["accuracy"], "val_margin": result["margin"],
+                         **{f"val_accuracy/{k}": v["accuracy"] for k, v in result["by_kind"].items()}})
         return result
 
     if trainer.step == 0:

@@ -112,17 +112,17 @@ def train(cfg: SFTConfig, env: runtime.Env) -> None:
     trainer.start()
 
     def evaluate() -> None:
-        loss = heldout_loss(model, eval_examples, tok.pad_id, trainer, env, cfg.batch_size)
-        record = {"step": trainer.step, "heldout_loss": loss}
-        line = f"eval step {trainer.step}: held-out loss {loss:.4f}"
-        if eval_records:
-            result = task_accuracy(model, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
-            record.update(accuracy_metrics(result))
-            line += f", task accuracy {format_accuracy(result)}"
-            line += format_samples(result["samples"], 3)
-        runtime.print0(line)
-        trainer.log(record)
-        trainer.pause_clock()
+        with trainer.timed("evaluation"):
+            loss = heldout_loss(model, eval_examples, tok.pad_id, trainer, env, cfg.batch_size)
+            record = {"step": trainer.step, "heldout_loss": loss}
+            line = f"eval step {trainer.step}: held-out loss {loss:.4f}"
+            if eval_records:
+                result = task_accuracy(model, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
+                record.update(accuracy_metrics(result))
+                line += f", task accuracy {format_accuracy(result)}"
+                line += format_samples(result["samples"], 3)
+            runtime.print0(line)
+            trainer.log(record)
 
     if trainer.step == 0:
         evaluate()  # the starting point: what pretraining alone gives

@@ -83,6 +83,17 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert set(report["seconds"]) == set(pipeline.PipelineConfig().active_stages()) == set(pipeline.STAGES) - {"dpo"}
     assert all(s >= 0 for s in report["seconds"].values())
     assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
+    table = report["time_table"]  # where the minutes went: every stage that ran, split into its parts
+    assert {r["stage"] for r in table} == set(report["seconds"])
+    for stage, wall in report["seconds"].items():
+        assert abs(sum(r["seconds"] for r in table if r["stage"] == stage) - wall) <= 0.1 * sum(
+            r["stage"] == stage for r in table) + 1e-6
+    parts = {(r["stage"], r["part"]) for r in table}
+    for stage in ("pretrain", "sft", "rm", "ppo", "rm_round2", "ppo_round2"):
+        assert {(stage, "training steps"), (stage, "checkpoint"), (stage, "startup and loading")} <= parts
+    assert {("sft", "evaluation"), ("ppo", "rollouts (sampling, scoring)"), ("feedback", "simulated users' traffic"),
+            ("eval", "greedy answers, every checkpoint")} <= parts
+    assert all(r["seconds"] >= 0 for r in table) and abs(sum(r["share"] for r in table) - 1) < 1e-3
     for plot in report["plots"]:
         assert (runs / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (runs / "report.md").read_text()
@@ -90,6 +101,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert wins["wins"] + wins["losses"] + wins["ties"] == len(eval_records) and 0.0 <= wins["p_value"] <= 1.0
     assert "ppo_gold_vs_kl.png" in report["plots"]
     assert "| ppo |" in text and "Held-out gold accuracy by task family" in text and "SFT pass@8" in text
+    assert "## Where the time goes" in text and "| sft | training steps |" in text
     for label, _ in pipeline.SAFETY_ROWS:  # harmful refusal beside the three over-refusals and the outside list
         assert f"| {label} |" in text
     for stage in ("pretrain", "sft", "ppo"):
