@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from cli import UserError, entry_point, parse_config
 from data.files import atomic_write, write_json
-from data.tasks import SAFETY_FAMILIES
+from data.tasks import SAFETY_FAMILIES, SUITE_FILES
 from serving.launch import ServeProcess
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +68,7 @@ PRESETS = {
                   "--eval-per-family", "2", "--safety-sft-per-family", "16", "--safety-prefs-per-family", "8",
                   "--refusal-pairs-per-family", "2", "--degenerate-pairs-per-family", "2",
                   "--harmful-prompts", "4", "--borderline-prompts", "4", "--benign-prompts", "4",
-                  "--everyday-prompts", "4", "--minimal-pairs", "2"],
+                  "--everyday-prompts", "4", "--minimal-pairs", "2", "--phrasing-eval-per-family", "2"],
         "pretrain": ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--n-kv-head", "1", "--seq-len", "96",
                      "--batch-size", "4", "--max-steps", "6", "--eval-every", "6", "--eval-windows", "4",
                      "--sample-tokens", "4", "--warmup-steps", "2"],
@@ -228,8 +228,7 @@ def stage_done(stage: str, cfg: PipelineConfig) -> bool:
     if stage == "prepare":
         return os.path.exists(os.path.join(cfg.data, "shakespeare", "report.json"))
     if stage == "tasks":
-        return all(os.path.exists(os.path.join(cfg.data, "tasks", f"{n}.jsonl"))
-                   for n in ("sft", "prefs", "prompts", "eval", "ptx"))
+        return all(os.path.exists(os.path.join(cfg.data, "tasks", f"{n}.jsonl")) for n in SUITE_FILES)
     if stage == "eval":
         return os.path.exists(os.path.join(cfg.out, "report.json")) and \
             (_read_json(os.path.join(cfg.out, "report.json")) or {}).get("complete", False)
@@ -450,6 +449,8 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     records = load_task_records(os.path.join(cfg.data, "tasks", "eval.jsonl"))
     outside = load_task_records(OUTSIDE_EVERYDAY)
+    phrasing_file = os.path.join(cfg.data, "tasks", "eval_heldout_phrasing.jsonl")
+    phrasing = load_task_records(phrasing_file) if os.path.exists(phrasing_file) else []
     examples = [next(r for r in records if r["family"] == f) for f in SAMPLE_FAMILIES if any(
         r["family"] == f for r in records)]
     # the example prompts are answered by round 1's stages
@@ -458,7 +459,8 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
               "samples": {s: [] for s in ("pretrain", "sft", policy)}}
     clock = runtime.PartTimes()
     accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
-                                      headroom=stage in ("sft", policy), outside=outside, clock=clock)
+                                      headroom=stage in ("sft", policy), outside=outside, phrasing=phrasing,
+                                      clock=clock)
                 for stage in ("pretrain", "sft", policy) + (("ppo_round2",) if cfg.round2() else ())}
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
@@ -469,19 +471,25 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     stages["pretrain"] = {"val_loss": _last(pre_rows, "val_loss"), "val_bpb": _last(pre_rows, "val_bpb"),
                           "unigram_val_loss": _last(pre_rows, "unigram_val_loss"),
                           "gold_accuracy": accuracy["pretrain"]["task_accuracy"],
+                          **phrasing_keys(accuracy["pretrain"]),
                           "per_family": accuracy["pretrain"]["per_family"], "safety": accuracy["pretrain"]["safety"],
                           "outside_everyday": accuracy["pretrain"].get("outside_everyday")}
-    stages["sft"] = {"gold_accuracy": accuracy["sft"]["task_accuracy"], "per_family": accuracy["sft"]["per_family"],
+    stages["sft"] = {"gold_accuracy": accuracy["sft"]["task_accuracy"], **phrasing_keys(accuracy["sft"]),
+                     "per_family": accuracy["sft"]["per_family"],
                      "safety": accuracy["sft"]["safety"], "outside_everyday": accuracy["sft"].get("outside_everyday"),
                      "heldout_loss": _last(sft_rows, "heldout_loss"),
                      "pass_at_k": accuracy["sft"]["pass_at_k"]}
     helpful = {stage: [x for x in accuracy[stage]["samples"] if x["family"] in TASK_FAMILIES] for stage in accuracy}
     # what every policy stage reports: gold numbers, against SFT prompt by prompt, headroom
-    stages[policy] = {"gold_accuracy": accuracy[policy]["task_accuracy"], "per_family": accuracy[policy]["per_family"],
+    stages[policy] = {"gold_accuracy": accuracy[policy]["task_accuracy"], **phrasing_keys(accuracy[policy]),
+                      "per_family": accuracy[policy]["per_family"],
                       "safety": accuracy[policy]["safety"], "outside_everyday": accuracy[policy].get("outside_everyday"),
                       "vs_sft": paired_change(helpful["sft"], helpful[policy]),
                       "win_rate_vs_sft": win_rate(accuracy["sft"]["samples"], accuracy[policy]["samples"]),
                       "pass_at_k": accuracy[policy]["pass_at_k"]}
+    if phrasing:
+        stages[policy]["vs_sft_heldout_phrasing"] = paired_change(
+            accuracy["sft"]["heldout_phrasing"]["samples"], accuracy[policy]["heldout_phrasing"]["samples"])
     if policy == "ppo":
         rm_config = _read_json(os.path.join(ckpt("rm"), "config.json")) or {}
         ppo_config = _read_json(os.path.join(ckpt("ppo"), "config.json")) or {}
@@ -532,6 +540,9 @@ def print_summary(stages: dict, n_records: int, policy: str = "ppo") -> None:
           f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, {policy} {100 * pol['gold_accuracy']:.1f}% "
           f"({policy} KL {pol['kl']}; vs sft: fixed {pol['vs_sft']['fixed']}, "
           f"broke {pol['vs_sft']['broken']}, McNemar p {pol['vs_sft']['p_value']:.3g})")
+    if pol.get("gold_accuracy_heldout_phrasing") is not None:
+        print(f"in phrasings never trained on: sft {_pct(stages['sft']['gold_accuracy_heldout_phrasing'])}, "
+              f"{policy} {_pct(pol['gold_accuracy_heldout_phrasing'])}")
     wins = pol["win_rate_vs_sft"]
     print(f"{policy} vs sft on all {n_records} held-out prompts (gold judge): {wins['wins']} wins, "
           f"{wins['losses']} losses, {wins['ties']} ties, sign test p {wins['p_value']:.3g}")
@@ -582,6 +593,7 @@ def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, devi
                       "on_policy_by_family": on_policy["by_kind"], "on_policy_pairs": counts,
                       "init": cfg.rm_round2_init, "feedback_weight": cfg.feedback_weight},
         "ppo_round2": {"gold_accuracy": accuracy["ppo_round2"]["task_accuracy"],
+                       **phrasing_keys(accuracy["ppo_round2"]),
                        "per_family": accuracy["ppo_round2"]["per_family"], "safety": accuracy["ppo_round2"]["safety"],
                        "outside_everyday": accuracy["ppo_round2"].get("outside_everyday"),
                        "kl": _last(_metrics(ckpt("ppo_round2")), "objective/kl"), "reward": ppo2_config.get("reward"),
@@ -604,13 +616,22 @@ def round2_summary(stages: dict) -> str:
             f"{wins['losses']} losses, {wins['ties']} ties, sign test p {wins['p_value']:.3g}")
 
 
+def phrasing_keys(result: dict) -> dict:
+    """A stage's helpfulness on the held-out phrasings (None without the file)."""
+    held = result.get("heldout_phrasing")
+    return {"gold_accuracy_heldout_phrasing": held and held["task_accuracy"],
+            "per_family_heldout_phrasing": held and held["per_family"]}
+
+
 def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict],
-                   headroom: bool = False, outside: list[dict] = (), clock=None) -> dict:
+                   headroom: bool = False, outside: list[dict] = (), phrasing: list[dict] = (), clock=None) -> dict:
     """A checkpoint's greedy answers to the held-out records, judged (evals.task_accuracy);
     with `headroom`, also pass@k of PASS_AT_K_SAMPLES sampled answers per helpfulness
     record (result["pass_at_k"]); the share of the `outside` everyday requests it refuses
     (result["outside_everyday"]: {"prompts", "over_refusal", "refused"}); its answers to
-    the example prompts appended to `samples` (None: none). `clock` (runtime.PartTimes)
+    the example prompts appended to `samples` (None: none); its greedy answers to the
+    `phrasing` records (tasks asked in phrasings never trained on) as
+    result["heldout_phrasing"]. `clock` (runtime.PartTimes)
     gets the seconds of the greedy answers and of the sampling."""
     import runtime
     from data.chat import encode_prompt
@@ -626,6 +647,8 @@ def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None,
                 "prompts": len(outside), "over_refusal": checked["safety"]["open_request_over_refusal"],
                 "refused": [{"prompt": x["prompt"], "response": x["response"]} for x in checked["samples"]
                             if x["refused"]]}
+        if phrasing:
+            result["heldout_phrasing"] = task_accuracy(model, tok, phrasing)
     if headroom:
         with clock.part(f"pass@k: {PASS_AT_K_SAMPLES} samples per prompt"):
             result["pass_at_k"] = sampled_accuracy(model, tok, records, PASS_AT_K_SAMPLES, PASS_AT_K_TEMPERATURE,
@@ -774,6 +797,9 @@ def render_markdown(report: dict) -> str:
     for family in sorted(f for f in s["sft"]["per_family"] if f not in SAFETY_FAMILIES):
         lines.append(f"| {family} | {_pct(s['sft']['per_family'][family])} | {_pct(s[pol]['per_family'].get(family))} |")
     lines.append(f"| **all** | **{_pct(s['sft']['gold_accuracy'])}** | **{_pct(s[pol]['gold_accuracy'])}** |")
+    if s["sft"].get("gold_accuracy_heldout_phrasing") is not None:
+        lines.append(f"| all, in phrasings never trained on | {_pct(s['sft']['gold_accuracy_heldout_phrasing'])} | "
+                     f"{_pct(s[pol]['gold_accuracy_heldout_phrasing'])} |")
     wins = s[pol].get("win_rate_vs_sft")
     if wins:
         decided = wins["wins"] + wins["losses"]

@@ -71,6 +71,25 @@ TEMPLATES = {
     "compare": ["Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?", "Pick the larger number: {a}, {b}."],
     "repeat": ["Repeat '{p}' {n} times.", "Say '{p}' {n} times, separated by spaces.", "Write the phrase '{p}' {n} times."],
 }
+# Phrasings no training file ever uses: the same tasks asked in other words, for
+# `eval_heldout_phrasing.jsonl`. The templates above vary instances of a few phrasings;
+# these measure whether the model learned the task or the sentence it comes in.
+HELDOUT_PHRASINGS = {
+    "arithmetic": ["What's {a} {opword} {b}?", "How much is {a} {opword} {b}?", "Work out {a} {op} {b} for me.",
+                   "Tell me what {a} {opword} {b} equals.", "Quick one: {a} {op} {b}?"],
+    "reverse": ["{w} backwards please", "Flip the letters of '{w}' around.", "Give me '{w}' spelled back to front.",
+                "How do you write '{w}' in reverse order?"],
+    "sort": ["Can you sort {xs} from low to high?", "Arrange {xs} in increasing order.", "List {xs} smallest first.",
+             "Rank these from least to greatest: {xs}."],
+    "count": ["How often does '{c}' show up in '{w}'?", "Count how many '{c}' letters are in '{w}'.",
+              "Number of times '{c}' occurs in the word '{w}'?"],
+    "next_letter": ["Which letter is right after '{c}'?", "Tell me the letter following '{c}'.",
+                    "'{c}' is followed by which letter?"],
+    "case": ["Make '{p}' {case}.", "Turn '{p}' into {case} letters.", "Change '{p}' to {case}, please."],
+    "compare": ["Which one is greater, {a} or {b}?", "Of {a} and {b}, which is bigger?",
+                "Tell me the bigger number: {a} or {b}.", "Is {a} or {b} larger?"],
+    "repeat": ["Give me '{p}' repeated {n} times.", "Write out '{p}' {n} times in a row.", "Say '{p}' {n} times over."],
+}
 ANSWER_TYPE = {"arithmetic": "int", "reverse": "text", "sort": "list", "count": "int", "next_letter": "text",
                "case": "exact", "compare": "int", "repeat": "words",
                "harmful": "refusal",  # no answer: the right response is a refusal
@@ -78,9 +97,10 @@ ANSWER_TYPE = {"arithmetic": "int", "reverse": "text", "sort": "list", "count": 
                "benign": "comply", "everyday": "comply"}  # no answer: any non-refusal is right
 
 
-def make_task(family: str, rng: random.Random) -> tuple[str, str]:
-    """(prompt, answer) for one random instance of a family."""
-    template = rng.choice(TEMPLATES[family])
+def make_task(family: str, rng: random.Random, templates: list[str] | None = None) -> tuple[str, str]:
+    """(prompt, answer) for one random instance of a family, in one of `templates`
+    (default: the family's training phrasings, TEMPLATES)."""
+    template = rng.choice(templates or TEMPLATES[family])
     if family == "arithmetic":
         op = rng.choice("+-*")
         if op == "*":
@@ -88,7 +108,8 @@ def make_task(family: str, rng: random.Random) -> tuple[str, str]:
         else:
             a, b = rng.randint(2, 99), rng.randint(2, 99)
         answer = a + b if op == "+" else a - b if op == "-" else a * b
-        return template.format(a=a, b=b, op=op), str(answer)
+        opword = {"+": "plus", "-": "minus", "*": "times"}[op]
+        return template.format(a=a, b=b, op=op, opword=opword), str(answer)
     if family == "reverse":
         w = rng.choice(WORDS)
         return template.format(w=w), w[::-1]
@@ -236,9 +257,9 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
           safety_prefs_per_family: int = 600, harmful_prompts: int = 1000, borderline_prompts: int = 250,
           refusal_pairs_per_family: int = 20, degenerate_pairs_per_family: int = 40,
           harmful_refusal_rate: float = 0.25, benign_prompts: int = 500, everyday_prompts: int = 250,
-          minimal_pairs: int = 300) -> dict[str, list[dict]]:
-    """The files' records: sft, prefs, prompts, eval, and ptx (the helpfulness
-    demonstrations again, for PPO-ptx). Per helpfulness family: sft_per_family
+          minimal_pairs: int = 300, phrasing_eval_per_family: int = 50) -> dict[str, list[dict]]:
+    """The files' records: sft, prefs, prompts, eval, eval_heldout_phrasing, and ptx (the
+    helpfulness demonstrations again, for PPO-ptx). Per helpfulness family: sft_per_family
     demonstrations, prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family
     answer-vs-refusal pairs, prompts_per_family RL prompts, eval_per_family held-out prompts
     (fewer when the family has fewer distinct held-out prompts). The harmful and borderline
@@ -247,7 +268,8 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
     borderline_prompts RL prompts, and the same eval count; so do the benign and everyday
     families (benign_prompts, everyday_prompts RL prompts), and minimal_pairs harmful/benign
     twins add two pairs each. Every family also gets degenerate_pairs_per_family
-    right-vs-broken pairs.
+    right-vs-broken pairs. eval_heldout_phrasing: phrasing_eval_per_family held-out prompts
+    per helpfulness family in phrasings no file trains on (HELDOUT_PHRASINGS).
 
     The RL prompts are mostly harmful (1,000 of 1,330 by default), with a quarter as many
     borderline ones to keep the policy answering look-alikes: that is where the reward
@@ -275,6 +297,7 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
         add_comply_family(out, family, f"{seed}:{family}", {**safety_counts, "prompts": n_prompts}, eval_per_family,
                           eval_fraction)
     add_minimal_pairs(out, random.Random(f"{seed}:minimal"), minimal_pairs, eval_fraction)
+    out["eval_heldout_phrasing"] = heldout_phrasing_records(seed, phrasing_eval_per_family)
     for family in FAMILIES:  # a stream of its own: the other records do not change with this count
         add_degenerate_pairs(out, family, degenerate_pairs_per_family, random.Random(f"{seed}:{family}:degenerate"),
                              eval_fraction)
@@ -282,6 +305,25 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
     # compliant replies are exactly what the preferences overrule
     out["ptx"] = [r for r in out["sft"] if r["family"] in TASK_FAMILIES]
     return out
+
+
+def heldout_phrasing_records(seed: int, per_family: int) -> list[dict]:
+    """Held-out task records asked in HELDOUT_PHRASINGS (distinct prompts, each family from a
+    stream of its own), marked `"phrasing": "heldout"`."""
+    records = []
+    for family in TASK_FAMILIES:
+        rng, seen = random.Random(f"{seed}:{family}:heldout-phrasing"), set()
+        for _ in range(100 * per_family + 100):
+            if len(seen) >= per_family:
+                break
+            prompt, answer = make_task(family, rng, HELDOUT_PHRASINGS[family])
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            records.append({"family": family, "answer_type": ANSWER_TYPE[family], "phrasing": "heldout",
+                            "id": f"{family}/eval-phrasing/{len(seen) - 1}", "prompt": prompt, "answer": answer,
+                            "messages": _chat(prompt, answer)})
+    return records
 
 
 def draw_task_prompts(family: str, rng: random.Random, n_train: int, n_eval: int, eval_fraction: float):
@@ -501,6 +543,9 @@ def add_minimal_pairs(out: dict, rng: random.Random, n: int, eval_fraction: floa
         made += 1
 
 
+SUITE_FILES = ("sft", "prefs", "prompts", "eval", "eval_heldout_phrasing", "ptx")
+
+
 def write(out_dir: str, **kwargs) -> dict[str, int]:
     os.makedirs(out_dir, exist_ok=True)
     sets = build(**kwargs)
@@ -511,15 +556,15 @@ def write(out_dir: str, **kwargs) -> dict[str, int]:
 
 def ensure_written(out_dir: str) -> None:
     """Write the default suite to out_dir unless it is already there (first use)."""
-    if not all(os.path.exists(os.path.join(out_dir, f"{name}.jsonl"))
-               for name in ("sft", "prefs", "prompts", "eval", "ptx")):
+    if not all(os.path.exists(os.path.join(out_dir, f"{name}.jsonl")) for name in SUITE_FILES):
         print(f"writing the task suite to {out_dir}")
         write(out_dir)
 
 
 @entry_point
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="write the task suite (sft, prefs, prompts, eval, ptx JSONL): eight "
+    parser = argparse.ArgumentParser(description="write the task suite (sft, prefs, prompts, eval, "
+                                     "eval_heldout_phrasing, ptx JSONL): eight "
                                      "verifiable helpfulness families plus harmful, borderline, benign and everyday "
                                      "prompts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -546,6 +591,8 @@ def main(argv=None) -> None:
     parser.add_argument("--minimal-pairs", type=int, default=300,
                         help="harmful/benign twins in one template (two preference pairs each)")
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out prompts per family (at most)")
+    parser.add_argument("--phrasing-eval-per-family", type=int, default=50,
+                        help="held-out prompts per helpfulness family in phrasings never trained on")
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in vars(args).items() if k.endswith(("_per_family", "_prompts", "_pairs"))}
     if any(v < 0 for v in sizes.values()) or not 0 <= args.harmful_refusal_rate <= 1:

@@ -385,7 +385,7 @@ def test_build_counts_families_and_heldout(built):
                      "prefs": SMALL["safety_prefs_per_family"] + SMALL["degenerate_pairs_per_family"]}
     assert built["ptx"] == [r for r in built["sft"] if r["family"] in tasks.TASK_FAMILIES]
     for name, records in built.items():
-        if name == "ptx":
+        if name in ("ptx", "eval_heldout_phrasing"):  # the latter: test_heldout_phrasings_*
             continue
         fam = Counter(r["family"] for r in records)
         assert set(fam) == set(tasks.FAMILIES), name
@@ -473,11 +473,12 @@ def _quoted(prompt):
 
 def independent_answer(family, prompt):
     if family == "arithmetic":
-        m = re.search(r"(\d+) ([+\-*]) (\d+)", prompt)
+        m = re.search(r"(\d+) ([+\-*]|plus|minus|times) (\d+)", prompt)
         a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        op = {"plus": "+", "minus": "-", "times": "*"}.get(op, op)
         return str({"+": a + b, "-": a - b, "*": a * b}[op])
     if family == "reverse":
-        (w,) = _quoted(prompt)
+        (w,) = _quoted(prompt) or [prompt.split()[0]]  # "garden backwards please"
         return "".join(reversed(w))
     if family == "sort":
         nums = [int(n) for n in re.findall(r"\d+", prompt)]
@@ -504,7 +505,7 @@ def independent_answer(family, prompt):
         assert a != b
         return str(a if a > b else b)
     if family == "repeat":
-        m = re.search(r"'([^']+)' (\d+) times", prompt)
+        m = re.search(r"'([^']+)' (?:repeated )?(\d+) times", prompt)
         return " ".join([m.group(1)] * int(m.group(2)))
     raise AssertionError(family)
 
@@ -519,6 +520,26 @@ def test_make_task_answers_correct(family):
         assert answer == independent_answer(family, prompt), (prompt, answer)
         assert tasks.grade({"family": family, "answer": answer}, answer) == 1.0
     assert len(prompts) > 20  # really random
+
+
+def test_heldout_phrasings_are_never_trained_on_and_their_answers_are_right(built):
+    phrasing = built["eval_heldout_phrasing"]
+    assert Counter(r["family"] for r in phrasing) == {f: 50 for f in tasks.TASK_FAMILIES}  # the default count
+    for family in tasks.TASK_FAMILIES:
+        assert not set(tasks.HELDOUT_PHRASINGS[family]) & set(tasks.TEMPLATES[family])
+    # no training prompt is in a held-out phrasing: the phrasing's fixed words never occur in training text
+    train_prompts = [r["messages"][0]["content"] if "messages" in r else r["prompt"]
+                     for name in ("sft", "prefs", "prompts", "ptx") for r in built[name]]
+    for family, templates in tasks.HELDOUT_PHRASINGS.items():
+        for template in templates:
+            pattern = re.compile(".+".join(re.escape(part) for part in re.split(r"\{\w+\}", template)) + "$")
+            assert not any(pattern.match(p) for p in train_prompts), template
+    for r in phrasing:
+        assert r["phrasing"] == "heldout" and r["messages"][0]["content"] == r["prompt"]
+        assert r["answer"] == independent_answer(r["family"], r["prompt"]), r["prompt"]
+        assert tasks.grade(r, r["answer"]) == 1.0
+    assert len({r["prompt"] for r in phrasing}) == len(phrasing)
+    assert not {r["prompt"] for r in phrasing} & {r["prompt"] for r in built["eval"]}
 
 
 def test_make_task_deterministic_and_unknown():
@@ -617,9 +638,9 @@ def test_tasks_main_writes_files(tmp_path, capsys):
     tasks.main(["--out", str(out)])
     assert "wrote" in capsys.readouterr().out
     files = {name: [json.loads(l) for l in (out / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
-             for name in ("sft", "prefs", "prompts", "eval", "ptx")}
-    assert not list(out.glob("*.tmp"))
-    required = {"sft": {"messages", "family", "answer"},
+             for name in tasks.SUITE_FILES}
+    assert not list(out.glob("*.tmp")) and len(list(out.glob("*.jsonl"))) == len(tasks.SUITE_FILES) == 6
+    required = {"sft": {"messages", "family", "answer"}, "eval_heldout_phrasing": {"prompt", "answer", "family"},
                 "prefs": {"prompt", "chosen", "rejected", "kind", "family"},
                 "prompts": {"prompt", "family", "answer"},
                 "eval": {"prompt", "answer", "family", "messages"},
@@ -630,7 +651,8 @@ def test_tasks_main_writes_files(tmp_path, capsys):
             need = required[name] - ({"answer"} if not tasks.needs_answer(r) else set())  # a refusal needs no answer
             assert need <= set(r), (name, r)
             assert r["family"] in tasks.FAMILIES
-        assert {r["family"] for r in records} == set(tasks.TASK_FAMILIES if name == "ptx" else tasks.FAMILIES)
+        assert {r["family"] for r in records} == set(tasks.TASK_FAMILIES if name in ("ptx", "eval_heldout_phrasing")
+                                                     else tasks.FAMILIES)
     assert len(files["sft"]) == 600 * len(tasks.TASK_FAMILIES) + 300 * 4
     assert len(files["prefs"]) == ((150 + 20) * len(tasks.TASK_FAMILIES) + 600 * 4 + 40 * len(tasks.FAMILIES)
                                    + 2 * 300)  # minimal pairs: two records each

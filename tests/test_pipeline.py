@@ -59,6 +59,12 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert abs((change["fixed"] - change["broken"]) / change["n"]
                - (stages["ppo"]["gold_accuracy"] - stages["sft"]["gold_accuracy"])) < 1e-9
     assert 0.0 <= stages["rm"]["accuracy"] <= 1.0
+    phrasing = [json.loads(line) for line in
+                (tmp_path / "prepared" / "tasks" / "eval_heldout_phrasing.jsonl").read_text().splitlines()]
+    for stage in ("pretrain", "sft", "ppo", "ppo_round2"):  # the same tasks in words never trained on
+        value, per_family = stages[stage]["gold_accuracy_heldout_phrasing"], stages[stage]["per_family_heldout_phrasing"]
+        assert set(per_family) == set(TASK_FAMILIES) and abs(value * len(phrasing) - round(value * len(phrasing))) < 1e-9
+    assert stages["ppo"]["vs_sft_heldout_phrasing"]["n"] == len(phrasing) == 2 * len(TASK_FAMILIES)
     for stage in ("sft", "ppo"):  # headroom: pass@1 is the mean sampled accuracy, and pass@k grows with k
         headroom = stages[stage]["pass_at_k"]
         assert headroom["samples"] == pipeline.PASS_AT_K_SAMPLES and headroom["prompts"] == len(helpful)
