@@ -59,9 +59,17 @@ ON_POLICY_DRAWS = 4
 PASS_AT_K_SAMPLES = 8
 PASS_AT_K_TEMPERATURE = 0.7
 
-# Extra options per stage and preset. "cpu" is each script's own defaults (the README's numbers).
+# The main job's evaluation cadence: the report evaluates every stage itself, so the
+# stages evaluate only what the report reads from them: SFT's held-out loss curve (its
+# gold evaluation at the last step only: the others cost 81 s of its 515 s, the step-0 one,
+# of a pretrained model that never stops, the slowest), the reward model's held-out pairs
+# at its start, middle and end (not every 100 steps: 53 s of its 385 s each round), and
+# PPO's greedy curve. BENCHMARKS.md, "The main job", has the time table.
+EVAL_CADENCE = {"sft": ["--gold-eval", "last"], "rm": ["--eval-every", "300"]}
+# Extra options per stage and preset. "cpu" is each script's own defaults (the README's
+# numbers) with the main job's evaluation cadence.
 PRESETS = {
-    "cpu": {},
+    "cpu": EVAL_CADENCE,
     "mini": {
         "prepare": ["--vocab-size", "512", "--workers", "1"],
         "tasks": ["--sft-per-family", "16", "--prefs-per-family", "8", "--prompts-per-family", "4",
@@ -86,7 +94,7 @@ PRESETS = {
     "gpu": {
         "pretrain": ["--preset", "gpt2-124m", "--seq-len", "512", "--batch-size", "32", "--max-steps", "3000",
                      "--lr", "6e-4", "--warmup-steps", "100", "--eval-every", "500", "--save-every", "500"],
-        "sft": ["--lr", "1e-4"],
+        "sft": ["--lr", "1e-4", *EVAL_CADENCE["sft"]],
         "rm": ["--lr", "5e-5"],
         "ppo": ["--lr", "5e-6", "--batch-size", "128", "--minibatch-size", "32"],
     },

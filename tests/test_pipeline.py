@@ -189,3 +189,13 @@ def test_win_rate_counts_wins_losses_ties_and_gives_the_exact_sign_test():
     # 30 wins and no loss: p = 2 / 2^30
     assert win_rate([{"prompt": i, "score": 0.0} for i in range(30)],
                     [{"prompt": i, "score": 1.0} for i in range(30)])["p_value"] == pytest.approx(2 / 2 ** 30)
+
+
+def test_the_default_job_evaluates_inside_stages_only_what_the_report_reads():
+    cfg = pipeline.PipelineConfig()
+    sft = pipeline.stage_command("sft", cfg)
+    assert sft[sft.index("--gold-eval") + 1] == "last"
+    for stage in ("rm", "rm_round2"):  # round 2's reward model takes round 1's cadence
+        command = pipeline.stage_command(stage, cfg)
+        assert command[command.index("--eval-every") + 1] == "300"
+    assert "--eval-every" not in pipeline.stage_command("ppo", cfg)  # PPO's greedy curve is in the report
