@@ -61,10 +61,10 @@ PASS_AT_K_TEMPERATURE = 0.7
 
 # The main job's evaluation cadence: the report evaluates every stage itself, so the
 # stages evaluate only what the report reads from them: SFT's held-out loss curve (its
-# gold evaluation at the last step only: the others cost 81 s of its 515 s, the step-0 one,
-# of a pretrained model that never stops, the slowest), the reward model's held-out pairs
-# at its start, middle and end (not every 100 steps: 53 s of its 385 s each round), and
-# PPO's greedy curve. BENCHMARKS.md, "The main job", has the time table.
+# gold evaluation at the last step only: five of them took 81 s of its 517 s, the step-0
+# one, of a pretrained model that never stops, 17 s alone), the reward model's held-out
+# pairs at its start, middle and end (every 100 steps took 53 s of its 380 s each round),
+# and PPO's greedy curve. BENCHMARKS.md, "The main job", has the time table.
 EVAL_CADENCE = {"sft": ["--gold-eval", "last"], "rm": ["--eval-every", "300"]}
 # Extra options per stage and preset. "cpu" is each script's own defaults (the README's
 # numbers) with the main job's evaluation cadence.

@@ -916,6 +916,7 @@ class Trainer:
             self.logger.close()
 
     def log_time_parts(self) -> None:
+        """The stage's time table to metrics.jsonl, once, on leaving the `with trainer:` loop."""
         if self._loop_start is None:
             return
         loop_seconds, parts_before = self._loop_start
