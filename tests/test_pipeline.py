@@ -199,3 +199,36 @@ def test_the_default_job_evaluates_inside_stages_only_what_the_report_reads():
         command = pipeline.stage_command(stage, cfg)
         assert command[command.index("--eval-every") + 1] == "300"
     assert "--eval-every" not in pipeline.stage_command("ppo", cfg)  # PPO's greedy curve is in the report
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows without what depends on the clock (speed, seconds, time table)."""
+    return [{k: v for k, v in row.items() if not k.startswith(("time", "tokens_per_s", "mfu"))} for row in rows]
+
+
+def test_the_whole_chain_repeats_exactly_on_one_machine(tmp_path, capsys):
+    """prepare -> tasks -> pretrain -> SFT -> reward model -> PPO -> report, a few steps each,
+    twice from nothing with the same seed: the same data, weights, logged numbers and report
+    to the last bit. (Different machines round differently and training amplifies it, so
+    headline numbers are means over seeds; on one machine a run must repeat exactly.)"""
+    from safetensors.torch import load_file
+    runs = []
+    for name in ("first", "second"):
+        root = tmp_path / name
+        root.mkdir()
+        pipeline.main(mini_args(root) + ["--rounds", "1"])
+        runs.append(root)
+    capsys.readouterr()
+    a, b = runs
+    for path in ("shakespeare/tokenizer.json", "shakespeare/train_0000.bin", "shakespeare/val_0000.bin",
+                 "tasks/sft.jsonl", "tasks/prefs.jsonl", "tasks/eval_heldout_phrasing.jsonl"):
+        assert (a / "prepared" / path).read_bytes() == (b / "prepared" / path).read_bytes(), path
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        wa, wb = (load_file(str(r / "runs" / stage / "model.safetensors")) for r in (a, b))
+        assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa), stage
+        ma, mb = (_untimed(pipeline._metrics(str(r / "runs" / stage))) for r in (a, b))
+        assert ma == mb and len(ma) > 2, stage
+    ra, rb = (json.loads((r / "runs" / "report.json").read_text())["stages"] for r in (a, b))
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        keep = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "command")}  # noqa: E731
+        assert keep(ra[stage]) == keep(rb[stage]), stage
