@@ -17,8 +17,8 @@ continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) a
 starting it again picks up where it stopped. At the end OUT/report.md and report.json
 hold each stage's command, wall time and key numbers, plots and sample completions.
 
-    python pipeline.py                     # the CPU defaults, both rounds: 20-25 minutes on 2 cores
-    python pipeline.py --rounds 1          # round 1 only (10-13 minutes)
+    python pipeline.py                     # the CPU defaults, both rounds: 25-48 minutes on 2 cores
+    python pipeline.py --rounds 1          # round 1 only (13-30 minutes; report.md's time table says where they go)
     python pipeline.py --align dpo         # DPO (train_dpo.py) on the same pairs in place of the reward model and PPO
     python pipeline.py --preset mini       # seconds per stage: a smoke test of the whole chain
     python pipeline.py --preset gpu        # a larger model for one GPU

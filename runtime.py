@@ -890,7 +890,6 @@ class Trainer:
                         train_config=self.train_config, trainer_state={"data": self.data_state()},
                         tokenizer_path=self.tokenizer_path, extra_config=self.extra_config)
         print0(f"saved checkpoint at step {self.step} to {self.cfg.out}")
-        self.pause_clock()
 
     def save(self) -> None:
         with self.timed("checkpoint"):
