@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Optional
 
 
 from cli import UserError, config_dict, entry_point, parse_config, print_config
-from data import clean, langid, pii, quality
+from data import clean, governance, langid, pii, quality
 from data.parallel import bounded_imap
 from data.dedup import MinHasher, NearDedup, exact_hash, shingle_hashes
 from data.files import write_json
@@ -92,6 +92,24 @@ class PrepareConfig(clean.LineFilterConfig, quality.QualityConfig):
     chunk_stride: int = field(default=512, metadata={"help": "chunks layout: step between chunk starts (512 of 1024 = 50% overlap)"})
     min_chunk_len: int = field(default=128, metadata={"help": "chunks layout: drop a final chunk shorter than this"})
     shard_tokens: int = 100_000_000
+    sources: str = field(default="", metadata={
+        "help": "JSON list of inputs, each with path, domain, license (SPDX), consent, url, notes and a share or "
+                "weight (docs/data.md); replaces --input"})
+    allow_licenses: list[str] = field(default_factory=list, metadata={
+        "help": "keep only documents under these SPDX licence ids (comma-separated; empty: any)"})
+    require_consent: bool = field(default=False, metadata={
+        "help": "remove documents whose consent is missing or unknown"})
+    opt_out: str = field(default="", metadata={
+        "help": "file of document ids, URLs or domains (one a line) to remove before anything else"})
+    decontaminate: list[str] = field(default_factory=lambda: ["auto"], metadata={
+        "nargs": True, "help": "evaluation files (JSONL prompts/answers/messages, or text lines) whose word n-grams "
+                               "no kept document may share; auto: the task suite's held-out files beside --out, "
+                               "when they exist; none: off"})
+    decontam_ngram: int = field(default=13, metadata={"help": "n of the shared word n-gram (GPT-3's 13)"})
+    flag_only: bool = field(default=False, metadata={
+        "help": "report contaminated documents without removing them"})
+    representation_probe: bool = field(default=True, metadata={
+        "help": "count gendered words per source for the data card (a measurement, not a filter)"})
 
     def __post_init__(self):
         if not 262 <= self.vocab_size <= 1 << 32:
@@ -113,6 +131,22 @@ class PrepareConfig(clean.LineFilterConfig, quality.QualityConfig):
             raise UserError("--split-bytes must be positive")
         if self.ray_address and self.engine != "ray":
             raise UserError("--ray-address needs --engine ray")
+        if self.decontam_ngram < 1:
+            raise UserError(f"--decontam-ngram must be positive, got {self.decontam_ngram}")
+
+    def decontamination_files(self) -> list[str]:
+        """The evaluation files named by --decontaminate (auto: the suite's, when present)."""
+        files = []
+        for item in self.decontaminate:
+            if item == "none":
+                return []
+            if item == "auto":
+                tasks = os.path.join(os.path.dirname(os.path.abspath(self.out)), "tasks")
+                files += [os.path.join(tasks, name) for name in ("eval.jsonl", "eval_heldout_phrasing.jsonl")
+                          if os.path.exists(os.path.join(tasks, name))]
+            else:
+                files.append(item)
+        return files
 
 
 # ----------------------------------------------------------------------------- pass 1 (per document)
@@ -120,8 +154,9 @@ class PrepareConfig(clean.LineFilterConfig, quality.QualityConfig):
 _W: dict = {}  # per-process state: config, toxicity filter, MinHasher
 
 
-def _init_worker(cfg: PrepareConfig, blocklist_terms: list[str]) -> None:
+def _init_worker(cfg: PrepareConfig, blocklist_terms: list[str], policy: governance.Policy | None = None) -> None:
     _W["cfg"] = cfg
+    _W["policy"] = policy if policy is not None else governance.Policy(probe=cfg.representation_probe)
     _W["toxicity"] = ToxicityFilter(blocklist_terms, cfg.max_toxic_word_frac) if cfg.toxicity else None
     _W["minhash"] = MinHasher(cfg.bands * cfg.rows, cfg.ngram, cfg.seed)
     _W["languages"] = set(cfg.languages)
@@ -156,13 +191,28 @@ def clean_document(text: str) -> tuple[Optional[str], str, dict]:
 
 
 def _process(record):
+    """One record through pass 1: governance (opt-out, licence, consent), cleaning and the
+    filters, decontamination, then the dedup keys; stats carry its source and domain."""
+    policy: governance.Policy = _W["policy"]
+    meta = policy.metadata(record.source, getattr(record, "meta", None))
     if isinstance(record, Rejected):
-        return record, None
+        return record, {"source": meta["source"], "domain": meta["domain"]}
+    bytes_in = len(record.text.encode("utf-8", "surrogatepass"))
+    refusal = policy.refusal(record.id, meta)  # honoured before anything else
+    if refusal:
+        return Rejected(record.id, record.source, *refusal), {"source": meta["source"], "domain": meta["domain"],
+                                                             "bytes_in": bytes_in}
     text, reason, stats = clean_document(record.text)
-    stats["bytes_in"] = len(record.text.encode("utf-8", "surrogatepass"))
+    stats.update(source=meta["source"], domain=meta["domain"], bytes_in=bytes_in)
     if text is None:
         detail = json.dumps(stats["language"]) if "language" in stats else ""
         return Rejected(record.id, record.source, reason, detail), stats
+    gram = policy.contamination(text)
+    if gram and not policy.flag_only:
+        return Rejected(record.id, record.source, "contaminated", gram), stats
+    stats["contaminated"] = gram
+    stats["bytes_out"] = len(text.encode("utf-8", "surrogatepass"))
+    stats["groups"] = governance.group_counts(text) if policy.probe else None
     cfg = _W["cfg"]
     shingles = shingle_hashes(text, cfg.ngram) if cfg.near_dedup else None
     stats["hash"] = exact_hash(text)
@@ -240,15 +290,33 @@ def _prepare_out_dir(out: str) -> None:
 
 # ----------------------------------------------------------------------------- the run, step by step
 
-def open_inputs(cfg: PrepareConfig) -> tuple[list[str], list[str], Tokenizer | None]:
-    """(input files, blocklist terms, the --tokenizer to reuse or None); an output directory
-    that is writable and holds no earlier shards."""
+@dataclass
+class Inputs:
+    files: list[str]
+    blocklist_terms: list[str]
+    tokenizer: Optional[Tokenizer]  # the --tokenizer to reuse, or None
+    sources: list  # governance.Source entries of --sources (empty without one)
+    policy: governance.Policy
+
+
+def open_inputs(cfg: PrepareConfig) -> Inputs:
+    """The input files (those of --sources, else --input), the blocklist, the tokenizer to
+    reuse, the governance policy; an output directory that is writable and holds no
+    earlier shards."""
     try:
-        files = list_files(cfg.input)
-    except FileNotFoundError as e:
-        raise UserError(f"input path not found: {e.args[0]}") from None
-    if not files:
-        raise UserError(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(cfg.input)}")
+        sources = governance.load_sources(cfg.sources) if cfg.sources else []
+        paths = [s.path for s in sources] if sources else cfg.input
+        try:
+            files = list_files(paths)
+        except FileNotFoundError as e:
+            raise UserError(f"input path not found: {e.args[0]}") from None
+        if not files:
+            raise UserError(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(paths)}")
+        policy = governance.build_policy(files, sources, cfg.allow_licenses, cfg.require_consent, cfg.opt_out,
+                                         cfg.decontamination_files(), cfg.decontam_ngram, cfg.flag_only)
+    except governance.GovernanceError as e:
+        raise UserError(str(e)) from None
+    policy.probe = cfg.representation_probe
     blocklist_terms: list[str] = []
     if cfg.toxicity:
         try:
@@ -257,7 +325,7 @@ def open_inputs(cfg: PrepareConfig) -> tuple[list[str], list[str], Tokenizer | N
             raise UserError(f"cannot read --blocklist {cfg.blocklist}: {e.strerror}") from None
     tokenizer = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     _prepare_out_dir(cfg.out)
-    return files, blocklist_terms, tokenizer
+    return Inputs(files, blocklist_terms, tokenizer, sources, policy)
 
 
 class RemovedLog:
@@ -280,14 +348,21 @@ class RemovedLog:
 @dataclass
 class FilterResult:
     """What pass 1 leaves: the documents that passed (in input order; their text stays with
-    the engine), and the counts for the report."""
+    the engine) with their source, domain and size, and the counts for the report."""
     ids: list[str] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # each survivor's input file
+    source_names: list[str] = field(default_factory=list)  # ... and source (a sources-file name, or the file)
+    domains: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # UTF-8 bytes after cleaning
+    groups: list = field(default_factory=list)  # the representation probe's counts, or None
     read: int = 0
     lines_removed: int = 0
     bytes_in: int = 0
     pii: Counter = field(default_factory=Counter)
     seen_hash: dict = field(default_factory=dict)  # exact-duplicate key -> id of its first document
+    per_source: dict = field(default_factory=dict)  # source name -> Counter (read, bytes_in, removed:<reason>)
+    domain_of: dict = field(default_factory=dict)  # source name -> domain (of its first record)
+    flagged: list = field(default_factory=list)  # (id, source, n-gram) of contaminated documents kept (--flag-only)
 
     def add(self, record, stats: Optional[dict], cfg: PrepareConfig, log: RemovedLog, near) -> bool:
         """Account for one record of pass 1, in input order: log it as removed (a reject,
@@ -295,22 +370,35 @@ class FilterResult:
         (and its signature to `near`, the streaming near-duplicate index, if any). True when
         it survives."""
         self.read += 1
-        if stats:
-            self.lines_removed += stats.get("lines_removed", 0)
-            self.bytes_in += stats.get("bytes_in", 0)
+        stats = stats or {}
+        name = stats.get("source", record.source)
+        counts = self.per_source.setdefault(name, Counter())
+        self.domain_of.setdefault(name, stats.get("domain", "unknown"))
+        counts["read"] += 1
+        counts["bytes_in"] += stats.get("bytes_in", 0)
+        self.lines_removed += stats.get("lines_removed", 0)
+        self.bytes_in += stats.get("bytes_in", 0)
         if isinstance(record, Rejected):
+            counts["removed:" + record.reason] += 1
             log.remove(record.id, record.source, record.reason, record.detail)
             return False
         self.pii.update(stats.get("pii") or {})
         if cfg.exact_dedup and stats["hash"] in self.seen_hash:
+            counts["removed:exact_duplicate"] += 1
             log.remove(record.id, record.source, "exact_duplicate", duplicate_of=self.seen_hash[stats["hash"]])
             return False
         if cfg.exact_dedup:
             self.seen_hash[stats["hash"]] = record.id
         if near is not None:
             near.add(len(self.ids), stats["signature"], stats["shingles"])
+        if stats.get("contaminated"):
+            self.flagged.append((record.id, name, stats["contaminated"]))
         self.ids.append(record.id)
         self.sources.append(record.source)
+        self.source_names.append(name)
+        self.domains.append(stats.get("domain", "unknown"))
+        self.sizes.append(stats.get("bytes_out", 0))
+        self.groups.append(stats.get("groups"))
         return True
 
     def progress(self, progress: Progress, final: bool = False) -> None:
@@ -327,7 +415,7 @@ def near_dedup_report(near: Optional[NearDedup]) -> dict:
 
 
 def filter_pass(cfg: PrepareConfig, files: list[str], blocklist_terms: list[str], workers: int,
-                log: RemovedLog, near, spill_path: str) -> FilterResult:
+                log: RemovedLog, near, spill_path: str, policy: governance.Policy) -> FilterResult:
     """Pass 1 on this machine: read, clean, filter, scrub PII, drop exact duplicates, add
     MinHash signatures to the near-duplicate index; the survivors' text goes to the spill file."""
     result = FilterResult()
@@ -337,10 +425,10 @@ def filter_pass(cfg: PrepareConfig, files: list[str], blocklist_terms: list[str]
     spill = open(spill_path, "w", encoding="utf-8")
     try:
         if workers > 1:
-            pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, blocklist_terms))
+            pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, blocklist_terms, policy))
             results = bounded_imap(pool, _process, records, block=8 * workers)
         else:
-            _init_worker(cfg, blocklist_terms)
+            _init_worker(cfg, blocklist_terms, policy)
             results = map(_process, records)
         for record, stats in results:
             if result.add(record, stats, cfg, log, near):
@@ -371,8 +459,9 @@ class LocalEngine:
     def describe(self) -> str:
         return f"{self.workers} worker(s)"
 
-    def filter_pass(self, files: list[str], blocklist_terms: list[str], log: RemovedLog) -> FilterResult:
-        return filter_pass(self.cfg, files, blocklist_terms, self.workers, log, self.near, self.spill_path)
+    def filter_pass(self, files: list[str], blocklist_terms: list[str], log: RemovedLog,
+                    policy: governance.Policy) -> FilterResult:
+        return filter_pass(self.cfg, files, blocklist_terms, self.workers, log, self.near, self.spill_path, policy)
 
     def near_duplicates(self) -> tuple[dict[int, int], dict]:
         """({removed survivor index: surviving index}, the report's near_dedup counts)."""
@@ -411,10 +500,13 @@ def make_engine(cfg: PrepareConfig):
 
 
 def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, encoded: Iterable[tuple[int, int, list[int]]],
-                 val_set: set, kept: int) -> dict:
+                 val_set: set, kept: int, copies: Optional[dict] = None, source_of: Optional[list] = None) -> dict:
     """Pass 3: write the encoded documents ((index, UTF-8 bytes, token ids), in order), each
-    after a separator, to the train and val shards, then meta.json; returns the report's
-    token and byte counts."""
+    after a separator and `copies[index]` times (the mixture's repetitions; once when
+    absent), to the train and val shards, then meta.json; returns the report's token and
+    byte counts (train tokens per source with `source_of`, each survivor's source)."""
+    copies = copies or {}
+    tokens_by_source: Counter = Counter()
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers = {s: ShardWriter(cfg.out, s, dtype, tokenizer.vocab_size, cfg.shard_tokens) for s in ("train", "val")}
     doc_tokens = kept_bytes = 0
@@ -427,10 +519,14 @@ def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, encoded: Iterable[tup
         kept_bytes += nbytes
         ids_with_sep = [tokenizer.eot_id] + list(tokens)  # every document starts after a separator
         rows = [ids_with_sep] if cfg.layout == "stream" else _chunk_rows(ids_with_sep, cfg, tokenizer.pad_id)
+        times = copies.get(i, 1)
         if cfg.layout != "stream":
-            chunks_per_split[split] += len(rows)
-        for row in rows:
-            writers[split].write(row)
+            chunks_per_split[split] += len(rows) * times
+        if source_of is not None and split == "train":
+            tokens_by_source[source_of[i]] += len(ids_with_sep) * times
+        for _ in range(times):
+            for row in rows:
+                writers[split].write(row)
         progress.update(docs_per_split.total(), kept)
     splits = {s: w.close() for s, w in writers.items()}
     meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "splits": splits,
@@ -446,32 +542,41 @@ def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, encoded: Iterable[tup
               "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "kept_bytes": kept_bytes}
     if cfg.layout == "chunks":
         counts["chunks"] = dict(chunks_per_split)
+    if source_of is not None:
+        counts["train_tokens_by_source"] = dict(tokens_by_source)
     return counts
 
 
 def run(cfg: PrepareConfig) -> dict:
-    """The whole preparation: inputs, pass 1 (filters), near-duplicate clusters, pass 2
-    (the tokenizer), pass 3 (shards), report.json. Raises cli.UserError for bad input and
-    when no document survives. The engine (local processes or Ray tasks) changes where the
-    work runs, never its result."""
+    """The whole preparation: inputs, pass 1 (governance, filters, decontamination),
+    near-duplicate clusters, the mixture, pass 2 (the tokenizer), pass 3 (shards),
+    report.json and DATA_CARD.md. Raises cli.UserError for bad input and when no document
+    survives. The engine (local processes or Ray tasks) changes where the work runs, never
+    its result."""
     t_start = time.time()
     seconds: dict[str, float] = {}
-    files, blocklist_terms, tokenizer = open_inputs(cfg)
+    inputs = open_inputs(cfg)
+    tokenizer = inputs.tokenizer
     write_json(os.path.join(cfg.out, "prepare_config.json"), config_dict(cfg))
     engine = make_engine(cfg)
     try:
-        print(f"prepare: {len(files)} input file(s) -> {cfg.out} ({engine.describe()})", flush=True)
+        print(f"prepare: {len(inputs.files)} input file(s) -> {cfg.out} ({engine.describe()})", flush=True)
         log = RemovedLog(os.path.join(cfg.out, "removed.jsonl"))
-        passed = engine.filter_pass(files, blocklist_terms, log)
+        passed = engine.filter_pass(inputs.files, inputs.blocklist_terms, log, inputs.policy)
         seconds["read_filter"] = time.time() - t_start
 
         t0 = time.time()  # near-duplicate clusters
         near_dups, near_counts = engine.near_duplicates()
         for index in sorted(near_dups):
+            passed.per_source[passed.source_names[index]]["removed:near_duplicate"] += 1
             log.remove(passed.ids[index], passed.sources[index], "near_duplicate", duplicate_of=passed.ids[near_dups[index]])
-        log.file.close()
         survivors = [i for i in range(len(passed.ids)) if i not in near_dups]
         seconds["dedup"] = time.time() - t0
+        val_set = _val_indices(passed.ids, survivors, cfg.val_fraction, cfg.seed)
+        copies = mix(passed, survivors, val_set, inputs.sources, cfg.seed, log)
+        log.file.close()
+        dropped = {i for i, c in copies.items() if c == 0}
+        survivors = [i for i in survivors if i not in dropped]
         kept, removed = len(survivors), log.counts
         report = {
             "documents": {"read": passed.read, "kept": kept, "removed": dict(sorted(removed.items()))},
@@ -485,27 +590,96 @@ def run(cfg: PrepareConfig) -> dict:
             _write_report(cfg.out, report, seconds, t_start)
             raise UserError(f"no document survived filtering ({passed.read} read); "
                             f"see {os.path.join(cfg.out, 'removed.jsonl')}")
-        val_set = _val_indices(passed.ids, survivors, cfg.val_fraction, cfg.seed)
-        near_set = set(near_dups)
+        skip = set(near_dups) | dropped
 
         t0 = time.time()  # pass 2: the tokenizer
         if tokenizer is None:
             print(f"[tokenizer] training byte-level BPE, vocab {cfg.vocab_size}, on {kept - len(val_set)} train documents", flush=True)
-            tokenizer = engine.train_tokenizer(near_set | val_set)
+            tokenizer = engine.train_tokenizer(skip | val_set)
             if tokenizer.vocab_size < cfg.vocab_size:
                 print(f"[tokenizer] the corpus supports only {tokenizer.vocab_size} tokens (asked {cfg.vocab_size})")
         tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
         seconds["tokenizer"] = time.time() - t0
 
         t0 = time.time()  # pass 3: encode and write shards
-        counts = write_shards(cfg, tokenizer, engine.encoded(tokenizer, near_set), val_set, kept)
+        counts = write_shards(cfg, tokenizer, engine.encoded(tokenizer, skip), val_set, kept, copies,
+                              passed.source_names)
         seconds["tokenize"] = time.time() - t0
     finally:
         engine.close()
     report["bytes"]["kept"] = counts.pop("kept_bytes")
+    tokens_by_source = counts.pop("train_tokens_by_source")
     report.update(counts)
+    report.update(governance_report(cfg, inputs, passed, survivors, val_set, copies, tokens_by_source))
     _write_report(cfg.out, report, seconds, t_start)
+    governance.write_data_card(os.path.join(cfg.out, "DATA_CARD.md"), report)
     return report
+
+
+def mix(passed: FilterResult, survivors: list[int], val_set: set, sources: list, seed: int,
+        log: RemovedLog) -> dict[int, int]:
+    """The mixture over the training survivors ({index: copies}); documents it leaves out
+    are logged as removed (mixture_downsampled). Validation documents are never repeated
+    or dropped: the split stays by document."""
+    if not sources:
+        return {}
+    train = [(i, passed.ids[i], passed.source_names[i], passed.domains[i], passed.sizes[i])
+             for i in survivors if i not in val_set]
+    copies = governance.mixture_copies(train, sources, seed)
+    for i in sorted(i for i, c in copies.items() if c == 0):
+        passed.per_source[passed.source_names[i]]["removed:mixture_downsampled"] += 1
+        log.remove(passed.ids[i], passed.sources[i], "mixture_downsampled")
+    return copies
+
+
+def governance_report(cfg: PrepareConfig, inputs: Inputs, passed: FilterResult, survivors: list[int], val_set: set,
+                      copies: dict, tokens_by_source: Counter) -> dict:
+    """The report's sources, composition (per source and per domain), contamination and
+    representation entries: what DATA_CARD.md shows."""
+    declared = {s.name: s for s in inputs.sources}
+    per: dict[str, dict] = {}
+    for name, c in passed.per_source.items():
+        src = declared.get(name)
+        per[name] = {"domain": passed.domain_of[name], "documents_read": c["read"], "bytes_in": c["bytes_in"],
+                     "removed": {k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("removed:")},
+                     "documents_kept": 0, "bytes_kept": 0, "repeats": 0, "train_tokens": tokens_by_source.get(name, 0),
+                     "license": src.license if src else None, "consent": src.consent if src else None}
+    groups: dict[str, Counter] = {}
+    for i in survivors:
+        entry = per[passed.source_names[i]]
+        entry["documents_kept"] += 1
+        entry["bytes_kept"] += passed.sizes[i]
+        entry["repeats"] += max(0, copies.get(i, 1) - 1)
+        if passed.groups[i] is not None:
+            groups.setdefault(passed.source_names[i], Counter()).update(passed.groups[i])
+    total_tokens = sum(tokens_by_source.values()) or 1
+    for entry in per.values():
+        entry["train_token_share"] = round(entry["train_tokens"] / total_tokens, 4)
+    by_domain: dict[str, dict] = {}
+    for entry in per.values():
+        d = by_domain.setdefault(entry["domain"], Counter())
+        for key in ("documents_read", "bytes_in", "documents_kept", "bytes_kept", "repeats", "train_tokens"):
+            d[key] += entry[key]
+    for d in by_domain.values():
+        d["train_token_share"] = round(d["train_tokens"] / total_tokens, 4)
+    decon = inputs.policy.decontaminator
+    contaminated = [r for r in (passed.per_source.values()) if r.get("removed:contaminated")]
+    return {
+        "sources": [{"name": s.name, "path": s.path, "domain": s.domain, "license": s.license, "consent": s.consent,
+                     "url": s.url, "notes": s.notes, "share": s.share, "weight": s.weight} for s in inputs.sources],
+        "composition": {"by_source": per, "by_domain": {k: dict(v) for k, v in sorted(by_domain.items())}},
+        "contamination": {
+            "files": cfg.decontamination_files(), "ngram": cfg.decontam_ngram,
+            "evaluation_items": decon.items if decon else 0,
+            "items_shorter_than_ngram": decon.too_short if decon else 0,
+            "removed": sum(r["removed:contaminated"] for r in contaminated),
+            "flagged": len(passed.flagged), "flag_only": cfg.flag_only,
+            "flagged_examples": [{"id": i, "source": n, "ngram": g} for i, n, g in passed.flagged[:20]],
+        },
+        "representation": {name: {**{g: c.get(g, 0) for g in governance.GROUP_TERMS},
+                                  "female_to_male": round(c.get("female", 0) / max(1, c.get("male", 0)), 4)}
+                           for name, c in sorted(groups.items())} if cfg.representation_probe else {},
+    }
 
 
 def _write_report(out: str, report: dict, seconds: dict, t_start: float) -> None:

@@ -62,9 +62,9 @@ _RANK_BITS = 32  # a document's global rank: (task index << 32) + its position a
 
 def _setup_worker(setup) -> PrepareConfig:
     """The per-process state of prepare's workers, built once per run in each worker process."""
-    run_id, cfg, blocklist_terms = setup
+    run_id, cfg, blocklist_terms, policy = setup
     if _W.get("run") != run_id:
-        _init_worker(cfg, blocklist_terms)
+        _init_worker(cfg, blocklist_terms, policy)
         _W["run"] = run_id
     return cfg
 
@@ -244,9 +244,9 @@ class RayEngine:
                 group, group_bytes = [], 0
         return tasks + ([group] if group else [])
 
-    def filter_pass(self, files: list[str], blocklist_terms: list[str], log: RemovedLog) -> FilterResult:
+    def filter_pass(self, files: list[str], blocklist_terms: list[str], log: RemovedLog, policy) -> FilterResult:
         """Pass 1 in tasks; the outcomes are accounted for in input order, as locally."""
-        setup = ray.put((self.run_id, self.cfg, blocklist_terms))
+        setup = ray.put((self.run_id, self.cfg, blocklist_terms, policy))
         tasks = self.plan(files)
         result, progress = FilterResult(), Progress("filter")
 

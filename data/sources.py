@@ -27,11 +27,21 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 
 
+# A record's own governance fields (data/governance.py), which win over its file's.
+RECORD_FIELDS = ("license", "consent", "url", "domain", "source")
+
+
 @dataclass
 class Document:
     id: str
-    source: str
+    source: str  # the input file
     text: str
+    meta: Optional[dict] = None  # the record's own RECORD_FIELDS, when it has any
+
+
+def record_meta(obj: dict) -> Optional[dict]:
+    meta = {k: obj[k] for k in RECORD_FIELDS if isinstance(obj.get(k), str) and obj[k]}
+    return meta or None
 
 
 @dataclass
@@ -140,7 +150,7 @@ def _parse_jsonl_line(path: str, rec_id: str, line: bytes, text_field: str) -> R
     doc_id = str(doc_id) if isinstance(doc_id, (str, int)) else rec_id
     if not text.strip():
         return Rejected(doc_id, path, "empty")
-    return Document(doc_id, path, text)
+    return Document(doc_id, path, text, record_meta(obj))
 
 
 def _jsonl_records(path: str, lines: Iterator[tuple[bytes, bool]], first_line: int, text_field: str,
@@ -189,8 +199,9 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
         yield Rejected(path, path, "missing_field", f"no column {text_field!r}")
         return
     columns = [text_field] + (["id"] if "id" in pf.schema_arrow.names and text_field != "id" else [])
+    meta_columns = [c for c in RECORD_FIELDS if c in pf.schema_arrow.names and c not in columns]
     row = 0
-    batches = pf.iter_batches(columns=columns, batch_size=1024)
+    batches = pf.iter_batches(columns=columns + meta_columns, batch_size=1024)
     while True:
         try:
             batch = next(batches, None)
@@ -198,10 +209,11 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
                 return
             texts = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+            metas = [batch.column(len(columns) + k).to_pylist() for k in range(len(meta_columns))]
         except Exception as e:  # corrupt page or invalid UTF-8 in a string column
             yield Rejected(f"{path}:{row}", path, "unreadable", f"rows from {row} on: {str(e)[:80]}")
             return
-        for text, doc_id in zip(texts, ids):
+        for n, (text, doc_id) in enumerate(zip(texts, ids)):
             rec_id = str(doc_id) if doc_id is not None else f"{path}:{row}"
             row += 1
             if not isinstance(text, str):
@@ -209,7 +221,7 @@ def _read_parquet(path: str, text_field: str) -> Iterator[Record]:
             elif not text.strip():
                 yield Rejected(rec_id, path, "empty")
             else:
-                yield Document(rec_id, path, text)
+                yield Document(rec_id, path, text, record_meta({c: m[n] for c, m in zip(meta_columns, metas)}))
 
 
 def read_file(path: str, text_field: str = "text", max_doc_bytes: int = 64 << 20) -> Iterator[Record]:

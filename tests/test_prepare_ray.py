@@ -217,6 +217,30 @@ def test_verify_jaccard_and_chunks_layout_match_too(ray_instance, corpus, tmp_pa
     assert_same_output(a, b)
 
 
+def test_governance_mixture_and_decontamination_match_too(ray_instance, corpus, tmp_path):
+    """Sources with licences and shares, an opt-out, a licence allow-list, required consent,
+    decontamination: Ray's output equals the local one, the data card included."""
+    sources = tmp_path / "sources.json"
+    sources.write_text(json.dumps([
+        {"path": str(corpus / "b_big.jsonl"), "name": "big", "domain": "web", "license": "CC-BY-4.0",
+         "consent": "licensed", "share": 0.6},
+        {"path": str(corpus / "a_first.jsonl"), "name": "first", "domain": "books", "license": "MIT",
+         "consent": "public-domain", "share": 0.3},
+        {"path": str(corpus / "c_more.jsonl.gz"), "name": "more", "domain": "books", "license": "GPL-3.0-only",
+         "consent": "unknown", "share": 0.1}]), encoding="utf-8")
+    (tmp_path / "opt_out.txt").write_text("big-5\nbig-9\n", encoding="utf-8")
+    write_jsonl(tmp_path / "eval.jsonl", [{"prompt": " ".join(prose(611, 90).split()[20:40])}])
+    extra = ["--sources", sources, "--opt-out", tmp_path / "opt_out.txt", "--allow-licenses", "CC-BY-4.0,MIT",
+             "--require-consent", "--decontaminate", tmp_path / "eval.jsonl"]
+    a = prepare(corpus, tmp_path / "local", "--workers", 1, *extra)
+    b = prepare(corpus, tmp_path / "ray", "--engine", "ray", "--workers", 2, *extra)
+    removed = read_json(a / "report.json")["documents"]["removed"]
+    assert removed["opted_out"] == 2 and removed["contaminated"] == 1 and removed["license_not_allowed"] == 3
+    assert removed["mixture_downsampled"] > 0
+    assert_same_output(a, b)
+    assert (a / "DATA_CARD.md").read_bytes() == (b / "DATA_CARD.md").read_bytes()
+
+
 def test_a_ray_address_where_nothing_listens_is_one_error_line(corpus, tmp_path):
     pytest.importorskip("ray")
     proc = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(corpus), "--out", str(tmp_path / "o"),
