@@ -1,6 +1,6 @@
 """The main job: every stage of the InstructGPT recipe in order, then a report.
 
-    prepare (data/) -> tasks -> pretrain -> sft -> rm -> ppo
+    tasks -> prepare (data/; decontaminated against the tasks' held-out files) -> pretrain -> sft -> rm -> ppo
       -> feedback -> rm_round2 -> ppo_round2 (round 2; --rounds 1 leaves it out) -> eval + report
     with --align dpo: ... -> sft -> dpo -> eval + report (round 1 only)
 
@@ -40,7 +40,7 @@ from data.tasks import SAFETY_FAMILIES, SUITE_FILES
 from serving.launch import ServeProcess
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("prepare", "tasks", "pretrain", "sft", "rm", "ppo", "dpo", "feedback", "rm_round2", "ppo_round2", "eval")
+STAGES = ("tasks", "prepare", "pretrain", "sft", "rm", "ppo", "dpo", "feedback", "rm_round2", "ppo_round2", "eval")
 ROUND2 = ("feedback", "rm_round2", "ppo_round2")
 TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "rm_round2", "ppo_round2")
 ALIGN_STAGES = {"ppo": ("rm", "ppo"), "dpo": ("dpo",)}  # --align: what turns the SFT model into the policy

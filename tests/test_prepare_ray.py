@@ -231,7 +231,7 @@ def test_governance_mixture_and_decontamination_match_too(ray_instance, corpus, 
     (tmp_path / "opt_out.txt").write_text("big-5\nbig-9\n", encoding="utf-8")
     write_jsonl(tmp_path / "eval.jsonl", [{"prompt": " ".join(prose(611, 90).split()[20:40])}])
     extra = ["--sources", sources, "--opt-out", tmp_path / "opt_out.txt", "--allow-licenses", "CC-BY-4.0,MIT",
-             "--require-consent", "--decontaminate", tmp_path / "eval.jsonl"]
+             "--require-consent", "--decontaminate", tmp_path / "eval.jsonl", "--shard-tokens", 400]
     a = prepare(corpus, tmp_path / "local", "--workers", 1, *extra)
     b = prepare(corpus, tmp_path / "ray", "--engine", "ray", "--workers", 2, *extra)
     removed = read_json(a / "report.json")["documents"]["removed"]
