@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 from urllib.parse import urlparse
 
+from cli import UserError
+from data.files import atomic_write
 from data.sources import RECORD_FIELDS, list_files
 
 # SPDX identifiers (spdx.org/licenses) of the licences data and code most often carry,
@@ -63,7 +65,7 @@ _GROUP_OF = {w: g for g, words in GROUP_TERMS.items() for w in words.split()}
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-class GovernanceError(ValueError):
+class GovernanceError(UserError):
     """A sources file, opt-out list or evaluation file that cannot be used as given."""
 
 
@@ -383,7 +385,6 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def write_data_card(path: str, report: dict) -> None:
     """DATA_CARD.md from prepare's report (every number in it is one of report.json's)."""
-    from data.files import atomic_write
     comp = report["composition"]
     lines = ["# Data card", "",
              "Written by `python -m data.prepare` beside the shards; every number below is in `report.json`.", ""]

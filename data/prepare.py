@@ -303,19 +303,16 @@ def open_inputs(cfg: PrepareConfig) -> Inputs:
     """The input files (those of --sources, else --input), the blocklist, the tokenizer to
     reuse, the governance policy; an output directory that is writable and holds no
     earlier shards."""
+    sources = governance.load_sources(cfg.sources) if cfg.sources else []
+    paths = [s.path for s in sources] if sources else cfg.input
     try:
-        sources = governance.load_sources(cfg.sources) if cfg.sources else []
-        paths = [s.path for s in sources] if sources else cfg.input
-        try:
-            files = list_files(paths)
-        except FileNotFoundError as e:
-            raise UserError(f"input path not found: {e.args[0]}") from None
-        if not files:
-            raise UserError(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(paths)}")
-        policy = governance.build_policy(files, sources, cfg.allow_licenses, cfg.require_consent, cfg.opt_out,
-                                         cfg.decontamination_files(), cfg.decontam_ngram, cfg.flag_only)
-    except governance.GovernanceError as e:
-        raise UserError(str(e)) from None
+        files = list_files(paths)
+    except FileNotFoundError as e:
+        raise UserError(f"input path not found: {e.args[0]}") from None
+    if not files:
+        raise UserError(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(paths)}")
+    policy = governance.build_policy(files, sources, cfg.allow_licenses, cfg.require_consent, cfg.opt_out,
+                                     cfg.decontamination_files(), cfg.decontam_ngram, cfg.flag_only)
     policy.probe = cfg.representation_probe
     blocklist_terms: list[str] = []
     if cfg.toxicity:
