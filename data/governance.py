@@ -102,17 +102,35 @@ def check_metadata(where: str, license_id, consent) -> None:
         raise GovernanceError(f"{where}: consent {consent!r} is not one of {', '.join(CONSENT)}")
 
 
+def _parse_sources_text(path: str, text: str):
+    if not path.lower().endswith((".yaml", ".yml")):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise GovernanceError(f"sources file {path} is not JSON: {e}") from None
+    try:
+        import yaml
+    except ImportError:
+        raise GovernanceError("a YAML sources file needs PyYAML (pip install pyyaml), or write it as JSON") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise GovernanceError(f"sources file {path} is not YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_sources(path: str) -> list[Source]:
-    """The entries of a sources file: a JSON list of objects (or {"sources": [...]}). Raises
+    """The entries of a sources file: a JSON (or, with PyYAML, .yaml) list of objects (or
+    {"sources": [...]}). Raises
     GovernanceError for an unknown field, a missing path, a licence id that is not SPDX,
     an unknown consent status, or shares and weights that cannot be met."""
     try:
         with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+            text = f.read()
     except OSError as e:
         raise GovernanceError(f"cannot read sources file {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise GovernanceError(f"sources file {path} is not JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise GovernanceError(f"sources file {path} is not UTF-8 text") from None
+    obj = _parse_sources_text(path, text)
     entries = obj.get("sources") if isinstance(obj, dict) else obj
     if not isinstance(entries, list) or not entries:
         raise GovernanceError(f"sources file {path}: expected a non-empty list of sources (or {{\"sources\": [...]}})")

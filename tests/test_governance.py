@@ -79,6 +79,27 @@ def test_without_the_filters_every_governed_document_is_kept(governed, tmp_path)
     assert read_json(out / "report.json")["documents"] == {"read": 10, "kept": 10, "removed": {}}
 
 
+def test_a_yaml_sources_file_reads_as_the_json_one(governed, tmp_path):
+    pytest.importorskip("yaml")
+    d, sources = governed
+    entries = json.loads(sources.read_text())
+    lines = []
+    for e in entries:
+        lines.append(f"- path: {d / e['path']}")
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in e.items() if k != "path"]
+    yaml_file = tmp_path / "sources.yaml"
+    yaml_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    a, b = tmp_path / "json", tmp_path / "yaml"
+    run_main(["--sources", sources, "--out", a, *BASE, "--require-consent"])
+    run_main(["--sources", yaml_file, "--out", b, *BASE, "--require-consent"])
+    ra, rb = read_json(a / "report.json"), read_json(b / "report.json")
+    assert ra["composition"] == rb["composition"] and ra["documents"] == rb["documents"]
+    assert ra["documents"]["removed"] == {"no_consent": 2}  # w-unknown-consent, w-opted-id
+    (tmp_path / "bad.yaml").write_text("- path: [unclosed\n", encoding="utf-8")
+    with pytest.raises(governance.GovernanceError, match="is not YAML"):
+        governance.load_sources(str(tmp_path / "bad.yaml"))
+
+
 # ----------------------------------------------------------------------------- the mixture
 
 @pytest.fixture(scope="module")
