@@ -86,6 +86,11 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
         outside = stages[stage]["outside_everyday"]  # the hand-written list, never trained on
         assert outside["prompts"] >= 30 and len(outside["refused"]) == round(outside["over_refusal"] * outside["prompts"])
     assert stages["prepare"]["documents"]["read"] == 3
+    # the suite is written first, so the corpus was checked against its held-out prompts
+    prepared = json.loads((tmp_path / "prepared" / "shakespeare" / "report.json").read_text())
+    assert [os.path.basename(f) for f in prepared["contamination"]["files"]] == ["eval.jsonl",
+                                                                                 "eval_heldout_phrasing.jsonl"]
+    assert (tmp_path / "prepared" / "shakespeare" / "DATA_CARD.md").exists()
     assert set(report["seconds"]) == set(pipeline.PipelineConfig().active_stages()) == set(pipeline.STAGES) - {"dpo"}
     assert all(s >= 0 for s in report["seconds"].values())
     assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
