@@ -145,6 +145,9 @@ def load_sources(path: str) -> list[Source]:
             raise GovernanceError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(SOURCE_FIELDS)}")
         if not isinstance(entry.get("path"), str) or not entry["path"]:
             raise GovernanceError(f"{where}: needs a \"path\"")
+        for key in ("name", "domain", "url", "notes"):
+            if entry.get(key) is not None and (not isinstance(entry[key], str) or not entry[key].strip()):
+                raise GovernanceError(f"{where}: {key} must be a non-empty string, got {entry[key]!r}")
         for key in ("share", "weight"):
             value = entry.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))

@@ -236,9 +236,10 @@ def test_the_representation_probe_counts_whole_words():
     ([{"path": "x.jsonl", "share": 1.0}, {"path": "y.jsonl", "weight": 2}], "not both"),
     ([{"path": "x.jsonl", "weight": -1}], "number >= 0"),
     ([{"path": "missing.jsonl"}], "path not found"),
+    ([{"path": "x.jsonl", "domain": 5}], "domain must be a non-empty string"),
     ({"not": "a list"}, "non-empty list"),
 ], ids=["unknown_field", "not_spdx", "bad_consent", "shares_sum", "share_missing", "share_and_weight",
-        "negative_weight", "missing_path", "not_a_list"])
+        "negative_weight", "missing_path", "domain_not_a_string", "not_a_list"])
 def test_a_bad_sources_file_is_one_error_line(tmp_path, capsys, entries, message):
     write_jsonl(tmp_path / "x.jsonl", [{"text": prose(1, 90)}])
     write_jsonl(tmp_path / "y.jsonl", [{"text": prose(2, 90)}])
