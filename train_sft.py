@@ -38,9 +38,8 @@ class SFTConfig(runtime.TrainConfig):
     val_fraction: float = field(default=0.05, metadata={"help": "held-out share of --data for the loss, when no eval records have messages"})
     truncation: str = field(default="truncate", metadata={"choices": ["truncate", "drop"],
                             "help": "too-long conversations: cut from the prompt side, or drop"})
-    max_steps: int = field(default=1800, metadata={"help": "1,800 x 32 rows: about 10 passes over the suite's 6,000 "
-                                                      "demonstrations; 1,400 gave 39.1% held-out helpfulness, 1,800 "
-                                                      "42.4% (docs/results.md, capability per minute)"})
+    max_steps: int = field(default=1800, metadata={"help": "optimizer steps: 1,800 x 32 rows is about 10 passes "
+                                                      "over the task suite's 6,000 demonstrations"})
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 20

@@ -316,7 +316,7 @@ class Policy:
 
 
 def build_policy(files: list[str], sources: list[Source], allow_licenses: list[str], require_consent: bool,
-                 opt_out: str, decontaminate: list[str], ngram: int, flag_only: bool) -> Policy:
+                 opt_out: str, decontaminate: list[str], ngram: int, flag_only: bool, probe: bool) -> Policy:
     """The Policy for one run (raises GovernanceError for unusable files or ids)."""
     source_of_file = {}
     for src in sources:
@@ -334,7 +334,7 @@ def build_policy(files: list[str], sources: list[Source], allow_licenses: list[s
     return Policy(source_of_file=source_of_file, allow_licenses=allowed, require_consent=require_consent,
                   opt_out=load_opt_out(opt_out) if opt_out else frozenset(),
                   decontaminator=Decontaminator.from_files(decontaminate, ngram) if decontaminate else None,
-                  flag_only=flag_only)
+                  flag_only=flag_only, probe=probe)
 
 
 def group_counts(text: str) -> Counter:

@@ -312,8 +312,8 @@ def open_inputs(cfg: PrepareConfig) -> Inputs:
     if not files:
         raise UserError(f"no readable input files (.txt, .jsonl, .jsonl.gz, .parquet) under {' '.join(paths)}")
     policy = governance.build_policy(files, sources, cfg.allow_licenses, cfg.require_consent, cfg.opt_out,
-                                     cfg.decontamination_files(), cfg.decontam_ngram, cfg.flag_only)
-    policy.probe = cfg.representation_probe
+                                     cfg.decontamination_files(), cfg.decontam_ngram, cfg.flag_only,
+                                     cfg.representation_probe)
     blocklist_terms: list[str] = []
     if cfg.toxicity:
         try:

@@ -212,7 +212,7 @@ def _untimed(rows: list[dict]) -> list[dict]:
 
 
 def test_the_whole_chain_repeats_exactly_on_one_machine(tmp_path, capsys):
-    """prepare -> tasks -> pretrain -> SFT -> reward model -> PPO -> report, a few steps each,
+    """tasks -> prepare -> pretrain -> SFT -> reward model -> PPO -> report, a few steps each,
     twice from nothing with the same seed: the same data, weights, logged numbers and report
     to the last bit. (Different machines round differently and training amplifies it, so
     headline numbers are means over seeds; on one machine a run must repeat exactly.)"""
