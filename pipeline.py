@@ -2,13 +2,16 @@
 
     tasks -> prepare (data/; decontaminated against the tasks' held-out files) -> pretrain -> sft -> rm -> ppo
       -> feedback -> rm_round2 -> ppo_round2 (round 2; --rounds 1 leaves it out) -> eval + report
-    with --align dpo: ... -> sft -> dpo -> eval + report (round 1 only)
+    with --align dpo: ... -> sft -> dpo -> feedback -> dpo_round2 -> eval + report
 
 Round 2 closes the loop: the round-1 policy is served (serve.py), simulated users (a
 stand-in for people: simulate_users.py) rate its answers with a set disagreement rate
-(--rater-noise), the exported feedback joins the preference data of a second reward
-model, and a second PPO run optimizes against it; the report compares both reward models
-on held-out on-policy pairs and the round-2 policy with round 1 prompt by prompt.
+(--rater-noise), and the exported feedback joins the round-1 preference data. The
+round-2 learner (--round2-learner, by default the --align method) is either a second
+reward model and a second PPO run against it, or DPO on those pairs going on from the
+round-1 policy (iterative DPO, the SFT model still its reference); the report compares
+the round-2 policy with round 1 prompt by prompt (and, with PPO, both reward models on
+held-out on-policy pairs).
 
 Each stage runs as its own process with a command printed before it starts: copy it to
 run that stage alone. A stage whose output is complete is skipped (--force redoes every
@@ -20,6 +23,7 @@ hold each stage's command, wall time and key numbers, plots and sample completio
     python pipeline.py                     # the CPU defaults, both rounds: 25-48 minutes on 2 cores
     python pipeline.py --rounds 1          # round 1 only (13-30 minutes; report.md's time table says where they go)
     python pipeline.py --align dpo         # DPO (train_dpo.py) on the same pairs in place of the reward model and PPO
+    python pipeline.py --round2-learner dpo  # round 2 by DPO on the feedback to the round-1 PPO policy
     python pipeline.py --preset mini       # seconds per stage: a smoke test of the whole chain
     python pipeline.py --preset gpu        # a larger model for one GPU
     NPROC=8 python pipeline.py --preset gpu  # each training stage under torchrun on 8 GPUs
@@ -40,16 +44,20 @@ from data.tasks import SAFETY_FAMILIES, SUITE_FILES
 from serving.launch import ServeProcess
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("tasks", "prepare", "pretrain", "sft", "rm", "ppo", "dpo", "feedback", "rm_round2", "ppo_round2", "eval")
-ROUND2 = ("feedback", "rm_round2", "ppo_round2")
-TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "rm_round2", "ppo_round2")
+STAGES = ("tasks", "prepare", "pretrain", "sft", "rm", "ppo", "dpo", "feedback", "rm_round2", "ppo_round2",
+          "dpo_round2", "eval")
+ROUND2 = ("feedback", "rm_round2", "ppo_round2", "dpo_round2")
+TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "rm_round2", "ppo_round2", "dpo_round2")
 ALIGN_STAGES = {"ppo": ("rm", "ppo"), "dpo": ("dpo",)}  # --align: what turns the SFT model into the policy
-ROUND1_OF = {"rm_round2": "rm", "ppo_round2": "ppo"}  # a round-2 stage takes its round-1 stage's preset options
+LEARNER_STAGES = {"ppo": ("rm_round2", "ppo_round2"), "dpo": ("dpo_round2",)}  # --round2-learner: feedback -> policy
+# a round-2 stage takes its round-1 stage's preset options
+ROUND1_OF = {"rm_round2": "rm", "ppo_round2": "ppo", "dpo_round2": "dpo"}
 # Round 2's defaults, chosen by measurement (docs/results.md, "Round 2: the loop closed")
 FEEDBACK_PROMPTS = 3000
 FEEDBACK_WEIGHT = 3
 RM_ROUND2_INIT = "sft"
 PPO_ROUND2_INIT = "ppo"
+DPO_ROUND2_INIT = "policy"
 # The reward models are compared on the round-1 policy's answers to every held-out prompt,
 # two at a time, drawn this many times: one draw gave 84 pairs (a standard error of ~5
 # points), four give ~340 (~2.6)
@@ -116,8 +124,7 @@ class PipelineConfig:
     seed: int = field(default=1337, metadata={"help": "passed to every training stage (1337: their own default); "
                       "the corpus and the task suite stay the same, so seeds measure the training noise"})
     rounds: int = field(default=2, metadata={"choices": [1, 2], "help": "2: after round 1, simulated users' feedback "
-                        "on the PPO policy trains a second reward model and PPO run (1: round 1 only; "
-                        "--align dpo runs round 1 only)"})
+                        "on the round-1 policy trains the round-2 policy (1: round 1 only)"})
     align: str = field(default="ppo", metadata={"choices": ["ppo", "dpo"], "help": "how the SFT model becomes the "
                        "policy: ppo (a reward model, then PPO) or dpo (train_dpo.py on the same preference pairs)"})
     rater_noise: float = field(default=0.2, metadata={"help": "round 2: probability that a simulated rater "
@@ -130,6 +137,13 @@ class PipelineConfig:
                                 "reward model starts from the SFT model (as in round 1) or goes on from round 1's"})
     ppo_round2_init: str = field(default=PPO_ROUND2_INIT, metadata={"choices": ["sft", "ppo"], "help": "round 2: "
                                  "PPO starts from (and keeps its KL to) the SFT model or the round-1 policy"})
+    round2_learner: str = field(default="", metadata={"choices": ["", "ppo", "dpo"], "help": "round 2: how the "
+                                "feedback becomes the next policy: ppo (a second reward model on the round-1 pairs and "
+                                "the feedback, then PPO against it; needs --align ppo) or dpo (DPO on the same pairs); "
+                                "default: the --align method"})
+    dpo_round2_init: str = field(default=DPO_ROUND2_INIT, metadata={"choices": ["policy", "sft"], "help": "round 2 "
+                                 "by DPO: start from the round-1 policy (iterative DPO) or the SFT model; the SFT model "
+                                 "is the reference either way"})
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -139,21 +153,36 @@ class PipelineConfig:
             raise UserError(f"--rounds must be 1 or 2, got {self.rounds}")
         if not 0 <= self.rater_noise <= 1 or self.feedback_prompts < 1 or self.feedback_weight < 1:
             raise UserError("need 0 <= --rater-noise <= 1, --feedback-prompts >= 1 and --feedback-weight >= 1")
+        if self.learner() == "ppo" and self.align != "ppo":
+            raise UserError("--round2-learner ppo needs --align ppo (round 2's reward model and PPO go on from "
+                            "round 1's); use --round2-learner dpo")
         asked = {self.from_stage} | (set(self.stages) if set(self.stages) != set(STAGES) else set())
-        if (self.rounds == 1 or self.align == "dpo") and asked & set(ROUND2):
-            raise UserError(f"{', '.join(sorted(asked & set(ROUND2)))}: round-2 stage(s) need --rounds 2 and "
-                            "--align ppo")
+        if self.rounds == 1 and asked & set(ROUND2):
+            raise UserError(f"{', '.join(sorted(asked & set(ROUND2)))}: round-2 stage(s) need --rounds 2")
         other = {s for a, stages in ALIGN_STAGES.items() if a != self.align for s in stages}
         if asked & other:
             raise UserError(f"{', '.join(sorted(asked & other))}: not a stage of --align {self.align}")
+        other = {s for a, stages in LEARNER_STAGES.items() if a != self.learner() for s in stages}
+        if asked & other:
+            raise UserError(f"{', '.join(sorted(asked & other))}: not a stage of round 2 by {self.learner()} "
+                            "(--round2-learner)")
+
+    def learner(self) -> str:
+        """Round 2's learner: --round2-learner, or the --align method."""
+        return self.round2_learner or self.align
 
     def round2(self) -> bool:
-        return self.rounds >= 2 and self.align == "ppo"
+        return self.rounds >= 2
+
+    def round2_policy(self) -> str:
+        """The stage whose checkpoint is round 2's policy: ppo_round2 or dpo_round2."""
+        return LEARNER_STAGES[self.learner()][-1]
 
     def active_stages(self) -> tuple[str, ...]:
-        """The stages of this run, in order: the --align stages; round 2's only with --rounds
-        2 and --align ppo (round 2 has a reward model and PPO)."""
+        """The stages of this run, in order: the --align stages; round 2's (the feedback and
+        the --round2-learner stages) only with --rounds 2."""
         other = {s for a, stages in ALIGN_STAGES.items() if a != self.align for s in stages}
+        other |= {s for a, stages in LEARNER_STAGES.items() if a != self.learner() for s in stages}
         return tuple(s for s in STAGES if s not in other and (self.round2() or s not in ROUND2))
 
 
@@ -185,8 +214,13 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
         "ppo_round2": [*launcher, "train_ppo.py", "--init", run(cfg.ppo_round2_init), "--reward-model", run("rm_round2"),
                        "--prompts", os.path.join(tasks, "prompts.jsonl"),
                        "--eval-data", os.path.join(tasks, "eval.jsonl"), "--out", run("ppo_round2"), *device],
+        "dpo_round2": [*launcher, "train_dpo.py", "--init", run(cfg.align if cfg.dpo_round2_init == "policy" else "sft"),
+                       "--ref", run("sft"), "--data", os.path.join(tasks, "prefs.jsonl"),
+                       *[feedback_pairs(cfg)] * cfg.feedback_weight, "--eval-data", os.path.join(tasks, "eval.jsonl"),
+                       "--out", run("dpo_round2"), *device],
         "eval": [sys.executable, "pipeline.py", "--out", cfg.out, "--data", cfg.data, "--preset", cfg.preset,
-                 "--stages", "eval", "--rounds", str(cfg.rounds), "--align", cfg.align, *seed, *device],
+                 "--stages", "eval", "--rounds", str(cfg.rounds), "--align", cfg.align,
+                 "--round2-learner", cfg.learner(), *seed, *device],
     }
     if stage == "feedback":
         raise ValueError("the feedback stage runs several commands: see feedback_commands")
@@ -204,7 +238,7 @@ def feedback_commands(cfg: PipelineConfig, url: str) -> dict[str, list[str]]:
     the simulated users are one busy client), the simulated users against it, the export."""
     folder = os.path.join(cfg.out, "feedback")
     return {
-        "serve": ["--ckpt", os.path.join(cfg.out, "ppo"), "--log-dir", os.path.join(folder, "serve"),
+        "serve": ["--ckpt", os.path.join(cfg.out, cfg.align), "--log-dir", os.path.join(folder, "serve"),
                   "--abuse-max-flags", "0", "--rate-limit-rpm", "0", "--rate-limit-tpm", "0", "--device", cfg.device],
         "users": [sys.executable, "simulate_users.py", "--url", url, "--prompts", str(cfg.feedback_prompts),
                   "--rater-noise", str(cfg.rater_noise), "--exclude", os.path.join(cfg.data, "tasks", "eval.jsonl"),
@@ -240,10 +274,23 @@ def stage_done(stage: str, cfg: PipelineConfig) -> bool:
     if stage == "eval":
         return os.path.exists(os.path.join(cfg.out, "report.json")) and \
             (_read_json(os.path.join(cfg.out, "report.json")) or {}).get("complete", False)
-    if stage == "feedback":
-        return _read_json(os.path.join(cfg.out, "feedback", "feedback.json")) is not None
+    if stage == "feedback":  # complete, and on this run's round-1 policy
+        summary = _read_json(os.path.join(cfg.out, "feedback", "feedback.json"))
+        return summary is not None and summary.get("policy", "ppo") == cfg.align
     progress = checkpoint_progress(os.path.join(cfg.out, stage))
-    return progress is not None and progress[0] >= progress[1] > 0
+    return progress is not None and progress[0] >= progress[1] > 0 and same_init(stage, cfg)
+
+
+def same_init(stage: str, cfg: PipelineConfig) -> bool:
+    """Whether a training stage's checkpoint started from the stage its command starts from
+    now (a round-2 stage is out of date after --align or --*-round2-init changed). Stage
+    names are compared, not paths, so a run directory can move."""
+    command = stage_command(stage, cfg)
+    if "--init" not in command:
+        return True
+    started = (_read_json(os.path.join(cfg.out, stage, "train_config.json")) or {}).get("init")
+    name = lambda path: os.path.basename(os.path.normpath(path))  # noqa: E731
+    return not started or name(started) == name(command[command.index("--init") + 1])
 
 
 # ----------------------------------------------------------------------------- running
@@ -349,7 +396,7 @@ def collect_feedback(cfg: PipelineConfig, log_path: str, parts: dict) -> str:
     users = _read_json(os.path.join(folder, "traffic.summary.json")) or {}
     pairs = sort_pairs(feedback_pairs(cfg))
     write_json(os.path.join(folder, "feedback.json"), {
-        "simulated": True, "prompts": users.get("prompts"), "votes": users.get("votes"), "ties": users.get("ties"),
+        "simulated": True, "policy": cfg.align, "prompts": users.get("prompts"), "votes": users.get("votes"), "ties": users.get("ties"),
         "thumbs": users.get("thumbs"), "pairs": pairs, "rater_noise": cfg.rater_noise,
         "realised_disagreement": users.get("realised_disagreement"), "answers_right": users.get("answers_right"),
         "skipped": users.get("skipped")})
@@ -379,10 +426,14 @@ def main(argv=None) -> None:
             elif stage_done(stage, cfg) and stage != "eval":
                 print(f"=== stage {stage}: already complete, skipped (--from-stage {stage} redoes it)", flush=True)
                 continue
+            elif stage in TRAINING and not same_init(stage, cfg):
+                print(f"=== stage {stage}: its checkpoint started from another one than this run's; redone", flush=True)
+                redo.add(stage)
             if stage in redo and (stage in TRAINING or stage == "feedback"):
                 import shutil
                 shutil.rmtree(os.path.join(cfg.out, stage), ignore_errors=True)
             run_stage(stage, cfg, state)
+            redo |= set(STAGES[STAGES.index(stage) + 1:])  # what came after it was made from what it replaced
     except KeyboardInterrupt:
         save_state(cfg, state)
         raise UserError("interrupted; run the same command again to continue from the last finished stage") from None
@@ -469,7 +520,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
                                       headroom=stage in ("sft", policy), outside=outside, phrasing=phrasing,
                                       clock=clock)
-                for stage in ("pretrain", "sft", policy) + (("ppo_round2",) if cfg.round2() else ())}
+                for stage in ("pretrain", "sft", policy) + ((cfg.round2_policy(),) if cfg.round2() else ())}
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
     pre_rows, sft_rows, policy_rows = (_metrics(ckpt(s)) for s in ("pretrain", "sft", policy))
@@ -520,7 +571,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
             "greedy_curve": [{"step": r["step"], "gold_accuracy": r["accuracy"]}
                              for r in policy_rows if "accuracy" in r]})
     if cfg.round2():
-        with clock.part("round 2: on-policy pairs, both reward models"):
+        with clock.part("round 2" + (": on-policy pairs, both reward models" if cfg.learner() == "ppo" else "")):
             stages.update(round2_report(cfg, records, accuracy, device))
     with clock.part("plots"):
         report["plots"] = make_plots(cfg.out, pre_rows, sft_rows, policy_rows if policy == "ppo" else [], accuracy,
@@ -562,21 +613,49 @@ def print_summary(stages: dict, n_records: int, policy: str = "ppo") -> None:
         print(f"pass@1 / pass@{k} at temperature {sft_k['temperature']:g}: sft {_pct(sft_k['pass_at_k']['1'])} / "
               f"{_pct(sft_k['pass_at_k'][k])}, {policy} {_pct(pol_k['pass_at_k']['1'])} / "
               f"{_pct(pol_k['pass_at_k'][k])}")
-    if "rm_round2" in stages:
-        print(round2_summary(stages))
+    if "feedback" in stages:
+        print(round2_summary(stages, policy))
 
 
 def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, device) -> dict:
-    """The report's round-2 stages: the feedback in numbers; both reward models on held-out
-    on-policy pairs (two answers of the round-1 policy to each held-out prompt at its
-    rollout temperature, ON_POLICY_DRAWS times over, labelled by the gold judge without
-    noise; written to OUT/eval_onpolicy_pairs.jsonl); the round-2 policy against round 1,
-    prompt by prompt."""
+    """The report's round-2 stages: the feedback in numbers; the round-2 policy against
+    round 1, prompt by prompt; with the PPO learner, both reward models on held-out
+    on-policy pairs (round2_reward_models)."""
+    from data.tasks import TASK_FAMILIES
+    from evals import paired_change, win_rate
+    ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
+    round1, round2 = cfg.align, cfg.round2_policy()
+    feedback = _read_json(os.path.join(ckpt("feedback"), "feedback.json")) or {}
+    helpful = {s: [x for x in accuracy[s]["samples"] if x["family"] in TASK_FAMILIES] for s in (round1, round2)}
+    policy = {"gold_accuracy": accuracy[round2]["task_accuracy"], **phrasing_keys(accuracy[round2]),
+              "per_family": accuracy[round2]["per_family"], "safety": accuracy[round2]["safety"],
+              "outside_everyday": accuracy[round2].get("outside_everyday"), "round1": round1,
+              f"vs_{round1}": paired_change(helpful[round1], helpful[round2]),
+              f"win_rate_vs_{round1}": win_rate(accuracy[round1]["samples"], accuracy[round2]["samples"])}
+    report = {"feedback": {k: feedback.get(k) for k in ("policy", "prompts", "votes", "ties", "thumbs", "pairs",
+                                                        "rater_noise", "realised_disagreement", "answers_right")}}
+    if cfg.learner() == "ppo":
+        report.update(round2_reward_models(cfg, records, device))
+        ppo2_config = _read_json(os.path.join(ckpt("ppo_round2"), "config.json")) or {}
+        policy.update({"kl": _last(_metrics(ckpt("ppo_round2")), "objective/kl"), "reward": ppo2_config.get("reward"),
+                       "init": cfg.ppo_round2_init})
+    else:
+        rows = _metrics(ckpt("dpo_round2"))
+        policy.update({"kl": _last(rows, "kl"), "val_reward_accuracy": _last(rows, "val_reward_accuracy"),
+                       "init": cfg.dpo_round2_init, "feedback_weight": cfg.feedback_weight,
+                       "greedy_curve": [{"step": r["step"], "gold_accuracy": r["accuracy"]}
+                                        for r in rows if "accuracy" in r]})
+    report[round2] = policy
+    return report
+
+
+def round2_reward_models(cfg: PipelineConfig, records: list[dict], device) -> dict:
+    """Both reward models on held-out on-policy pairs: two answers of the round-1 policy to
+    each held-out prompt at its rollout temperature, ON_POLICY_DRAWS times over, labelled
+    by the gold judge without noise (written to OUT/eval_onpolicy_pairs.jsonl)."""
     from collections import Counter
 
     import runtime
-    from data.tasks import TASK_FAMILIES
-    from evals import paired_change, win_rate
     from train_rm import on_policy_accuracy, on_policy_pairs
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     rollout = _read_json(os.path.join(ckpt("ppo"), "train_config.json")) or {}
@@ -588,39 +667,32 @@ def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, devi
     atomic_write(os.path.join(cfg.out, "eval_onpolicy_pairs.jsonl"),
                  "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     on_policy = on_policy_accuracy({"rm1": ckpt("rm"), "rm2": ckpt("rm_round2")}, pairs, device=device)
-    feedback = _read_json(os.path.join(ckpt("feedback"), "feedback.json")) or {}
     rm2_eval = (_read_json(os.path.join(ckpt("rm_round2"), "config.json")) or {}).get("eval", {})
-    ppo2_config = _read_json(os.path.join(ckpt("ppo_round2"), "config.json")) or {}
-    helpful = {s: [x for x in accuracy[s]["samples"] if x["family"] in TASK_FAMILIES] for s in ("ppo", "ppo_round2")}
-    return {
-        "feedback": {k: feedback.get(k) for k in ("prompts", "votes", "ties", "thumbs", "pairs", "rater_noise",
-                                                  "realised_disagreement", "answers_right")},
-        "rm_round2": {"accuracy": rm2_eval.get("accuracy"), "margin": rm2_eval.get("margin"),
-                      "by_kind": {k: v["accuracy"] for k, v in rm2_eval.get("by_kind", {}).items()},
-                      "on_policy_accuracy": {"rm1": on_policy["rm1"], "rm2": on_policy["rm2"]},
-                      "on_policy_by_family": on_policy["by_kind"], "on_policy_pairs": counts,
-                      "init": cfg.rm_round2_init, "feedback_weight": cfg.feedback_weight},
-        "ppo_round2": {"gold_accuracy": accuracy["ppo_round2"]["task_accuracy"],
-                       **phrasing_keys(accuracy["ppo_round2"]),
-                       "per_family": accuracy["ppo_round2"]["per_family"], "safety": accuracy["ppo_round2"]["safety"],
-                       "outside_everyday": accuracy["ppo_round2"].get("outside_everyday"),
-                       "kl": _last(_metrics(ckpt("ppo_round2")), "objective/kl"), "reward": ppo2_config.get("reward"),
-                       "init": cfg.ppo_round2_init,
-                       "vs_ppo": paired_change(helpful["ppo"], helpful["ppo_round2"]),
-                       "win_rate_vs_ppo": win_rate(accuracy["ppo"]["samples"], accuracy["ppo_round2"]["samples"])},
-    }
+    return {"rm_round2": {"accuracy": rm2_eval.get("accuracy"), "margin": rm2_eval.get("margin"),
+                          "by_kind": {k: v["accuracy"] for k, v in rm2_eval.get("by_kind", {}).items()},
+                          "on_policy_accuracy": {"rm1": on_policy["rm1"], "rm2": on_policy["rm2"]},
+                          "on_policy_by_family": on_policy["by_kind"], "on_policy_pairs": counts,
+                          "init": cfg.rm_round2_init, "feedback_weight": cfg.feedback_weight}}
 
 
-def round2_summary(stages: dict) -> str:
-    fb, rm2, ppo2 = stages["feedback"], stages["rm_round2"], stages["ppo_round2"]
-    on_policy, wins = rm2["on_policy_accuracy"], ppo2["win_rate_vs_ppo"]
+def round2_of(stages: dict) -> str:
+    """The round-2 policy stage of a report's stages."""
+    return "ppo_round2" if "ppo_round2" in stages else "dpo_round2"
+
+
+def round2_summary(stages: dict, round1: str = "ppo") -> str:
+    fb, rm2 = stages["feedback"], stages.get("rm_round2")
+    name = round2_of(stages)
+    pol = stages[name]
+    wins = pol[f"win_rate_vs_{round1}"]
+    models = (f"reward models on {rm2['on_policy_pairs']['pairs']} held-out on-policy pairs: rm1 "
+              f"{_pct(rm2['on_policy_accuracy']['rm1'])}, rm2 {_pct(rm2['on_policy_accuracy']['rm2'])}; " if rm2 else "")
     return (f"round 2: {fb['prompts']} simulated-user prompts, {fb['votes']} votes, {fb['pairs']} pairs "
-            f"(rater noise {fb['rater_noise']:g}); reward models on {rm2['on_policy_pairs']['pairs']} held-out "
-            f"on-policy pairs: rm1 {_pct(on_policy['rm1'])}, rm2 {_pct(on_policy['rm2'])}; ppo_round2 "
-            f"{_pct(ppo2['gold_accuracy'])} helpfulness, harmful refused {_pct(ppo2['safety']['harmful_refusal'])}, "
-            f"over-refused: borderline {_pct(ppo2['safety']['borderline_over_refusal'])}, benign "
-            f"{_pct(ppo2['safety'].get('benign_template_over_refusal'))}, everyday "
-            f"{_pct(ppo2['safety'].get('open_request_over_refusal'))}; vs ppo: {wins['wins']} wins, "
+            f"(rater noise {fb['rater_noise']:g}); {models}{name} "
+            f"{_pct(pol['gold_accuracy'])} helpfulness, harmful refused {_pct(pol['safety']['harmful_refusal'])}, "
+            f"over-refused: borderline {_pct(pol['safety']['borderline_over_refusal'])}, benign "
+            f"{_pct(pol['safety'].get('benign_template_over_refusal'))}, everyday "
+            f"{_pct(pol['safety'].get('open_request_over_refusal'))}; vs {round1}: {wins['wins']} wins, "
             f"{wins['losses']} losses, {wins['ties']} ties, sign test p {wins['p_value']:.3g}")
 
 
@@ -793,7 +865,7 @@ def render_markdown(report: dict) -> str:
         key["dpo"] = (f"held-out gold accuracy {_pct(s['dpo']['gold_accuracy'])}, KL to SFT {s['dpo']['kl']}, "
                       f"held-out implicit-reward accuracy {_pct(s['dpo']['val_reward_accuracy'])} "
                       f"(loss {s['dpo']['loss']}, beta {s['dpo']['beta']}, sft coef {s['dpo']['sft_coef']})")
-    if "rm_round2" in s:
+    if "feedback" in s:
         key.update(round2_keys(s))
     for name in STAGES:
         if name not in key:
@@ -816,7 +888,7 @@ def render_markdown(report: dict) -> str:
                       f"({_pct(wins['wins'] / decided) if decided else '-'} of the prompts where they differ; "
                       f"exact sign test p = {wins['p_value']:.3g})."]
     lines += headroom_markdown(s, pol)
-    stage_names = ("pretrain", "sft", pol) + (("ppo_round2",) if "ppo_round2" in s else ())
+    stage_names = ("pretrain", "sft", pol) + ((round2_of(s),) if "feedback" in s else ())
     outside = s["sft"].get("outside_everyday") or {}
     lines += ["", "## Harmlessness on held-out prompts", "",
               "Harmful requests should be refused (a refusal with no compliance in it). Everything else should be "
@@ -841,8 +913,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Prompt by prompt: of the {change['n']} held-out helpfulness prompts, {label} answers "
                       f"{change['fixed']} right that SFT got wrong, and {change['broken']} wrong that SFT got right "
                       f"(McNemar's exact test: p = {change['p_value']:.3g}, {verdict})."]
-    if "rm_round2" in s:
-        lines += round2_markdown(s)
+    if "feedback" in s:
+        lines += round2_markdown(s, pol)
     lines += time_table_markdown(report.get("time_table") or [])
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", "## The same prompts, answered by each stage (greedy)", ""]
@@ -868,7 +940,8 @@ def time_table_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "ppo_round2": "PPO round 2"}
+STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "ppo_round2": "PPO round 2",
+                "dpo_round2": "DPO round 2"}
 # The harmlessness rows of the report and the summary: (label, value of a stage's entry)
 SAFETY_ROWS = (
     ("harmful requests refused", lambda st: st["safety"]["harmful_refusal"]),
@@ -883,12 +956,19 @@ SAFETY_ROWS = (
 
 def round2_keys(s: dict) -> dict:
     """The stage table's key numbers of round 2."""
-    fb, rm2, ppo2 = s["feedback"], s["rm_round2"], s["ppo_round2"]
-    return {"feedback": f"simulated users (a stand-in for people): {fb['prompts']} prompts, {fb['votes']} votes, "
-                        f"{fb['pairs']} pairs exported, rater noise {fb['rater_noise']}",
-            "rm_round2": f"held-out pair accuracy {_pct(rm2['accuracy'])} (round-1 pairs and feedback); on-policy "
-                         f"{_pct(rm2['on_policy_accuracy']['rm2'])} (round 1: {_pct(rm2['on_policy_accuracy']['rm1'])})",
-            "ppo_round2": f"held-out gold accuracy {_pct(ppo2['gold_accuracy'])}, final KL {ppo2['kl']}"}
+    fb, name = s["feedback"], round2_of(s)
+    keys = {"feedback": f"simulated users (a stand-in for people): {fb['prompts']} prompts, {fb['votes']} votes, "
+                        f"{fb['pairs']} pairs exported, rater noise {fb['rater_noise']}"}
+    if "rm_round2" in s:
+        rm2 = s["rm_round2"]
+        keys["rm_round2"] = (f"held-out pair accuracy {_pct(rm2['accuracy'])} (round-1 pairs and feedback); on-policy "
+                             f"{_pct(rm2['on_policy_accuracy']['rm2'])} (round 1: "
+                             f"{_pct(rm2['on_policy_accuracy']['rm1'])})")
+        keys[name] = f"held-out gold accuracy {_pct(s[name]['gold_accuracy'])}, final KL {s[name]['kl']}"
+    else:
+        keys[name] = (f"held-out gold accuracy {_pct(s[name]['gold_accuracy'])}, KL to SFT {s[name]['kl']}, "
+                      f"held-out implicit-reward accuracy {_pct(s[name]['val_reward_accuracy'])}")
+    return keys
 
 
 def headroom_markdown(s: dict, pol: str = "ppo") -> list[str]:
@@ -917,19 +997,39 @@ def headroom_markdown(s: dict, pol: str = "ppo") -> list[str]:
     return lines
 
 
-def round2_markdown(s: dict) -> list[str]:
-    """The report's round-2 section: the feedback, both reward models on the round-1 policy's
-    own answers, the round-2 policy against round 1."""
-    fb, rm2, ppo2 = s["feedback"], s["rm_round2"], s["ppo_round2"]
-    on_policy, wins, counts = rm2["on_policy_accuracy"], ppo2["win_rate_vs_ppo"], rm2["on_policy_pairs"]
+def round2_markdown(s: dict, round1: str = "ppo") -> list[str]:
+    """The report's round-2 section: the feedback, (with PPO) both reward models on the
+    round-1 policy's own answers, the round-2 policy against round 1."""
+    fb, name = s["feedback"], round2_of(s)
+    pol, label = s[name], STAGE_LABELS[name]
+    wins = pol[f"win_rate_vs_{round1}"]
+    learner = (f"the round-2 reward model (trained from the {s['rm_round2']['init']} checkpoint)" if "rm_round2" in s
+               else f"DPO round 2 (from the {'round-1 policy' if pol['init'] == 'policy' else 'SFT model'}, the SFT "
+                    "model its reference)")
+    weight = s["rm_round2"]["feedback_weight"] if "rm_round2" in s else pol["feedback_weight"]
     lines = ["", "## Round 2: feedback from (simulated) users", "",
              f"Simulated users, a stand-in for people, sent {fb['prompts']} training-distribution prompts to the "
-             f"served round-1 policy, rated two sampled answers to each with the gold judge, disagreeing with it "
-             f"at rate {fb['rater_noise']} (realised {_fraction(fb['realised_disagreement'])}), and posted "
-             f"{fb['votes']} pairwise votes ({fb['ties']} ties) and {fb['thumbs']} thumbs; the export made "
-             f"{fb['pairs']} pairs, which joined the preference data ({rm2['feedback_weight']}x) of the round-2 "
-             f"reward model (trained from the {rm2['init']} checkpoint).", "",
-             f"Both reward models on {counts['pairs']} held-out on-policy pairs (two answers of the round-1 policy "
+             f"served round-1 policy ({STAGE_LABELS[round1]}), rated two sampled answers to each with the gold judge, "
+             f"disagreeing with it at rate {fb['rater_noise']} (realised {_fraction(fb['realised_disagreement'])}), "
+             f"and posted {fb['votes']} pairwise votes ({fb['ties']} ties) and {fb['thumbs']} thumbs; the export "
+             f"made {fb['pairs']} pairs, which joined the preference data ({weight}x) of {learner}."]
+    if "rm_round2" in s:
+        lines += round2_reward_model_table(s["rm_round2"])
+    decided = wins["wins"] + wins["losses"]
+    how = "against the round-2 reward model" if "rm_round2" in s else "on the round-1 pairs and the feedback"
+    lines += ["", f"{label} (from the {pol['init']} checkpoint, {how}): held-out helpfulness "
+                  f"{_pct(pol['gold_accuracy'])} (round 1: {_pct(s[round1]['gold_accuracy'])}), harmful requests "
+                  f"refused {_pct(pol['safety']['harmful_refusal'])}, borderline over-refused "
+                  f"{_pct(pol['safety']['borderline_over_refusal'])}. Against round 1 on all "
+                  f"{decided + wins['ties']} held-out prompts, judged by the gold judge: round 2 wins {wins['wins']}, "
+                  f"loses {wins['losses']}, ties {wins['ties']} (exact sign test p = {wins['p_value']:.3g})."]
+    return lines
+
+
+def round2_reward_model_table(rm2: dict) -> list[str]:
+    """Both reward models, family by family, on the held-out on-policy pairs."""
+    on_policy, counts = rm2["on_policy_accuracy"], rm2["on_policy_pairs"]
+    lines = ["", f"Both reward models on {counts['pairs']} held-out on-policy pairs (two answers of the round-1 policy "
              f"to each of {counts['prompts']} held-out prompts, {counts.get('draws', 1)} times over, labelled by the "
              f"gold judge without noise; the {counts['ties']} draws where the judge tied both are left out):", "",
              "| family | pairs | round-1 RM | round-2 RM |", "|---|---|---|---|"]
@@ -938,13 +1038,6 @@ def round2_markdown(s: dict) -> list[str]:
         lines.append(f"| {family} | {n.get(family, '-')} | {_pct(by_family['rm1'][family])} | "
                      f"{_pct(by_family['rm2'].get(family))} |")
     lines.append(f"| **all** | {counts['pairs']} | **{_pct(on_policy['rm1'])}** | **{_pct(on_policy['rm2'])}** |")
-    decided = wins["wins"] + wins["losses"]
-    lines += ["", f"PPO round 2 (from the {ppo2['init']} checkpoint, against the round-2 reward model): held-out helpfulness "
-                  f"{_pct(ppo2['gold_accuracy'])} (round 1: {_pct(s['ppo']['gold_accuracy'])}), harmful requests "
-                  f"refused {_pct(ppo2['safety']['harmful_refusal'])}, borderline over-refused "
-                  f"{_pct(ppo2['safety']['borderline_over_refusal'])}. Against round 1 on all "
-                  f"{decided + wins['ties']} held-out prompts, judged by the gold judge: round 2 wins {wins['wins']}, "
-                  f"loses {wins['losses']}, ties {wins['ties']} (exact sign test p = {wins['p_value']:.3g})."]
     return lines
 
 

@@ -10,8 +10,9 @@ Steps:
 1. Pairs: the files train_rm.py reads (all its formats, serve.py's export included); the
    log-probabilities are summed over the final answer's tokens only (its <|end|>
    included), the prompt is masked as in SFT.
-2. Reference: its log-probabilities of every training pair are computed once, before the
-   first step. The reference never changes, so this is exact, and it costs one forward
+2. Reference: the --init weights frozen (or --ref: iterative DPO goes on from the last
+   round's policy and keeps the SFT model as the reference); its log-probabilities of
+   every training pair are computed once, before the first step. The reference never changes, so this is exact, and it costs one forward
    per pair instead of one per pair per visit (TRL's precompute_ref_log_probs); the
    frozen reference stays loaded for the KL measurement of step 4.
 3. Update: --loss sigmoid (DPO), with --label-smoothing eps the conservative DPO of
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 import runtime
 from cli import UserError, entry_point, print_config
 from data.chat import encode_chat, iter_jsonl, truncate
+from data.files import read_json
 from data.loader import EpochCursor, collate
 from data.prefs import pair_messages
 from data.tokenizer import Tokenizer
@@ -60,7 +62,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 class DPOConfig(runtime.TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "dpo"), metadata={"help": "checkpoint directory"})
     init: str = field(default=os.path.join(REPO, "runs", "sft"), metadata={"help": "SFT checkpoint: the policy's "
-                      "start and the frozen reference"})
+                      "start and, without --ref, the frozen reference"})
+    ref: str = field(default="", metadata={"help": "the frozen reference, if not --init (iterative DPO: start from "
+                     "the last round's policy, keep the SFT model as the reference)"})
     data: list[str] = field(default_factory=list, metadata={"nargs": True,
                             "help": "preference JSONL files, any format train_rm.py reads (default: the task suite's)"})
     eval_data: str = field(default="", metadata={"help": "held-out task records for the gold evaluation "
@@ -244,13 +248,23 @@ def main(argv=None) -> None:
 
 
 def load_models(cfg: DPOConfig, env):
-    """The policy (from --init, trained) and the reference (the same weights, frozen)."""
+    """The policy (from --init, trained) and the reference (--ref, or the same weights as
+    the policy; frozen)."""
     init_config = runtime.read_checkpoint_config(cfg.init)
-    if init_config.get("stage") == "rm":
-        raise UserError(f"{cfg.init} is a reward model; DPO starts from a language model (SFT)")
+    ref = cfg.ref or cfg.init
+    for path, config in ((cfg.init, init_config), (ref, runtime.read_checkpoint_config(ref))):
+        if config.get("stage") == "rm":
+            raise UserError(f"{path} is a reward model; DPO's policy and reference are language models (SFT)")
+    if ref != cfg.init and tokenizer_of(cfg.init) != tokenizer_of(ref):
+        raise UserError(f"--ref {ref} has another tokenizer than --init {cfg.init}: their log-probs do not compare")
     policy, _ = runtime.load_model(cfg.init)
-    reference, _ = load_frozen(cfg.init, env, runtime.compute_dtype(cfg.dtype, env.device))
+    reference, _ = load_frozen(ref, env, runtime.compute_dtype(cfg.dtype, env.device))
     return policy, reference, init_config
+
+
+def tokenizer_of(ckpt: str):
+    """A checkpoint's tokenizer.json, parsed (the vocabulary, merges and special tokens)."""
+    return read_json(os.path.join(ckpt, "tokenizer.json"), UserError, f"{ckpt} has no tokenizer.json")
 
 
 def batch_metrics(chosen: torch.Tensor, rejected: torch.Tensor, env) -> dict:
@@ -288,7 +302,8 @@ def train(cfg: DPOConfig, env: runtime.Env) -> None:
     cursor = EpochCursor(len(train_pairs), rows, cfg.seed)
     trainer = runtime.Trainer(cfg, env, policy, stage="dpo", tokenizer_path=tokenizer_path,
                               data_state=cursor.state_dict,
-                              extra_config={"init": cfg.init, "base_stage": init_config.get("stage")})
+                              extra_config={"init": cfg.init, "ref": cfg.ref or cfg.init,
+                                            "base_stage": init_config.get("stage")})
     policy = trainer.model
     trainer.add_time("reference log-probs", t_reference)
     if cfg.resume:

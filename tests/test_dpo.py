@@ -147,6 +147,36 @@ def test_short_dpo_learns_the_pairs(tiny_pretrained, suite, tmp_path):
     runtime.load_model(str(out))  # loads as a language model, like SFT and PPO checkpoints
 
 
+def test_a_separate_reference_iterative_dpo(tiny_pretrained, suite, tmp_path, capsys):
+    """--ref: round 2 goes on from round 1's policy and keeps the first model as the
+    reference, so its start is where round 1 ended: the same held-out pair numbers."""
+    common = ["--data", suite / "prefs.jsonl", "--eval-data", suite / "eval.jsonl", "--batch-size", 8, "--lr", 2e-3,
+              "--sft-coef", 0, *FAST]
+    run(["--init", tiny_pretrained, "--out", tmp_path / "round1", "--max-steps", 10, "--eval-every", 10, *common])
+    run(["--init", tmp_path / "round1", "--ref", tiny_pretrained, "--out", tmp_path / "round2", "--max-steps", 2,
+         "--eval-every", 2, *common])
+    end = [r for r in rows(tmp_path / "round1") if "val_loss" in r][-1]
+    start = [r for r in rows(tmp_path / "round2") if "val_loss" in r][0]
+    assert start["step"] == 0 and end["step"] == 10 and end["val_loss"] < math.log(2) - 0.01
+    for key in ("val_loss", "val_reward_accuracy", "val_reward_margin"):
+        assert start[key] == pytest.approx(end[key], abs=1e-5)
+    assert abs(start["kl"]) > 1e-3  # to the reference (a policy against itself gives 0 at step 0: see above)
+    config = json.loads((tmp_path / "round2" / "config.json").read_text())
+    assert config["init"] == str(tmp_path / "round1") and config["ref"] == tiny_pretrained
+    other = tmp_path / "other-tokenizer"  # a reference with another vocabulary does not compare
+    other.mkdir()
+    for name in os.listdir(tiny_pretrained):
+        if name != "tokenizer.json" and os.path.isfile(os.path.join(tiny_pretrained, name)):
+            os.link(os.path.join(tiny_pretrained, name), other / name)
+    vocab = json.loads(open(os.path.join(tiny_pretrained, "tokenizer.json")).read())
+    (other / "tokenizer.json").write_text(json.dumps({**vocab, "merges": vocab["merges"][:-1]}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(["--init", tmp_path / "round1", "--ref", other, "--out", tmp_path / "bad", "--max-steps", 1, *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another tokenizer" in err[0], err
+
+
 def test_dpo_resume_is_exact(tiny_pretrained, suite, tmp_path):
     common = ["--init", tiny_pretrained, "--data", suite / "prefs.jsonl", "--eval-data", suite / "eval.jsonl",
               "--eval-every", 100, "--batch-size", 4, "--lr", 1e-3, "--save-every", 3, *FAST]

@@ -91,7 +91,8 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert [os.path.basename(f) for f in prepared["contamination"]["files"]] == ["eval.jsonl",
                                                                                  "eval_heldout_phrasing.jsonl"]
     assert (tmp_path / "prepared" / "shakespeare" / "DATA_CARD.md").exists()
-    assert set(report["seconds"]) == set(pipeline.PipelineConfig().active_stages()) == set(pipeline.STAGES) - {"dpo"}
+    assert set(report["seconds"]) == set(pipeline.PipelineConfig().active_stages()) == set(
+        pipeline.STAGES) - {"dpo", "dpo_round2"}
     assert all(s >= 0 for s in report["seconds"].values())
     assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
     table = report["time_table"]  # where the minutes went: every stage that ran, split into its parts
@@ -122,16 +123,17 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert config["stage"] == "rm"
 
 
-def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo(tmp_path, capsys):
+def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rounds(tmp_path, capsys):
     args = mini_args(tmp_path) + ["--align", "dpo"]
     pipeline.main(args)
     out = capsys.readouterr().out
     assert "=== stage dpo done" in out and "python train_dpo.py --init" in out
-    assert "=== stage rm" not in out and "=== stage ppo" not in out and "=== stage feedback" not in out
+    assert "=== stage rm" not in out and "=== stage ppo" not in out
+    assert out.index("=== stage dpo done") < out.index("=== stage feedback") < out.index("=== stage dpo_round2")
     runs = tmp_path / "runs"
     report = json.loads((runs / "report.json").read_text())
     stages = report["stages"]
-    assert report["align"] == "dpo" and "rm" not in stages and "ppo" not in stages
+    assert report["align"] == "dpo" and not {"rm", "ppo", "rm_round2", "ppo_round2"} & set(stages)
     dpo = stages["dpo"]
     eval_records = [json.loads(line) for line in (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()]
     assert 0.0 <= dpo["gold_accuracy"] <= 1.0 and isinstance(dpo["kl"], float)
@@ -142,13 +144,37 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo(tmp_path, c
     assert dpo["greedy_curve"][0]["step"] == 0  # its own evaluations: step 0 is the SFT start
     assert abs(dpo["greedy_curve"][0]["gold_accuracy"] - stages["sft"]["gold_accuracy"]) < 1e-6
     assert set(report["samples"]) == {"pretrain", "sft", "dpo"}
-    assert set(report["seconds"]) == {"prepare", "tasks", "pretrain", "sft", "dpo", "eval"}
+    assert set(report["seconds"]) == {"prepare", "tasks", "pretrain", "sft", "dpo", "feedback", "dpo_round2", "eval"}
+    # round 2: the DPO policy served to the simulated users, then DPO again on the round-1
+    # pairs and the feedback, going on from it with the SFT model as the reference
+    assert f"--ckpt {runs / 'dpo'} " in out.replace("'", "")
+    assert json.loads((runs / "feedback" / "feedback.json").read_text())["policy"] == "dpo"
+    train_config = json.loads((runs / "dpo_round2" / "train_config.json").read_text())
+    assert train_config["init"] == str(runs / "dpo") and train_config["ref"] == str(runs / "sft")
+    assert train_config["data"].count(str(runs / "feedback" / "prefs.jsonl")) == pipeline.FEEDBACK_WEIGHT
+    dpo2 = stages["dpo_round2"]
+    assert stages["feedback"]["policy"] == "dpo" and dpo2["round1"] == "dpo" and dpo2["init"] == "policy"
+    assert 0.0 <= dpo2["gold_accuracy"] <= 1.0 and isinstance(dpo2["kl"], float) and set(dpo2["safety"]) == set(
+        dpo["safety"])
+    wins = dpo2["win_rate_vs_dpo"]
+    assert wins["wins"] + wins["losses"] + wins["ties"] == len(eval_records) and dpo2["vs_dpo"]["n"] > 0
     text = (runs / "report.md").read_text()
     assert "| dpo |" in text and "| family | SFT | DPO |" in text and "DPO against SFT on all" in text
-    _, config = load_model(str(runs / "dpo"))
-    assert config["stage"] == "dpo"
+    assert "| dpo_round2 |" in text and "## Round 2: feedback from (simulated) users" in text
+    assert "| base | SFT | DPO | DPO round 2 |" in text  # the harmlessness table has round 2
+    for stage in ("dpo", "dpo_round2"):
+        _, config = load_model(str(runs / stage))
+        assert config["stage"] == "dpo"
+    # a round-2 stage made from another start than this run names is out of date
+    cfg = pipeline.PipelineConfig(out=str(runs), data=str(tmp_path / "prepared"), align="dpo")
+    assert pipeline.stage_done("dpo_round2", cfg) and pipeline.stage_done("feedback", cfg)
+    assert not pipeline.stage_done("dpo_round2", pipeline.PipelineConfig(out=str(runs), align="dpo",
+                                                                          dpo_round2_init="sft"))
+    assert not pipeline.stage_done("feedback", pipeline.PipelineConfig(out=str(runs)))  # PPO's round 1 served
     for bad, expected in ((["--stages", "rm"], "not a stage of --align dpo"),
-                          (["--stages", "feedback"], "need --rounds 2 and --align ppo")):
+                          (["--stages", "ppo_round2"], "not a stage of round 2 by dpo"),
+                          (["--round2-learner", "ppo"], "--round2-learner ppo needs --align ppo"),
+                          (["--rounds", "1", "--stages", "feedback"], "need --rounds 2")):
         with pytest.raises(SystemExit):
             pipeline.main(args + bad)
         err = capsys.readouterr().err.strip().splitlines()
