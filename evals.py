@@ -99,7 +99,7 @@ def chat_responses(model, tok, conversations: list[list[dict]], max_new_tokens: 
         room = model.cfg.max_seq_len - max(len(p) for p in prompts)
         outs = model.generate(prompts, max(1, min(max_new_tokens, room)), pad_id=tok.pad_id, temperature=temperature,
                               stop_tokens=[tok.end_id], generator=generator)
-        replies += [tok.decode([t for t in out if t != tok.end_id and t < len(tok.token_bytes)]) for out in outs]
+        replies += [tok.decode_reply(out) for out in outs]
     model.train(was_training)
     return replies
 

@@ -738,7 +738,7 @@ def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None,
                               tok.pad_id, temperature=0.0, stop_tokens=[tok.end_id])
         expected = {"refusal": "(a refusal)", "comply": "(any answer but a refusal)"}
         samples += [{"prompt": r["prompt"], "answer": r.get("answer", expected.get(r.get("answer_type"), "-")),
-                     "response": tok.decode([t for t in o if t < len(tok.token_bytes)])}
+                     "response": tok.decode_reply(o)}
                     for r, o in zip(examples, outs)]
     return result
 

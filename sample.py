@@ -58,7 +58,7 @@ def main(argv=None) -> None:
                              generator=generator)
     print(f"# {cfg.ckpt} (stage {config.get('stage', '?')}, step {config.get('step', '?')})")
     for i, ids in enumerate(outputs):
-        text = tok.decode([t for t in ids if t < len(tok.token_bytes)])  # special tokens are not text
+        text = tok.decode_reply(ids)
         if cfg.chat:
             print(f"--- sample {i + 1}\nuser: {cfg.prompt}\nassistant: {text}")
         else:

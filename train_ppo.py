@@ -433,7 +433,7 @@ def rollout(policy, trainer, prompts: list[list[int]], rows: list[int], cfg: PPO
     repeated = [p for p in batch_prompts for _ in range(k)]
     ids, kv_start, mask = (t.to(env.device) for t in pack(repeated, responses, width_p, width_r, tok.pad_id))
     eos = torch.tensor([bool(r) and r[-1] == tok.end_id for r in responses], device=env.device)
-    texts = [tok.decode([t for t in r if t != tok.end_id]) for r in responses]
+    texts = [tok.decode_reply(r) for r in responses]
     return Rollout([i for i in rows for _ in range(k)], ids, kv_start, mask, width_p, texts, eos)
 
 

@@ -139,7 +139,7 @@ def sample_text(model, tok: Tokenizer, cfg: PretrainConfig, env, dtype, prompt: 
         out = model.generate([[tok.eot_id] + tok.encode(prompt)], cfg.sample_tokens, pad_id=tok.pad_id,
                              temperature=0.8, top_k=50, stop_tokens=[tok.eot_id], generator=gen)[0]
     model.train()
-    return prompt + tok.decode([t for t in out if t < len(tok.token_bytes)])
+    return prompt + tok.decode_reply(out)
 
 
 @entry_point

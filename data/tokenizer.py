@@ -259,6 +259,12 @@ class Tokenizer:
         except UnicodeDecodeError:  # a cut in the middle of a character (e.g. while streaming)
             return data.decode("utf-8", "replace")
 
+    def decode_reply(self, ids: Iterable[int]) -> str:
+        """The text of generated ids, as every stage reads it (evaluation, PPO's reward,
+        samples, serving's logs): special tokens (the stop token, role markers, padding)
+        are markup, not text, and are dropped wherever they are."""
+        return self.decode([i for i in ids if i < len(self.token_bytes)])
+
     def id_to_piece(self, i: int) -> bytes:
         return self.decode_bytes([i])
 

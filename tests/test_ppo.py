@@ -233,6 +233,28 @@ def test_kl_is_zero_when_policy_equals_reference(policy_and_tok, tiny_pretrained
     assert (kl == 0).all()
 
 
+def test_ppo_grades_the_same_text_the_evaluation_grades(policy_and_tok, monkeypatch):
+    """The text PPO's reward reads and the text evals.py judges come from one decode
+    (Tokenizer.decode_reply): for the same generated ids they are equal, with special
+    tokens (a role marker a policy emits mid-answer, the stop token) dropped, not shown."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from evals import chat_responses
+    model, tok = policy_and_tok
+    word = tok.encode(" 42")
+    outputs = [word + [tok.user_id] + word + [tok.end_id], word + [tok.assistant_id], [tok.end_id], word]
+    monkeypatch.setattr(model, "generate", lambda prompts, *a, **k: [list(o) for o in outputs[:len(prompts)]])
+    conversations = [[{"role": "user", "content": f"What is {i} + 40?"}] for i in range(len(outputs))]
+    graded = chat_responses(model, tok, conversations)
+    prompts = [encode_prompt(tok, conv) for conv in conversations]
+    trainer = SimpleNamespace(step=0, autocast=contextlib.nullcontext)
+    env = SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1)
+    cfg = SimpleNamespace(samples_per_prompt=1, seed=0, batch_size=len(prompts), max_new_tokens=8, temperature=1.0)
+    rewarded = train_ppo.rollout(model, trainer, prompts, list(range(len(prompts))), cfg, env, tok).texts
+    assert rewarded == graded == [" 42 42", " 42", "", " 42"]
+
+
 def test_per_row_generators_make_samples_independent_of_the_batch(policy_and_tok):
     model, tok = policy_and_tok
     prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in ("Say hello.", "A much longer prompt here.")]
