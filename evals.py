@@ -207,6 +207,48 @@ def sampled_accuracy(model, tok, records: list[dict], samples: int, temperature:
     return summarize_sampled(dict(zip(families, counts.tolist())), samples, temperature, seed, ks)
 
 
+@torch.no_grad()
+def sampled_kl(policy, reference, tok, records: list[dict], prompts: int, max_new_tokens: int = 32,
+               batch_size: int = 64, seed: int = 0, rank: int = 0, world: int = 1) -> float | None:
+    """KL(pi || pi_ref) on answers the policy samples at temperature 1: the mean over
+    `prompts` records, spread evenly over the file (so every family counts), of the sum
+    over the answer's tokens (its <|end|> included) of log pi - log pi_ref. A Monte Carlo
+    estimate of the quantity PPO's penalty controls, measured the same way for any two
+    language models (DPO's KL to its reference; the report's KL of every policy to SFT).
+    The answers are re-encoded from their text. None without records."""
+    from data.chat import encode_chat
+    from data.loader import collate
+    n = min(prompts, len(records))
+    if n == 0:
+        return None
+    chosen = [records[i * len(records) // n] for i in range(n)]
+    was_training = policy.training
+    policy.eval()
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in chosen]
+    replies = chat_responses(policy, tok, convs, max_new_tokens, batch_size, 1.0,
+                             torch.Generator(device=next(policy.parameters()).device).manual_seed(seed))
+    answers = []
+    for conv, reply in zip(convs, replies):
+        ids = encode_chat(tok, conv + [{"role": "assistant", "content": reply}])[0][-policy.cfg.max_seq_len:]
+        start = len(ids) - ids[::-1].index(tok.assistant_id)  # the answer: after the last assistant marker
+        answers.append(_Answer(ids, [0] * start + [1] * (len(ids) - start)))
+    device = next(policy.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for chunk, real in runtime.sharded_batches(answers, batch_size, rank, world):
+        x, y = (t.to(device) for t in collate(chunk, tok.pad_id))
+        diff = (reference(x, y, reduction="none") - policy(x, y, reduction="none")).double().sum(-1)
+        if real:
+            total += torch.stack([diff.sum(), torch.tensor(float(len(chunk)), dtype=torch.float64, device=device)])
+    runtime.all_reduce_sum(total)
+    policy.train(was_training)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+class _Answer:  # what data.loader.collate reads: ids and the loss mask
+    def __init__(self, ids: list[int], mask: list[int]):
+        self.ids, self.mask = ids, mask
+
+
 def summarize_sampled(counts: dict[str, list[float]], samples: int, temperature: float, seed: int,
                       ks: list[int]) -> dict:
     """The result dict of sampled_accuracy from per-family (correct, frontier, prompts,

@@ -66,6 +66,9 @@ ON_POLICY_DRAWS = 4
 # temperature give pass@1 .. pass@K for SFT and PPO (evals.sampled_accuracy)
 PASS_AT_K_SAMPLES = 8
 PASS_AT_K_TEMPERATURE = 0.7
+# Every policy's KL to the SFT model, one estimator for all (evals.sampled_kl): answers
+# sampled at temperature 1 to this many held-out prompts spread over every family
+KL_PROMPTS = 256
 
 # The main job's evaluation cadence: the report evaluates every stage itself, so the
 # stages evaluate only what the report reads from them: SFT's held-out loss curve (its
@@ -135,6 +138,7 @@ class PipelineConfig:
                                  "against the round-1 preference data (the file is listed this many times)"})
     rm_round2_init: str = field(default=RM_ROUND2_INIT, metadata={"choices": ["sft", "rm"], "help": "round 2: the "
                                 "reward model starts from the SFT model (as in round 1) or goes on from round 1's"})
+    dry_run: bool = field(default=False, metadata={"help": "print each stage's command and exit"})
     ppo_round2_init: str = field(default=PPO_ROUND2_INIT, metadata={"choices": ["sft", "ppo"], "help": "round 2: "
                                  "PPO starts from (and keeps its KL to) the SFT model or the round-1 policy"})
     round2_learner: str = field(default="", metadata={"choices": ["", "ppo", "dpo"], "help": "round 2: how the "
@@ -246,6 +250,23 @@ def feedback_commands(cfg: PipelineConfig, url: str) -> dict[str, list[str]]:
         "export": [sys.executable, "serve.py", "--log-dir", os.path.join(folder, "serve"),
                    "--export-feedback", feedback_pairs(cfg)],
     }
+
+
+def planned_commands(cfg: PipelineConfig) -> list[str]:
+    """Every stage's command as the job prints it (`=== stage NAME: COMMAND`), the server's
+    port as PORT: what --dry-run shows and docs/pipeline.md lists."""
+    lines = []
+    for stage in cfg.active_stages():
+        if stage == "feedback":
+            commands = feedback_commands(cfg, "http://127.0.0.1:PORT")
+            server = [sys.executable, os.path.join(REPO, "serve.py"), "--host", "127.0.0.1", "--port", "PORT",
+                      *commands["serve"]]
+            lines += [f"=== stage feedback: {shown_command(server)} &",
+                      f"=== stage feedback: {shown_command(commands['users'])}",
+                      f"=== stage feedback: {shown_command(commands['export'])}"]
+        else:
+            lines.append(f"=== stage {stage}: {shown_command(stage_command(stage, cfg))}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- stage state
@@ -411,6 +432,9 @@ def save_state(cfg: PipelineConfig, state: dict) -> None:
 @entry_point
 def main(argv=None) -> None:
     cfg = parse_config(PipelineConfig, argv, description=__doc__.split("\n")[0])
+    if cfg.dry_run:
+        print("\n".join(planned_commands(cfg)))
+        return
     state = _read_json(os.path.join(cfg.out, "pipeline.json")) or {}
     if state.get("preset") not in (None, cfg.preset) and not cfg.force:
         raise UserError(f"{cfg.out} holds a --preset {state['preset']} run; use another --out or add --force")
@@ -517,10 +541,12 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     report = {"preset": cfg.preset, "align": policy, "stages": {}, "seconds": {},
               "samples": {s: [] for s in ("pretrain", "sft", policy)}}
     clock = runtime.PartTimes()
+    sft_model = runtime.load_for_inference(ckpt("sft"), device=device)[0]
     accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
                                       headroom=stage in ("sft", policy), outside=outside, phrasing=phrasing,
-                                      clock=clock)
+                                      clock=clock, kl_reference=sft_model if stage not in ("pretrain", "sft") else None)
                 for stage in ("pretrain", "sft", policy) + ((cfg.round2_policy(),) if cfg.round2() else ())}
+    del sft_model
 
     prep = _read_json(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
     pre_rows, sft_rows, policy_rows = (_metrics(ckpt(s)) for s in ("pretrain", "sft", policy))
@@ -543,6 +569,7 @@ def evaluate_and_report(cfg: PipelineConfig, state: dict, start: float) -> dict:
     stages[policy] = {"gold_accuracy": accuracy[policy]["task_accuracy"], **phrasing_keys(accuracy[policy]),
                       "per_family": accuracy[policy]["per_family"],
                       "safety": accuracy[policy]["safety"], "outside_everyday": accuracy[policy].get("outside_everyday"),
+                      "kl_to_sft": accuracy[policy]["kl_to_sft"],
                       "vs_sft": paired_change(helpful["sft"], helpful[policy]),
                       "win_rate_vs_sft": win_rate(accuracy["sft"]["samples"], accuracy[policy]["samples"]),
                       "pass_at_k": accuracy[policy]["pass_at_k"]}
@@ -597,7 +624,7 @@ def print_summary(stages: dict, n_records: int, policy: str = "ppo") -> None:
     pol = stages[policy]
     print(f"gold accuracy: pretrain {100 * stages['pretrain']['gold_accuracy']:.1f}%, "
           f"sft {100 * stages['sft']['gold_accuracy']:.1f}%, {policy} {100 * pol['gold_accuracy']:.1f}% "
-          f"({policy} KL {pol['kl']}; vs sft: fixed {pol['vs_sft']['fixed']}, "
+          f"({policy} KL to sft {_kl(pol)}; vs sft: fixed {pol['vs_sft']['fixed']}, "
           f"broke {pol['vs_sft']['broken']}, McNemar p {pol['vs_sft']['p_value']:.3g})")
     if pol.get("gold_accuracy_heldout_phrasing") is not None:
         print(f"in phrasings never trained on: sft {_pct(stages['sft']['gold_accuracy_heldout_phrasing'])}, "
@@ -630,6 +657,7 @@ def round2_report(cfg: PipelineConfig, records: list[dict], accuracy: dict, devi
     policy = {"gold_accuracy": accuracy[round2]["task_accuracy"], **phrasing_keys(accuracy[round2]),
               "per_family": accuracy[round2]["per_family"], "safety": accuracy[round2]["safety"],
               "outside_everyday": accuracy[round2].get("outside_everyday"), "round1": round1,
+              "kl_to_sft": accuracy[round2]["kl_to_sft"],
               f"vs_{round1}": paired_change(helpful[round1], helpful[round2]),
               f"win_rate_vs_{round1}": win_rate(accuracy[round1]["samples"], accuracy[round2]["samples"])}
     report = {"feedback": {k: feedback.get(k) for k in ("policy", "prompts", "votes", "ties", "thumbs", "pairs",
@@ -704,18 +732,20 @@ def phrasing_keys(result: dict) -> dict:
 
 
 def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict],
-                   headroom: bool = False, outside: list[dict] = (), phrasing: list[dict] = (), clock=None) -> dict:
+                   headroom: bool = False, outside: list[dict] = (), phrasing: list[dict] = (), clock=None,
+                   kl_reference=None) -> dict:
     """A checkpoint's greedy answers to the held-out records, judged (evals.task_accuracy);
     with `headroom`, also pass@k of PASS_AT_K_SAMPLES sampled answers per helpfulness
     record (result["pass_at_k"]); the share of the `outside` everyday requests it refuses
     (result["outside_everyday"]: {"prompts", "over_refusal", "refused"}); its answers to
     the example prompts appended to `samples` (None: none); its greedy answers to the
     `phrasing` records (tasks asked in phrasings never trained on) as
-    result["heldout_phrasing"]. `clock` (runtime.PartTimes)
+    result["heldout_phrasing"]; with a `kl_reference` model, its KL to it on KL_PROMPTS
+    held-out prompts as result["kl_to_sft"]. `clock` (runtime.PartTimes)
     gets the seconds of the greedy answers and of the sampling."""
     import runtime
     from data.chat import encode_prompt
-    from evals import sampled_accuracy, task_accuracy
+    from evals import sampled_accuracy, sampled_kl, task_accuracy
 
     clock = clock or runtime.PartTimes()
     with clock.part("greedy answers, every checkpoint"):
@@ -729,6 +759,9 @@ def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None,
                             if x["refused"]]}
         if phrasing:
             result["heldout_phrasing"] = task_accuracy(model, tok, phrasing)
+    if kl_reference is not None:
+        with clock.part("KL to SFT"):
+            result["kl_to_sft"] = sampled_kl(model, kl_reference, tok, records, KL_PROMPTS, seed=0)
     if headroom:
         with clock.part(f"pass@k: {PASS_AT_K_SAMPLES} samples per prompt"):
             result["pass_at_k"] = sampled_accuracy(model, tok, records, PASS_AT_K_SAMPLES, PASS_AT_K_TEMPERATURE,
@@ -834,6 +867,12 @@ def _fraction(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _kl(stage: dict) -> str:
+    """A policy's KL to SFT as the report measures it for every policy (evals.sampled_kl)."""
+    x = stage.get("kl_to_sft")
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -859,10 +898,11 @@ def render_markdown(report: dict) -> str:
     if pol == "ppo":
         key["rm"] = (f"held-out pair accuracy {_pct(s['rm']['accuracy'])} ("
                      + ", ".join(f"{k} {_pct(v)}" for k, v in s["rm"]["by_kind"].items()) + ")")
-        key["ppo"] = (f"held-out gold accuracy {_pct(s['ppo']['gold_accuracy'])}, final KL {s['ppo']['kl']}, "
+        key["ppo"] = (f"held-out gold accuracy {_pct(s['ppo']['gold_accuracy'])}, KL to SFT {_kl(s['ppo'])} "
+                      f"(on its training prompts at the end: {s['ppo']['kl']}), "
                       f"reward {s['ppo']['reward']}")
     else:
-        key["dpo"] = (f"held-out gold accuracy {_pct(s['dpo']['gold_accuracy'])}, KL to SFT {s['dpo']['kl']}, "
+        key["dpo"] = (f"held-out gold accuracy {_pct(s['dpo']['gold_accuracy'])}, KL to SFT {_kl(s['dpo'])}, "
                       f"held-out implicit-reward accuracy {_pct(s['dpo']['val_reward_accuracy'])} "
                       f"(loss {s['dpo']['loss']}, beta {s['dpo']['beta']}, sft coef {s['dpo']['sft_coef']})")
     if "feedback" in s:
@@ -964,9 +1004,10 @@ def round2_keys(s: dict) -> dict:
         keys["rm_round2"] = (f"held-out pair accuracy {_pct(rm2['accuracy'])} (round-1 pairs and feedback); on-policy "
                              f"{_pct(rm2['on_policy_accuracy']['rm2'])} (round 1: "
                              f"{_pct(rm2['on_policy_accuracy']['rm1'])})")
-        keys[name] = f"held-out gold accuracy {_pct(s[name]['gold_accuracy'])}, final KL {s[name]['kl']}"
+        keys[name] = (f"held-out gold accuracy {_pct(s[name]['gold_accuracy'])}, KL to SFT {_kl(s[name])} "
+                      f"(to its start, on its training prompts at the end: {s[name]['kl']})")
     else:
-        keys[name] = (f"held-out gold accuracy {_pct(s[name]['gold_accuracy'])}, KL to SFT {s[name]['kl']}, "
+        keys[name] = (f"held-out gold accuracy {_pct(s[name]['gold_accuracy'])}, KL to SFT {_kl(s[name])}, "
                       f"held-out implicit-reward accuracy {_pct(s[name]['val_reward_accuracy'])}")
     return keys
 

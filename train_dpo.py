@@ -50,8 +50,8 @@ from data.files import read_json
 from data.loader import EpochCursor, collate
 from data.prefs import pair_messages
 from data.tokenizer import Tokenizer
-from evals import (accuracy_metrics, chat_responses, format_accuracy, format_samples, load_task_records,
-                   task_accuracy, task_files)
+from evals import (accuracy_metrics, format_accuracy, format_samples, load_task_records, sampled_kl, task_accuracy,
+                   task_files)
 from train_ppo import load_frozen
 from train_rm import split_pairs
 
@@ -213,33 +213,6 @@ def evaluate_pairs(policy, pairs: list, ref: torch.Tensor, cfg: DPOConfig, pad_i
             "by_kind": {k: float(s[1] / s[3]) for k, s in zip(kinds, stats) if s[3] > 0}}
 
 
-@torch.no_grad()
-def sampled_kl(policy, reference, tok, records: list[dict], cfg: DPOConfig, env) -> float | None:
-    """Mean over sampled answers of sum_t log pi(y_t) - log pi_ref(y_t): KL(pi || pi_ref)."""
-    records = records[:cfg.kl_prompts]
-    if not records:
-        return None
-    policy.eval()
-    generator = torch.Generator(device=env.device).manual_seed(cfg.seed)
-    convs = [[{"role": "user", "content": r["prompt"]}] for r in records]
-    replies = chat_responses(policy, tok, convs, cfg.eval_max_new_tokens, cfg.batch_size, 1.0, generator)
-    sides = []
-    for conv, reply in zip(convs, replies):
-        ids, _ = encode_chat(tok, conv + [{"role": "assistant", "content": reply}])
-        ids = ids[-policy.cfg.max_seq_len:]
-        sides.append(Side(ids, answer_only(ids, tok.assistant_id)))
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for chunk, real in runtime.sharded_batches(sides, cfg.batch_size, env.rank, env.world_size):
-        diff = (sequence_logprobs(policy, chunk, tok.pad_id, env.device)
-                - sequence_logprobs(reference, chunk, tok.pad_id, env.device)).double()
-        if real:
-            total += torch.stack([diff.sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
-                                                           device=env.device)])
-    runtime.all_reduce_sum(total)
-    policy.train()
-    return float(total[0] / total[1].clamp(min=1))
-
-
 # ----------------------------------------------------------------------------- training
 
 @entry_point
@@ -324,7 +297,8 @@ def train(cfg: DPOConfig, env: runtime.Env) -> None:
                 result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
                 record.update(accuracy_metrics(result))
                 line += f" gold accuracy {format_accuracy(result)}"
-                kl = sampled_kl(policy, reference, tok, eval_records, cfg, env)
+                kl = sampled_kl(policy, reference, tok, eval_records, cfg.kl_prompts, cfg.eval_max_new_tokens,
+                                cfg.batch_size, cfg.seed, env.rank, env.world_size)
                 if kl is not None:
                     record["kl"] = kl
                     line += f"; KL to the reference {kl:.3f}"

@@ -179,3 +179,13 @@ def test_the_checker_finds_broken_links(tmp_path):
     assert [p.split(":")[0] for p in problems] == [
         "nope.py", "docs/page.md#same-2", "#one-word", "../outside.md", "code.py#L1", "docs/gone.md"]
     assert broken_links(str(tmp_path / "docs" / "page.md"), str(tmp_path)) == []
+
+
+def test_the_main_jobs_commands_in_the_docs_are_the_ones_it_runs():
+    """docs/pipeline.md lists the default job's commands; they are pipeline.py's own
+    (`--dry-run`), so an option added to a stage cannot leave the page behind."""
+    import pipeline
+    with open(os.path.join(ROOT, "docs", "pipeline.md"), encoding="utf-8") as f:
+        text = f.read()
+    listed = [line for line in text.splitlines() if line.startswith("=== stage ")]
+    assert listed == pipeline.planned_commands(pipeline.PipelineConfig())

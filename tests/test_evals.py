@@ -107,3 +107,35 @@ def test_eval_cli_user_mistakes_are_one_error_line(tiny_pretrained, tmp_path, ar
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_sampled_kl_against_a_plain_per_sequence_sum(tiny_pretrained):
+    """evals.sampled_kl (every policy's KL to SFT in the report, DPO's to its reference):
+    0 for a model against itself; otherwise the mean over the sampled answers of
+    sum log pi - log pi_ref over each answer's tokens, recomputed here one unpadded
+    sequence at a time in float64; and its prompts come from every part of the file."""
+    import torch
+
+    from data.chat import encode_chat
+    policy, _ = runtime.load_model(tiny_pretrained)
+    reference, _ = runtime.load_model(tiny_pretrained)
+    tok = Tokenizer.load(os.path.join(tiny_pretrained, "tokenizer.json"))
+    records = [{"prompt": p} for p in ("What is 3 + 4?", "Reverse 'candle'.", "Hi", "Sort 3, 1, 2.", "Say yes.",
+                                       "Count the letters in 'banana'.")]
+    assert evals.sampled_kl(policy, reference, tok, records, 4, max_new_tokens=6) == 0.0
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    kl = evals.sampled_kl(policy, reference, tok, records, 4, max_new_tokens=6, batch_size=3, seed=7)
+    chosen = [records[i * 6 // 4] for i in range(4)]  # spread: 0, 1, 3, 4
+    replies = evals.chat_responses(policy, tok, [[{"role": "user", "content": r["prompt"]}] for r in chosen], 6, 3,
+                                   1.0, torch.Generator().manual_seed(7))
+    expected = []
+    for r, reply in zip(chosen, replies):
+        ids = encode_chat(tok, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": reply}])[0]
+        start = len(ids) - ids[::-1].index(tok.assistant_id)
+        seq = torch.tensor([ids])
+        with torch.no_grad():
+            lp, lr = (m(seq[:, :-1]).double().log_softmax(-1)[0] for m in (policy, reference))
+        expected.append(sum(lp[t - 1, ids[t]] - lr[t - 1, ids[t]] for t in range(start, len(ids))).item())
+    assert kl == pytest.approx(sum(expected) / len(expected), abs=1e-4) and abs(kl) > 1e-3

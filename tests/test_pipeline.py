@@ -51,6 +51,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
         assert key in stages["sft"] and key in stages["ppo"]
     assert 0.0 <= stages["sft"]["gold_accuracy"] <= 1.0 and 0.0 <= stages["ppo"]["gold_accuracy"] <= 1.0
     assert isinstance(stages["ppo"]["kl"], float) and isinstance(stages["pretrain"]["val_loss"], float)
+    assert isinstance(stages["ppo"]["kl_to_sft"], float) and isinstance(stages["ppo_round2"]["kl_to_sft"], float)
     change = stages["ppo"]["vs_sft"]  # the prompt-by-prompt comparison agrees with the two accuracies
     eval_records = [json.loads(line) for line in (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()]
     helpful = [r for r in eval_records if r["family"] in TASK_FAMILIES]  # gold_accuracy's records
@@ -136,7 +137,7 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
     assert report["align"] == "dpo" and not {"rm", "ppo", "rm_round2", "ppo_round2"} & set(stages)
     dpo = stages["dpo"]
     eval_records = [json.loads(line) for line in (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()]
-    assert 0.0 <= dpo["gold_accuracy"] <= 1.0 and isinstance(dpo["kl"], float)
+    assert 0.0 <= dpo["gold_accuracy"] <= 1.0 and isinstance(dpo["kl"], float) and isinstance(dpo["kl_to_sft"], float)
     assert set(dpo["safety"]) >= {"harmful_refusal", "borderline_over_refusal", "benign_template_over_refusal",
                                   "open_request_over_refusal"}
     wins = dpo["win_rate_vs_sft"]
@@ -154,6 +155,7 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
     assert train_config["data"].count(str(runs / "feedback" / "prefs.jsonl")) == pipeline.FEEDBACK_WEIGHT
     dpo2 = stages["dpo_round2"]
     assert stages["feedback"]["policy"] == "dpo" and dpo2["round1"] == "dpo" and dpo2["init"] == "policy"
+    assert isinstance(dpo2["kl_to_sft"], float)  # every policy's KL to SFT, one estimator for all
     assert 0.0 <= dpo2["gold_accuracy"] <= 1.0 and isinstance(dpo2["kl"], float) and set(dpo2["safety"]) == set(
         dpo["safety"])
     wins = dpo2["win_rate_vs_dpo"]
