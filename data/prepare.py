@@ -501,8 +501,12 @@ def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, encoded: Iterable[tup
     """Pass 3: write the encoded documents ((index, UTF-8 bytes, token ids), in order), each
     after a separator and `copies[index]` times (the mixture's repetitions; once when
     absent), to the train and val shards, then meta.json; returns the report's token and
-    byte counts (train tokens per source with `source_of`, each survivor's source)."""
+    byte counts (train tokens per source with `source_of`, each survivor's source).
+    A corpus of a single document (one text file) has no document to hold out: then the
+    last --val-fraction of its tokens is the validation split (split_documents counts it
+    in both; report["val_split"] says which way the split went)."""
     copies = copies or {}
+    tail = cfg.val_fraction if cfg.val_fraction > 0 and not val_set and kept == 1 else 0.0
     tokens_by_source: Counter = Counter()
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers = {s: ShardWriter(cfg.out, s, dtype, tokenizer.vocab_size, cfg.shard_tokens) for s in ("train", "val")}
@@ -515,6 +519,12 @@ def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, encoded: Iterable[tup
         doc_tokens += len(tokens)
         kept_bytes += nbytes
         ids_with_sep = [tokenizer.eot_id] + list(tokens)  # every document starts after a separator
+        if tail:
+            cut = len(ids_with_sep) - max(1, round(tail * len(tokens)))
+            ids_with_sep, held = ids_with_sep[:cut], [tokenizer.eot_id] + ids_with_sep[cut:]
+            docs_per_split["val"] += 1
+            for row in [held] if cfg.layout == "stream" else _chunk_rows(held, cfg, tokenizer.pad_id):
+                writers["val"].write(row)
         rows = [ids_with_sep] if cfg.layout == "stream" else _chunk_rows(ids_with_sep, cfg, tokenizer.pad_id)
         times = copies.get(i, 1)
         if cfg.layout != "stream":
@@ -534,6 +544,7 @@ def write_shards(cfg: PrepareConfig, tokenizer: Tokenizer, encoded: Iterable[tup
         meta["chunk_len"] = cfg.chunk_len
     write_meta(cfg.out, meta)
     counts = {"tokens": {s: w.total for s, w in writers.items()},
+              "val_split": "the last tokens of the only document" if tail else "by document",
               "split_documents": {"train": docs_per_split["train"], "val": docs_per_split["val"]},
               "bytes_per_token": round(kept_bytes / max(1, doc_tokens), 4),
               "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "kept_bytes": kept_bytes}
@@ -570,6 +581,9 @@ def run(cfg: PrepareConfig) -> dict:
         survivors = [i for i in range(len(passed.ids)) if i not in near_dups]
         seconds["dedup"] = time.time() - t0
         val_set = _val_indices(passed.ids, survivors, cfg.val_fraction, cfg.seed)
+        if cfg.val_fraction > 0 and len(survivors) == 1:
+            print(f"prepare: one document: the validation split is its last {100 * cfg.val_fraction:g}% of tokens "
+                  f"(a split by document needs two)", flush=True)
         copies = mix(passed, survivors, val_set, inputs.sources, cfg.seed, log)
         log.file.close()
         dropped = {i for i, c in copies.items() if c == 0}

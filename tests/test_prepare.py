@@ -666,3 +666,29 @@ def test_config_file_input_as_a_single_string(small_dir, tmp_path):
     run_main(["--config", cfg, "--out", out])
     assert read_json(out / "prepare_config.json")["input"] == [str(d)]
     assert read_json(out / "report.json")["documents"]["kept"] > 0
+
+
+def test_a_one_file_corpus_gets_a_validation_split_from_its_end(tmp_path, capsys):
+    """One .txt file is one document, and a split by document would leave validation
+    empty: its last --val-fraction of tokens is held out instead, nothing lost or doubled."""
+    import gzip
+    with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
+        works = [json.loads(line)["text"] for _, line in zip(range(2), f)]
+    corpus = tmp_path / "book.txt"
+    corpus.write_text(works[0], encoding="utf-8")
+    out = tmp_path / "out"
+    run_main(["--input", corpus, "--out", out, "--vocab-size", 300, "--workers", 1, "--val-fraction", 0.1])
+    assert "the validation split is its last 10% of tokens" in capsys.readouterr().out
+    report = read_json(out / "report.json")
+    assert report["val_split"] == "the last tokens of the only document"
+    assert report["split_documents"] == {"train": 1, "val": 1}
+    train, val = decoded_documents(out, "train"), decoded_documents(out, "val")
+    assert len(train) == len(val) == 1 and works[0].rstrip().endswith(val[0].rstrip())  # the end of the play
+    assert train[0][-60:] + val[0][:60] in works[0]  # cut once: nothing lost or doubled at the cut
+    n = report["tokens"]["train"] + report["tokens"]["val"] - 2  # less the two separators
+    assert report["tokens"]["val"] - 1 == round(0.1 * n) > 0
+    second = tmp_path / "second.txt"  # two documents: the split stays by document
+    second.write_text(works[1], encoding="utf-8")
+    run_main(["--input", corpus, second, "--out", tmp_path / "two", "--vocab-size", 300, "--workers", 1,
+              "--val-fraction", 0.5])
+    assert read_json(tmp_path / "two" / "report.json")["val_split"] == "by document"
