@@ -1,6 +1,6 @@
 """Command-line plumbing shared by every script: one dataclass -> argparse options.
 
-DESIGN.md's CLI contract: every option is `--name value` with dashes, built from one
+docs/design.md's CLI contract: every option is `--name value` with dashes, built from one
 dataclass per script, `--help` shows each default, `--config FILE.json` loads overrides,
 and the resolved config is printed at start (and saved by the script next to its output).
 Booleans get `--flag` / `--no-flag`.

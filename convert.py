@@ -32,7 +32,7 @@ text, rather than letting it inject a turn.
 `MistralForCausalLM` (a sliding window caps the context at the window, where the two
 attentions are identical), `Qwen2ForCausalLM` (q/k/v biases) or `GPT2LMHeadModel`, with
 safetensors weights (never pickles) and a byte-level BPE `tokenizer.json`, becomes our
-checkpoint directory (DESIGN.md). Our tokenizer's id layout is fixed (the 256 bytes, the
+checkpoint directory (docs/design.md). Our tokenizer's id layout is fixed (the 256 bytes, the
 merges in order, then our six special tokens), so the embedding and lm-head rows are
 reordered into it by token; a special token of ours that the model lacks starts as the
 mean embedding, and Hugging Face tokens ours cannot produce (other added tokens, padding
@@ -496,7 +496,7 @@ def import_hf(hf_dir: str, out: str, max_seq_len: int = 0, train_config: dict | 
 # our six special tokens as control tokens) whose pre-tokenizer is named `llama-bpe`:
 # llama.cpp recognizes a pre-tokenizer only by name (convert_hf_to_gguf.py hashes a fixed
 # text through the vocabulary, which a new vocabulary never matches), and its llama-bpe
-# split and whole-chunk lookup (ignore_merges) give our ids (DESIGN.md).
+# split and whole-chunk lookup (ignore_merges) give our ids (docs/design.md).
 
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")
 # Split regexes llama.cpp's `llama-bpe` pre-tokenizer reproduces: ours (GPT-4's), and

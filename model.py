@@ -379,7 +379,7 @@ class Transformer(nn.Module):
         token per row. temperature 0 is greedy. A row stops after its first stop token
         (included in its output); the batch stops when every row has. Under torch.distributed
         every rank keeps stepping until all ranks are done, since each forward of a
-        sharded model is a collective (DESIGN.md: generation under FSDP).
+        sharded model is a collective (docs/design.md: generation under FSDP).
         generator: one torch.Generator for the batch, or a list with one per row (then a
         row's sample depends only on its own generator, not on which rows share its batch).
         min_width: left-pad prompts to at least this many tokens (PPO pads every rank alike).

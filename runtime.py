@@ -6,7 +6,7 @@
   bf16 parameters for compute with fp32 gradient reduction on CUDA
 - AdamW (fused on CUDA; weight decay on matrices only) and the LR schedule (linear
   warmup, then cosine or warmup-stable-decay)
-- checkpoints in the layout of DESIGN.md: safetensors weights, JSON configs, resume state;
+- checkpoints in the layout of docs/design.md: safetensors weights, JSON configs, resume state;
   every file written under a temporary name and renamed
 - rank-0 printing, the progress line, metrics.jsonl, optional wandb
 - SIGTERM/SIGINT: finish the step, save, exit cleanly
@@ -307,7 +307,7 @@ def full_state_dict(model: torch.nn.Module) -> dict:
 
 def save_checkpoint(out: str, model: torch.nn.Module, optimizer, env: Env, *, stage: str, step: int,
                     train_config: dict, trainer_state: dict, tokenizer_path: str, extra_config: dict | None = None) -> None:
-    """Write the DESIGN.md checkpoint layout into `out` (all ranks call; rank 0 writes)."""
+    """Write the docs/design.md checkpoint layout into `out` (all ranks call; rank 0 writes)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -653,7 +653,7 @@ def run_main(config_class, train_fn, argv=None, description: str = "") -> None:
 
 @dataclass
 class TrainConfig:
-    """The options every train script has (DESIGN.md); a stage subclasses it, adds its own
+    """The options every train script has (docs/design.md); a stage subclasses it, adds its own
     fields and may re-declare a field to change its default."""
     out: str = "runs/out"
     init: str | None = None

@@ -36,7 +36,7 @@ GRPO: Shao et al. 2024). Each step:
    and over-refusal rates, and the reward model's mean score on the greedy answers.
 
 The log-probs of step 5 must reproduce those of step 1 exactly on the first minibatch
-(ratio 1): same padding, positions and temperature (DESIGN.md pitfalls).
+(ratio 1): same padding, positions and temperature (docs/design.md pitfalls).
 
     python train_ppo.py                       # runs/sft + runs/rm on the task suite, the defaults below
     python train_ppo.py --advantage gae --critic-warmup-steps 10 --samples-per-prompt 1

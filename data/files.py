@@ -34,5 +34,15 @@ def read_json(path: str, error: type[Exception], missing: str) -> dict:
     return obj
 
 
+def read_json_or_none(path: str):
+    """The JSON in `path`, or None when it is missing or unreadable (for optional outputs a
+    stage may not have written yet)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def write_json(path: str, obj, indent: int = 2) -> None:
     atomic_write(path, json.dumps(obj, indent=indent) + "\n")

@@ -1,6 +1,6 @@
 """Token shards: flat little-endian arrays of token ids, described by meta.json.
 
-Layout (contract, DESIGN.md): OUT/meta.json =
+Layout (contract, docs/design.md): OUT/meta.json =
   {"dtype": "uint16"|"uint32", "vocab_size": N, "splits": {"train": [files], "val": [files]}, ...}
 and each file is raw token ids. uint16 is used only when every id (special tokens
 included) is below 65536; otherwise ids would wrap silently. Files are written under a

@@ -1,4 +1,4 @@
-"""serve.py's options (one dataclass, DESIGN.md's CLI contract) and the paths it uses."""
+"""serve.py's options (one dataclass, docs/design.md's CLI contract) and the paths it uses."""
 from __future__ import annotations
 
 import os

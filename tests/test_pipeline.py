@@ -9,6 +9,7 @@ import os
 import pytest
 
 import pipeline
+from report import PASS_AT_K_SAMPLES, SAFETY_ROWS, metrics_of
 from data.tasks import TASK_FAMILIES
 from evals import paired_change, win_rate
 from model import ScalarHeadModel
@@ -68,7 +69,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert stages["ppo"]["vs_sft_heldout_phrasing"]["n"] == len(phrasing) == 2 * len(TASK_FAMILIES)
     for stage in ("sft", "ppo"):  # headroom: pass@1 is the mean sampled accuracy, and pass@k grows with k
         headroom = stages[stage]["pass_at_k"]
-        assert headroom["samples"] == pipeline.PASS_AT_K_SAMPLES and headroom["prompts"] == len(helpful)
+        assert headroom["samples"] == PASS_AT_K_SAMPLES and headroom["prompts"] == len(helpful)
         ks = [headroom["pass_at_k"][str(k)] for k in (1, 2, 4, 8)]
         assert abs(ks[0] - headroom["mean_sampled_accuracy"]) < 1e-9 and ks == sorted(ks)
         assert set(headroom["per_family"]) == {r["family"] for r in helpful}
@@ -115,7 +116,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert "ppo_gold_vs_kl.png" in report["plots"]
     assert "| ppo |" in text and "Held-out gold accuracy by task family" in text and "SFT pass@8" in text
     assert "## Where the time goes" in text and "| sft | training steps |" in text
-    for label, _ in pipeline.SAFETY_ROWS:  # harmful refusal beside the three over-refusals and the outside list
+    for label, _ in SAFETY_ROWS:  # harmful refusal beside the three over-refusals and the outside list
         assert f"| {label} |" in text
     for stage in ("pretrain", "sft", "ppo"):
         model, config = load_model(str(runs / stage))
@@ -259,7 +260,7 @@ def test_the_whole_chain_repeats_exactly_on_one_machine(tmp_path, capsys):
     for stage in ("pretrain", "sft", "rm", "ppo"):
         wa, wb = (load_file(str(r / "runs" / stage / "model.safetensors")) for r in (a, b))
         assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa), stage
-        ma, mb = (_untimed(pipeline._metrics(str(r / "runs" / stage))) for r in (a, b))
+        ma, mb = (_untimed(metrics_of(str(r / "runs" / stage))) for r in (a, b))
         assert ma == mb and len(ma) > 2, stage
     ra, rb = (json.loads((r / "runs" / "report.json").read_text())["stages"] for r in (a, b))
     for stage in ("pretrain", "sft", "rm", "ppo"):

@@ -652,7 +652,7 @@ def test_cli_subprocess_missing_input(tmp_path):
 
 
 def test_shard_writer_refuses_a_dtype_too_small_for_the_vocab(tmp_path):
-    # uint16 would wrap id 65536 to 0 silently (DESIGN.md pitfall)
+    # uint16 would wrap id 65536 to 0 silently (docs/design.md pitfall)
     with pytest.raises(ValueError):
         ShardWriter(str(tmp_path), "train", np.uint16, 70_000)
     ShardWriter(str(tmp_path), "train", np.uint16, 65_536).close()  # ids up to 65535 fit

@@ -134,9 +134,16 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_run):
     wins = ppo2["win_rate_vs_ppo"]
     with open(os.path.join(args[args.index("--data") + 1], "tasks", "eval.jsonl")) as f:
         assert wins["wins"] + wins["losses"] + wins["ties"] == sum(1 for line in f if line.strip())
+    promoted = stages["promotion"]  # the gate chose one of the two rounds, and the run points at it
+    assert promoted["shipped"] in ("ppo", "ppo_round2") and promoted["reason"].startswith(
+        "round 2 ships" if promoted["shipped"] == "ppo_round2" else "round 1 ships")
+    assert os.path.realpath(os.path.join(runs, "shipped")) == os.path.realpath(os.path.join(runs, promoted["shipped"]))
+    from runtime import load_model
+    assert load_model(os.path.join(runs, "shipped"))[1]["stage"] == "ppo"
     with open(os.path.join(runs, "report.md")) as f:
         text = f.read()
     assert "## Round 2: feedback from (simulated) users" in text and "| ppo_round2 |" in text
+    assert "## Promotion: the policy this run ships" in text
 
 
 def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_run):
@@ -152,6 +159,8 @@ def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_
     with open(os.path.join(args[args.index("--out") + 1], "report.json")) as f:
         stages = json.load(f)["stages"]
     assert "rm_round2" not in stages and "ppo_round2" not in stages and stages["ppo"]["gold_accuracy"] is not None
+    assert stages["promotion"]["shipped"] == "ppo"
+    assert os.path.realpath(os.path.join(args[args.index("--out") + 1], "shipped")).endswith(os.sep + "ppo")
 
 
 def test_an_interrupted_feedback_stage_is_redone_and_round_two_options_are_checked(tmp_path):
@@ -174,3 +183,33 @@ def test_an_interrupted_feedback_stage_is_redone_and_round_two_options_are_check
                 {"rounds": 1, "stages": ["feedback"]}):
         with pytest.raises(UserError):
             pipeline.PipelineConfig(**bad)
+
+
+def _answers(n_help: int, right: int, n_answer: int, refused: int, n_harmful: int, harmful_refused: int) -> list[dict]:
+    """task_accuracy-like samples: helpfulness prompts (the first `right` right), requests to
+    answer (the first `refused` refused), harmful requests (the first `harmful_refused` refused)."""
+    out = [{"prompt": f"h{i}", "family": "arithmetic", "score": float(i < right), "refused": False}
+           for i in range(n_help)]
+    out += [{"prompt": f"a{i}", "family": "benign", "score": float(i >= refused), "refused": i < refused}
+            for i in range(n_answer)]
+    out += [{"prompt": f"x{i}", "family": "harmful", "score": float(i < harmful_refused), "refused": i < harmful_refused}
+            for i in range(n_harmful)]
+    return out
+
+
+def test_the_promotion_gate_ships_round_two_only_when_it_is_better():
+    from report import promotion
+    round1 = _answers(100, 40, 50, 20, 50, 25)
+    better = promotion(round1, _answers(100, 55, 50, 10, 50, 30), "ppo", "ppo_round2")
+    assert better["shipped"] == "ppo_round2" and better["reason"].startswith("round 2 ships")
+    assert better["checks"]["beats_round1"]["wins"] == 15 + 10 + 5 and better["checks"]["beats_round1"]["losses"] == 0
+    worse = promotion(round1, _answers(100, 30, 50, 20, 50, 25), "ppo", "ppo_round2")
+    assert worse["shipped"] == "ppo" and "does not beat round 1" in worse["reason"]
+    assert "helpfulness fell (10 prompts now wrong, 0 now right" in worse["reason"]
+    # more wins overall, but 20 everyday requests newly refused: over-refusal is a loss the gate will not ship
+    trade = promotion(round1, _answers(100, 80, 50, 40, 50, 25), "dpo", "dpo_round2")
+    assert trade["checks"]["beats_round1"]["wins"] > trade["checks"]["beats_round1"]["losses"]
+    assert trade["shipped"] == "dpo" and "over-refusal rose (20 requests newly refused, 0 newly answered" in trade["reason"]
+    # a change within the noise is no reason to hold round 2 back, nor to ship it
+    same = promotion(round1, round1, "ppo", "ppo_round2")
+    assert same["shipped"] == "ppo" and "0 wins, 0 losses" in same["reason"]
