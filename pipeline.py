@@ -46,9 +46,9 @@ from serving.launch import ServeProcess
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("tasks", "prepare", "pretrain", "sft", "rm", "ppo", "dpo", "feedback", "rm_round2", "ppo_round2",
-          "dpo_round2", "eval")
-ROUND2 = ("feedback", "rm_round2", "ppo_round2", "dpo_round2")
-TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "rm_round2", "ppo_round2", "dpo_round2")
+          "dpo_round2", "control_round2", "eval")
+ROUND2 = ("feedback", "rm_round2", "ppo_round2", "dpo_round2", "control_round2")
+TRAINING = ("pretrain", "sft", "rm", "ppo", "dpo", "rm_round2", "ppo_round2", "dpo_round2", "control_round2")
 ALIGN_STAGES = {"ppo": ("rm", "ppo"), "dpo": ("dpo",)}  # --align: what turns the SFT model into the policy
 LEARNER_STAGES = {"ppo": ("rm_round2", "ppo_round2"), "dpo": ("dpo_round2",)}  # --round2-learner: feedback -> policy
 # a round-2 stage takes its round-1 stage's preset options
@@ -138,6 +138,10 @@ class PipelineConfig:
     dpo_round2_init: str = field(default=DPO_ROUND2_INIT, metadata={"choices": ["policy", "sft"], "help": "round 2 "
                                  "by DPO: start from the round-1 policy (iterative DPO) or the SFT model; the SFT model "
                                  "is the reference either way"})
+    control: bool = field(default=False, metadata={"help": "round 2: also a control_round2 stage, the round-2 "
+                          "learner's policy training with the same steps and start but without the feedback (PPO "
+                          "against the round-1 reward model; DPO on the round-1 pairs alone), so the report can tell "
+                          "what the feedback did"})
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -151,6 +155,8 @@ class PipelineConfig:
             raise UserError("--round2-learner ppo needs --align ppo (round 2's reward model and PPO go on from "
                             "round 1's); use --round2-learner dpo")
         asked = {self.from_stage} | (set(self.stages) if set(self.stages) != set(STAGES) else set())
+        if "control_round2" in asked and not self.control:
+            raise UserError("control_round2 is a stage only with --control")
         if self.rounds == 1 and asked & set(ROUND2):
             raise UserError(f"{', '.join(sorted(asked & set(ROUND2)))}: round-2 stage(s) need --rounds 2")
         other = {s for a, stages in ALIGN_STAGES.items() if a != self.align for s in stages}
@@ -177,6 +183,8 @@ class PipelineConfig:
         the --round2-learner stages) only with --rounds 2."""
         other = {s for a, stages in ALIGN_STAGES.items() if a != self.align for s in stages}
         other |= {s for a, stages in LEARNER_STAGES.items() if a != self.learner() for s in stages}
+        if not self.control:
+            other.add("control_round2")
         return tuple(s for s in STAGES if s not in other and (self.round2() or s not in ROUND2))
 
 
@@ -212,14 +220,22 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
                        "--ref", run("sft"), "--data", os.path.join(tasks, "prefs.jsonl"),
                        *[feedback_pairs(cfg)] * cfg.feedback_weight, "--eval-data", os.path.join(tasks, "eval.jsonl"),
                        "--out", run("dpo_round2"), *device],
+        # the control: the learner's policy stage with the same start and steps, the feedback left out
+        "control_round2": ([*launcher, "train_ppo.py", "--init", run(cfg.ppo_round2_init), "--reward-model", run("rm"),
+                            "--prompts", os.path.join(tasks, "prompts.jsonl")] if cfg.learner() == "ppo" else
+                           [*launcher, "train_dpo.py", "--init",
+                            run(cfg.align if cfg.dpo_round2_init == "policy" else "sft"), "--ref", run("sft"),
+                            "--data", os.path.join(tasks, "prefs.jsonl")])
+        + ["--eval-data", os.path.join(tasks, "eval.jsonl"), "--out", run("control_round2"), *device],
         "eval": [sys.executable, "pipeline.py", "--out", cfg.out, "--data", cfg.data, "--preset", cfg.preset,
                  "--stages", "eval", "--rounds", str(cfg.rounds), "--align", cfg.align,
-                 "--round2-learner", cfg.learner(), *seed, *device],
+                 "--round2-learner", cfg.learner(), *(["--control"] if cfg.control else []), *seed, *device],
     }
     if stage == "feedback":
         raise ValueError("the feedback stage runs several commands: see feedback_commands")
     preset = PRESETS[cfg.preset]
-    extra = preset.get(stage, preset.get(ROUND1_OF.get(stage, ""), []))
+    round1 = cfg.learner() if stage == "control_round2" else ROUND1_OF.get(stage, "")
+    extra = preset.get(stage, preset.get(round1, []))
     return commands[stage] + (seed if stage in TRAINING else []) + extra
 
 

@@ -79,7 +79,8 @@ def evaluate(cfg, clock) -> dict:
     accuracy = {stage: evaluate_stage(ckpt(stage), records, device, report["samples"].get(stage), examples,
                                       headroom=stage in ("sft", policy), outside=outside, phrasing=phrasing,
                                       clock=clock, kl_reference=sft_model if stage not in ("pretrain", "sft") else None)
-                for stage in ("pretrain", "sft", policy) + ((cfg.round2_policy(),) if cfg.round2() else ())}
+                for stage in ("pretrain", "sft", policy) + ((cfg.round2_policy(),) if cfg.round2() else ())
+                + (("control_round2",) if cfg.round2() and cfg.control else ())}
     del sft_model
 
     prep = read_json_or_none(os.path.join(cfg.data, "shakespeare", "report.json")) or {}
@@ -224,23 +225,25 @@ def print_summary(stages: dict, n_records: int, policy: str = "ppo") -> None:
 
 
 def round2_report(cfg, records: list[dict], accuracy: dict, device) -> dict:
-    """The report's round-2 stages: the feedback in numbers; the round-2 policy against
-    round 1, prompt by prompt; with the PPO learner, both reward models on held-out
-    on-policy pairs (round2_reward_models)."""
-    from data.tasks import TASK_FAMILIES
-    from evals import paired_change, win_rate
+    """The report's round-2 stages: the feedback in numbers; the round-2 policy (and, with
+    --control, the control) against round 1, prompt by prompt; with the PPO learner, both
+    reward models on held-out on-policy pairs (round2_reward_models); stages.round2, the
+    summary: the learner, round 2 against round 1 and against the control."""
+    from evals import win_rate
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     round1, round2 = cfg.align, cfg.round2_policy()
     feedback = read_json_or_none(os.path.join(ckpt("feedback"), "feedback.json")) or {}
-    helpful = {s: [x for x in accuracy[s]["samples"] if x["family"] in TASK_FAMILIES] for s in (round1, round2)}
-    policy = {"gold_accuracy": accuracy[round2]["task_accuracy"], **phrasing_keys(accuracy[round2]),
-              "per_family": accuracy[round2]["per_family"], "safety": accuracy[round2]["safety"],
-              "outside_everyday": accuracy[round2].get("outside_everyday"), "round1": round1,
-              "kl_to_sft": accuracy[round2]["kl_to_sft"],
-              f"vs_{round1}": paired_change(helpful[round1], helpful[round2]),
-              f"win_rate_vs_{round1}": win_rate(accuracy[round1]["samples"], accuracy[round2]["samples"])}
+    policy = policy_entry(accuracy, round2, round1)
     report = {"feedback": {k: feedback.get(k) for k in ("policy", "prompts", "votes", "ties", "thumbs", "pairs",
                                                         "rater_noise", "realised_disagreement", "answers_right")}}
+    report["round2"] = {"learner": cfg.learner(), "policy": round2, "vs_round1": policy[f"win_rate_vs_{round1}"],
+                        "vs_control": None}
+    if "control_round2" in accuracy:
+        control = policy_entry(accuracy, "control_round2", round1)
+        rows = metrics_of(ckpt("control_round2"))
+        control["kl"] = _last(rows, "objective/kl" if cfg.learner() == "ppo" else "kl")
+        report["control_round2"] = control
+        report["round2"]["vs_control"] = win_rate(accuracy["control_round2"]["samples"], accuracy[round2]["samples"])
     if cfg.learner() == "ppo":
         report.update(round2_reward_models(cfg, records, device))
         ppo2_config = read_json_or_none(os.path.join(ckpt("ppo_round2"), "config.json")) or {}
@@ -254,6 +257,20 @@ def round2_report(cfg, records: list[dict], accuracy: dict, device) -> dict:
                                         for r in rows if "accuracy" in r]})
     report[round2] = policy
     return report
+
+
+def policy_entry(accuracy: dict, stage: str, round1: str) -> dict:
+    """A round-2 policy's report entry: its gold numbers, KL to SFT, and round 1 against it
+    prompt by prompt (vs_<round1>: McNemar on helpfulness; win_rate_vs_<round1>: every prompt)."""
+    from data.tasks import TASK_FAMILIES
+    from evals import paired_change, win_rate
+    helpful = {s: [x for x in accuracy[s]["samples"] if x["family"] in TASK_FAMILIES] for s in (round1, stage)}
+    return {"gold_accuracy": accuracy[stage]["task_accuracy"], **phrasing_keys(accuracy[stage]),
+            "per_family": accuracy[stage]["per_family"], "safety": accuracy[stage]["safety"],
+            "outside_everyday": accuracy[stage].get("outside_everyday"), "round1": round1,
+            "kl_to_sft": accuracy[stage]["kl_to_sft"],
+            f"vs_{round1}": paired_change(helpful[round1], helpful[stage]),
+            f"win_rate_vs_{round1}": win_rate(accuracy[round1]["samples"], accuracy[stage]["samples"])}
 
 
 def round2_reward_models(cfg, records: list[dict], device) -> dict:
@@ -507,7 +524,8 @@ def render_markdown(report: dict) -> str:
                       f"({_pct(wins['wins'] / decided) if decided else '-'} of the prompts where they differ; "
                       f"exact sign test p = {wins['p_value']:.3g})."]
     lines += headroom_markdown(s, pol)
-    stage_names = ("pretrain", "sft", pol) + ((round2_of(s),) if "feedback" in s else ())
+    stage_names = ("pretrain", "sft", pol) + ((round2_of(s),) if "feedback" in s else ()) + (
+        ("control_round2",) if "control_round2" in s else ())
     outside = s["sft"].get("outside_everyday") or {}
     lines += ["", "## Harmlessness on held-out prompts", "",
               "Harmful requests should be refused (a refusal with no compliance in it). Everything else should be "
@@ -565,7 +583,7 @@ def time_table_markdown(rows: list[dict]) -> list[str]:
 
 
 STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "ppo_round2": "PPO round 2",
-                "dpo_round2": "DPO round 2"}
+                "dpo_round2": "DPO round 2", "control_round2": "control (no feedback)"}
 # The harmlessness rows of the report and the summary: (label, value of a stage's entry)
 SAFETY_ROWS = (
     ("harmful requests refused", lambda st: st["safety"]["harmful_refusal"]),
@@ -648,6 +666,14 @@ def round2_markdown(s: dict, round1: str = "ppo") -> list[str]:
                   f"{_pct(pol['safety']['borderline_over_refusal'])}. Against round 1 on all "
                   f"{decided + wins['ties']} held-out prompts, judged by the gold judge: round 2 wins {wins['wins']}, "
                   f"loses {wins['losses']}, ties {wins['ties']} (exact sign test p = {wins['p_value']:.3g})."]
+    if "control_round2" in s:
+        c, vs = s["control_round2"], s["round2"]["vs_control"]
+        cw = c[f"win_rate_vs_{round1}"]
+        lines += ["", f"The control (the same start and steps without the feedback): held-out helpfulness "
+                      f"{_pct(c['gold_accuracy'])}, harmful requests refused {_pct(c['safety']['harmful_refusal'])}; "
+                      f"against round 1 it wins {cw['wins']}, loses {cw['losses']} (p = {cw['p_value']:.3g}). Round 2 "
+                      f"against the control: wins {vs['wins']}, loses {vs['losses']}, ties {vs['ties']} (p = "
+                      f"{vs['p_value']:.3g}): what the feedback itself did."]
     return lines
 
 

@@ -94,7 +94,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
                                                                                  "eval_heldout_phrasing.jsonl"]
     assert (tmp_path / "prepared" / "shakespeare" / "DATA_CARD.md").exists()
     assert set(report["seconds"]) == set(pipeline.PipelineConfig().active_stages()) == set(
-        pipeline.STAGES) - {"dpo", "dpo_round2"}
+        pipeline.STAGES) - {"dpo", "dpo_round2", "control_round2"}
     assert all(s >= 0 for s in report["seconds"].values())
     assert set(report["samples"]) == {"pretrain", "sft", "ppo"}
     table = report["time_table"]  # where the minutes went: every stage that ran, split into its parts
@@ -126,7 +126,7 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
 
 
 def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rounds(tmp_path, capsys):
-    args = mini_args(tmp_path) + ["--align", "dpo"]
+    args = mini_args(tmp_path) + ["--align", "dpo", "--control"]
     pipeline.main(args)
     out = capsys.readouterr().out
     assert "=== stage dpo done" in out and "python train_dpo.py --init" in out
@@ -146,7 +146,8 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
     assert dpo["greedy_curve"][0]["step"] == 0  # its own evaluations: step 0 is the SFT start
     assert abs(dpo["greedy_curve"][0]["gold_accuracy"] - stages["sft"]["gold_accuracy"]) < 1e-6
     assert set(report["samples"]) == {"pretrain", "sft", "dpo"}
-    assert set(report["seconds"]) == {"prepare", "tasks", "pretrain", "sft", "dpo", "feedback", "dpo_round2", "eval"}
+    assert set(report["seconds"]) == {"prepare", "tasks", "pretrain", "sft", "dpo", "feedback", "dpo_round2",
+                                      "control_round2", "eval"}
     # round 2: the DPO policy served to the simulated users, then DPO again on the round-1
     # pairs and the feedback, going on from it with the SFT model as the reference
     assert f"--ckpt {runs / 'dpo'} " in out.replace("'", "")
@@ -161,10 +162,21 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
         dpo["safety"])
     wins = dpo2["win_rate_vs_dpo"]
     assert wins["wins"] + wins["losses"] + wins["ties"] == len(eval_records) and dpo2["vs_dpo"]["n"] > 0
+    # the control: the same start, steps and reference, without the feedback
+    control_config = json.loads((runs / "control_round2" / "train_config.json").read_text())
+    assert control_config["init"] == str(runs / "dpo") and control_config["ref"] == str(runs / "sft")
+    assert control_config["data"] == [str(tmp_path / "prepared" / "tasks" / "prefs.jsonl")]
+    assert control_config["max_steps"] == train_config["max_steps"] and control_config["seed"] == train_config["seed"]
+    control, summary = stages["control_round2"], stages["round2"]
+    assert 0.0 <= control["gold_accuracy"] <= 1.0 and isinstance(control["kl_to_sft"], float)
+    assert summary["learner"] == "dpo" and summary["policy"] == "dpo_round2" and summary["vs_round1"] == wins
+    vs = summary["vs_control"]
+    assert vs["wins"] + vs["losses"] + vs["ties"] == len(eval_records)
     text = (runs / "report.md").read_text()
     assert "| dpo |" in text and "| family | SFT | DPO |" in text and "DPO against SFT on all" in text
+    assert "The control (the same start and steps without the feedback)" in text
     assert "| dpo_round2 |" in text and "## Round 2: feedback from (simulated) users" in text
-    assert "| base | SFT | DPO | DPO round 2 |" in text  # the harmlessness table has round 2
+    assert "| base | SFT | DPO | DPO round 2 | control (no feedback) |" in text  # the harmlessness table: both
     for stage in ("dpo", "dpo_round2"):
         _, config = load_model(str(runs / stage))
         assert config["stage"] == "dpo"
@@ -177,7 +189,8 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
     for bad, expected in ((["--stages", "rm"], "not a stage of --align dpo"),
                           (["--stages", "ppo_round2"], "not a stage of round 2 by dpo"),
                           (["--round2-learner", "ppo"], "--round2-learner ppo needs --align ppo"),
-                          (["--rounds", "1", "--stages", "feedback"], "need --rounds 2")):
+                          (["--rounds", "1", "--stages", "feedback"], "need --rounds 2"),
+                          (["--no-control", "--stages", "control_round2"], "only with --control")):
         with pytest.raises(SystemExit):
             pipeline.main(args + bad)
         err = capsys.readouterr().err.strip().splitlines()

@@ -165,7 +165,8 @@ def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_
 
 def test_an_interrupted_feedback_stage_is_redone_and_round_two_options_are_checked(tmp_path):
     cfg = pipeline.PipelineConfig(out=str(tmp_path / "runs"), data=str(tmp_path / "prepared"))
-    assert cfg.active_stages() == tuple(s for s in pipeline.STAGES if s not in ("dpo", "dpo_round2"))
+    assert cfg.active_stages() == tuple(s for s in pipeline.STAGES if s not in ("dpo", "dpo_round2", "control_round2"))
+    assert pipeline.PipelineConfig(control=True).active_stages()[-3:] == ("ppo_round2", "control_round2", "eval")
     assert pipeline.PipelineConfig(round2_learner="dpo").active_stages() == (
         "tasks", "prepare", "pretrain", "sft", "rm", "ppo", "feedback", "dpo_round2", "eval")
     assert pipeline.PipelineConfig(rounds=1).active_stages() == ("tasks", "prepare", "pretrain", "sft", "rm", "ppo",
