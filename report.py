@@ -690,3 +690,36 @@ def round2_reward_model_table(rm2: dict) -> list[str]:
                      f"{_pct(by_family['rm2'].get(family))} |")
     lines.append(f"| **all** | {counts['pairs']} | **{_pct(on_policy['rm1'])}** | **{_pct(on_policy['rm2'])}** |")
     return lines
+
+
+# ----------------------------------------------------------------------------- the run of record
+
+def record_table(report: dict) -> str:
+    """The results table of a committed report (the run of record, docs/runs/): every
+    model of the run side by side on the held-out prompts, the policies' KL to SFT and
+    their prompt-by-prompt comparisons, and the job's wall time. The README and
+    docs/results.md carry it verbatim between `<!-- record table -->` markers, and a test
+    regenerates it, so the numbers there are this report's and cannot drift."""
+    s = report["stages"]
+    pol = report.get("align", "ppo")
+    names = ["sft", pol] + [n for n in ("ppo_round2", "dpo_round2", "control_round2") if n in s]
+    shipped = (s.get("promotion") or {}).get("shipped")
+    head = [STAGE_LABELS[n] + (" (shipped)" if n == shipped else "") for n in names]
+    rows = [("helpfulness (8 families, held out)", lambda st: _pct(st["gold_accuracy"])),
+            ("the same tasks in phrasings never trained on", lambda st: _pct(st.get("gold_accuracy_heldout_phrasing")))]
+    rows += [(label, lambda st, value=value: _pct(value(st))) for label, value in SAFETY_ROWS]
+    rows += [("KL to SFT", lambda st: _kl(st) if st is not s["sft"] else "0")]
+
+    def versus(name: str) -> str:
+        st = s[name]
+        key = "win_rate_vs_sft" if name == pol else f"win_rate_vs_{st.get('round1', pol)}"
+        w = st.get(key)
+        return "" if not w else f"{w['wins']} / {w['losses']} (p = {w['p_value']:.2g})"
+    lines = ["| | " + " | ".join(head) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(value(s[n]) for n in names) + " |" for label, value in rows]
+    lines.append("| wins / losses against the model before it, every held-out prompt (sign test) | | "
+                 + " | ".join(versus(n) for n in names[1:]) + " |")
+    minutes = sum(r["seconds"] for r in report.get("time_table") or []) / 60
+    records = report.get("records")
+    return "\n".join(lines) + (f"\n\n{records} held-out prompts, greedy answers, the gold judge; the whole job "
+                               f"{minutes:.1f} minutes on the machine that ran it.\n")
