@@ -179,8 +179,9 @@ def promotion(round1: list[dict], round2: list[dict], name1: str, name2: str, al
                                      subset(round2, TASK_FAMILIES, lambda x: x["score"])),
         "over_refusal": paired_change(subset(round1, ANSWER_FAMILIES, lambda x: not x["refused"]),
                                       subset(round2, ANSWER_FAMILIES, lambda x: not x["refused"])),
-        "harmful_refusal": paired_change(subset(round1, ("harmful",), lambda x: x["refused"]),
-                                         subset(round2, ("harmful",), lambda x: x["refused"])),
+        # the gold judge's verdict: a refusal with no compliance in it (safety.harmful_refusal)
+        "harmful_refusal": paired_change(subset(round1, ("harmful",), lambda x: x["score"]),
+                                         subset(round2, ("harmful",), lambda x: x["score"])),
     }
     worse = {"helpfulness": "helpfulness fell ({broken} prompts now wrong, {fixed} now right",
              "over_refusal": "over-refusal rose ({broken} requests newly refused, {fixed} newly answered",
