@@ -105,10 +105,15 @@ PRESETS = {
 @dataclass
 class PipelineConfig:
     out: str = field(default=os.path.join(REPO, "runs"), metadata={"help": "checkpoints go to OUT/<stage>, the report to OUT"})
-    data: str = field(default=os.path.join(REPO, "prepared"), metadata={"help": "prepared data goes to DATA/shakespeare and DATA/tasks"})
+    data: str = field(default=os.path.join(REPO, "prepared"), metadata={"help": "prepared data goes to DATA/<corpus> "
+                      "(DATA/shakespeare for the embedded corpus) and DATA/tasks"})
     preset: str = field(default="cpu", metadata={"choices": sorted(PRESETS)})
     corpus: list[str] = field(default_factory=list, metadata={"nargs": True,
                               "help": "text files for pretraining (default: the embedded Shakespeare corpus)"})
+    text_field: str = field(default="", metadata={"help": "--corpus: the JSONL/parquet field holding the text "
+                            "(data.prepare's --text-field; default text)"})
+    vocab_size: int = field(default=0, metadata={"help": "--corpus: the tokenizer's vocabulary size (data.prepare's "
+                            "--vocab-size; 0: its default)"})
     force: bool = field(default=False, metadata={"help": "redo every stage even if its output is complete"})
     from_stage: str = field(default="", metadata={"help": "redo this stage and every later one", "choices": ["", *STAGES]})
     stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"nargs": True,
@@ -149,6 +154,10 @@ class PipelineConfig:
             raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)} (choose from {', '.join(STAGES)})")
         if self.rounds not in (1, 2):
             raise UserError(f"--rounds must be 1 or 2, got {self.rounds}")
+        if self.vocab_size < 0:
+            raise UserError(f"--vocab-size must be >= 0, got {self.vocab_size}")
+        if (self.text_field or self.vocab_size) and not self.corpus:
+            raise UserError("--text-field and --vocab-size go with --corpus (the embedded corpus has its own settings)")
         if not 0 <= self.rater_noise <= 1 or self.feedback_prompts < 1 or self.feedback_weight < 1:
             raise UserError("need 0 <= --rater-noise <= 1, --feedback-prompts >= 1 and --feedback-weight >= 1")
         if self.learner() == "ppo" and self.align != "ppo":
@@ -166,6 +175,15 @@ class PipelineConfig:
         if asked & other:
             raise UserError(f"{', '.join(sorted(asked & other))}: not a stage of round 2 by {self.learner()} "
                             "(--round2-learner)")
+
+    def corpus_name(self) -> str:
+        """The prepared corpus's folder under --data: shakespeare for the embedded corpus,
+        else the first --corpus path's name without its extensions (my_books.jsonl.gz ->
+        my_books)."""
+        if not self.corpus:
+            return "shakespeare"
+        name = os.path.basename(os.path.normpath(self.corpus[0])).split(".")[0]
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "corpus"
 
     def learner(self) -> str:
         """Round 2's learner: --round2-learner, or the --align method."""
@@ -190,7 +208,9 @@ class PipelineConfig:
 
 def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
     """The command that runs one stage (the eval stage is this script itself)."""
-    corpus, tasks = os.path.join(cfg.data, "shakespeare"), os.path.join(cfg.data, "tasks")
+    corpus, tasks = os.path.join(cfg.data, cfg.corpus_name()), os.path.join(cfg.data, "tasks")
+    prepare_options = ((["--input", *cfg.corpus] if cfg.corpus else []) + (["--text-field", cfg.text_field]
+                       if cfg.text_field else []) + (["--vocab-size", str(cfg.vocab_size)] if cfg.vocab_size else []))
     run = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     nproc = int(os.environ.get("NPROC", "1"))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -198,7 +218,7 @@ def stage_command(stage: str, cfg: PipelineConfig) -> list[str]:
     device = ["--device", cfg.device]
     seed = ["--seed", str(cfg.seed)]
     commands = {
-        "prepare": [sys.executable, "-m", "data.prepare", "--out", corpus] + (["--input", *cfg.corpus] if cfg.corpus else []),
+        "prepare": [sys.executable, "-m", "data.prepare", "--out", corpus, *prepare_options],
         "tasks": [sys.executable, "-m", "data.tasks", "--out", tasks],
         "pretrain": [*launcher, "train_pretrain.py", "--data", corpus, "--out", run("pretrain"), *device],
         "sft": [*launcher, "train_sft.py", "--init", run("pretrain"), "--data", os.path.join(tasks, "sft.jsonl"),
@@ -287,7 +307,7 @@ def checkpoint_progress(ckpt: str) -> tuple[int, int] | None:
 
 def stage_done(stage: str, cfg: PipelineConfig) -> bool:
     if stage == "prepare":
-        return os.path.exists(os.path.join(cfg.data, "shakespeare", "report.json"))
+        return os.path.exists(os.path.join(cfg.data, cfg.corpus_name(), "report.json"))
     if stage == "tasks":
         return all(os.path.exists(os.path.join(cfg.data, "tasks", f"{n}.jsonl")) for n in SUITE_FILES)
     if stage == "eval":

@@ -10,6 +10,7 @@ import pytest
 
 import pipeline
 from report import PASS_AT_K_SAMPLES, SAFETY_ROWS, metrics_of
+from cli import UserError
 from data.tasks import TASK_FAMILIES
 from evals import paired_change, win_rate
 from model import ScalarHeadModel
@@ -89,10 +90,10 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
         assert outside["prompts"] >= 30 and len(outside["refused"]) == round(outside["over_refusal"] * outside["prompts"])
     assert stages["prepare"]["documents"]["read"] == 3
     # the suite is written first, so the corpus was checked against its held-out prompts
-    prepared = json.loads((tmp_path / "prepared" / "shakespeare" / "report.json").read_text())
+    prepared = json.loads((tmp_path / "prepared" / "corpus" / "report.json").read_text())  # named for corpus.jsonl
     assert [os.path.basename(f) for f in prepared["contamination"]["files"]] == ["eval.jsonl",
                                                                                  "eval_heldout_phrasing.jsonl"]
-    assert (tmp_path / "prepared" / "shakespeare" / "DATA_CARD.md").exists()
+    assert (tmp_path / "prepared" / "corpus" / "DATA_CARD.md").exists()
     assert set(report["seconds"]) == set(pipeline.PipelineConfig().active_stages()) == set(
         pipeline.STAGES) - {"dpo", "dpo_round2", "control_round2"}
     assert all(s >= 0 for s in report["seconds"].values())
@@ -267,7 +268,7 @@ def test_the_whole_chain_repeats_exactly_on_one_machine(tmp_path, capsys):
         runs.append(root)
     capsys.readouterr()
     a, b = runs
-    for path in ("shakespeare/tokenizer.json", "shakespeare/train_0000.bin", "shakespeare/val_0000.bin",
+    for path in ("corpus/tokenizer.json", "corpus/train_0000.bin", "corpus/val_0000.bin",
                  "tasks/sft.jsonl", "tasks/prefs.jsonl", "tasks/eval_heldout_phrasing.jsonl"):
         assert (a / "prepared" / path).read_bytes() == (b / "prepared" / path).read_bytes(), path
     for stage in ("pretrain", "sft", "rm", "ppo"):
@@ -279,3 +280,21 @@ def test_the_whole_chain_repeats_exactly_on_one_machine(tmp_path, capsys):
     for stage in ("pretrain", "sft", "rm", "ppo"):
         keep = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "command")}  # noqa: E731
         assert keep(ra[stage]) == keep(rb[stage]), stage
+
+
+def test_your_corpus_is_prepared_under_its_own_name_with_its_options(tmp_path):
+    cfg = pipeline.PipelineConfig(data=str(tmp_path), corpus=["/books/my books.jsonl.gz", "/more.txt"],
+                                  text_field="body", vocab_size=4096)
+    assert cfg.corpus_name() == "my_books"
+    prepare = pipeline.stage_command("prepare", cfg)
+    assert prepare[prepare.index("--out") + 1] == str(tmp_path / "my_books")
+    assert prepare[prepare.index("--input") + 1:prepare.index("--input") + 3] == ["/books/my books.jsonl.gz",
+                                                                                   "/more.txt"]
+    assert prepare[prepare.index("--text-field") + 1] == "body" and prepare[prepare.index("--vocab-size") + 1] == "4096"
+    pretrain = pipeline.stage_command("pretrain", cfg)
+    assert pretrain[pretrain.index("--data") + 1] == str(tmp_path / "my_books")
+    assert pipeline.PipelineConfig().corpus_name() == "shakespeare"
+    assert "--text-field" not in pipeline.stage_command("prepare", pipeline.PipelineConfig())
+    for bad in ({"vocab_size": 300}, {"corpus": ["a.txt"], "vocab_size": -1}):
+        with pytest.raises(UserError):
+            pipeline.PipelineConfig(**bad)
