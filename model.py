@@ -43,6 +43,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attn_impl: str = "auto"  # auto | sdpa | eager | triton (auto: triton on CUDA when available, else sdpa)
+    ce_impl: str = "auto"  # auto | torch: the lm-head loss by fused_kernels (Triton on CUDA) or plain PyTorch
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len"):
@@ -55,7 +56,8 @@ class ModelConfig:
         if (self.d_model // self.n_head) % 2 and self.pos_emb == "rope":
             raise ValueError("rotary embeddings need an even head dimension")
         for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu")),
-                              ("pos_emb", ("rope", "learned")), ("attn_impl", ("auto", "sdpa", "eager", "triton"))):
+                              ("pos_emb", ("rope", "learned")), ("attn_impl", ("auto", "sdpa", "eager", "triton")),
+                              ("ce_impl", ("auto", "torch"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.d_ff == 0:
@@ -365,7 +367,8 @@ class Transformer(nn.Module):
         under FSDP it is the call that gathers the sharded weights."""
         h = self.hidden_states(idx, kv_start, cache)
         if targets is not None:
-            return lm_loss(h, self.lm_head.weight, targets, reduction, temperature, return_entropy)
+            return lm_loss(h, self.lm_head.weight, targets, reduction, temperature, return_entropy,
+                           impl=self.cfg.ce_impl)
         return self.lm_head(h[:, -1] if last_only else h)
 
     # -- generation
@@ -471,11 +474,13 @@ def _kernel(module: str, name: str):
 
 
 def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-            temperature: float = 1.0, return_entropy: bool = False):
+            temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
     """Cross-entropy of the lm head over hidden states h (..., d) against targets (...).
 
     Uses the fused linear cross-entropy kernel when fused_kernels/ provides it (no (N, V)
-    logits in memory); otherwise this plain reference: logits in fp32, then the loss.
+    logits in memory), unless impl is "torch" (the model's ce_impl: a switch that keeps
+    the Triton kernel out of a first GPU run); otherwise this plain reference: logits in
+    fp32, then the loss.
     Targets of -100 are ignored (their loss and entropy are 0); a batch with every target
     ignored gives 0, not NaN. Logits are divided by temperature (scaling h is the same
     thing). With return_entropy the result is (loss, entropy) where entropy (...) is per
@@ -483,7 +488,7 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduct
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    fused_linear_cross_entropy = _kernel("cross_entropy", "fused_linear_cross_entropy")
+    fused_linear_cross_entropy = None if impl == "torch" else _kernel("cross_entropy", "fused_linear_cross_entropy")
     x = h.reshape(-1, h.shape[-1])
     if temperature != 1.0:
         x = x / temperature

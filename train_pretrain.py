@@ -41,6 +41,8 @@ class PretrainConfig(runtime.TrainConfig):
     n_kv_head: int = 0
     seq_len: int = field(default=0, metadata={"help": "0 = the preset's max_seq_len"})
     attn_impl: str = field(default="auto", metadata={"choices": ["auto", "sdpa", "eager", "triton"]})
+    ce_impl: str = field(default="auto", metadata={"choices": ["auto", "torch"], "help": "the loss: auto (the fused "
+                         "kernel: Triton on CUDA) or torch (plain PyTorch logits and cross-entropy)"})
     tie_embeddings: bool = False
     dropout: float = 0.0
     batch_size: int = 4
@@ -70,7 +72,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         sizes["n_kv_head"] = min(sizes["n_kv_head"], cfg.n_head) if cfg.n_head % sizes["n_kv_head"] == 0 else cfg.n_head
     if cfg.seq_len:
         sizes["max_seq_len"] = cfg.seq_len
-    return ModelConfig(vocab_size=vocab_size, attn_impl=cfg.attn_impl, tie_embeddings=cfg.tie_embeddings,
+    return ModelConfig(vocab_size=vocab_size, attn_impl=cfg.attn_impl, ce_impl=cfg.ce_impl, tie_embeddings=cfg.tie_embeddings,
                        dropout=cfg.dropout, **sizes)
 
 
@@ -167,7 +169,7 @@ def load_sources(cfg: PretrainConfig, env: runtime.Env) -> tuple[list, Tokenizer
 def build_model(cfg: PretrainConfig, tok: Tokenizer) -> Transformer:
     """A new model of the configured size (the same weights on every rank), or --init's."""
     if cfg.init:
-        model, _ = runtime.load_model(cfg.init, attn_impl=cfg.attn_impl)
+        model, _ = runtime.load_model(cfg.init, attn_impl=cfg.attn_impl, ce_impl=cfg.ce_impl)
         if model.cfg.vocab_size != tok.vocab_size:
             raise UserError(f"--init {cfg.init} has vocab {model.cfg.vocab_size}, the data's tokenizer {tok.vocab_size}")
     else:

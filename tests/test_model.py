@@ -518,6 +518,35 @@ def test_lm_loss_equals_cross_entropy(loss_inputs, reduction):
     torch.testing.assert_close(got, want)
 
 
+def test_ce_impl_torch_keeps_the_kernel_out_and_gives_the_same_loss(loss_inputs, monkeypatch):
+    """ModelConfig.ce_impl = "torch" (train_pretrain.py --ce-impl torch): the loss never
+    goes through fused_kernels, and equals the kernel path's (here its CPU path) and the
+    plain cross-entropy."""
+    import model as model_module
+    h, w, t = loss_inputs
+    fused = lm_loss(h, w, t, "none", return_entropy=True)
+    calls = []
+    real = model_module._kernel
+    def spy(module, name):
+        if module == "cross_entropy":
+            calls.append(name)
+        return real(module, name)
+    monkeypatch.setattr(model_module, "_kernel", spy)
+    plain = lm_loss(h, w, t, "none", return_entropy=True, impl="torch")
+    assert calls == []
+    torch.testing.assert_close(plain[0], fused[0])
+    torch.testing.assert_close(plain[1], fused[1])
+    cfg = ModelConfig(vocab_size=11, n_layer=1, n_head=2, n_kv_head=1, d_model=16, max_seq_len=8, ce_impl="torch")
+    torch.manual_seed(0)
+    net = Transformer(cfg)
+    idx = torch.randint(0, 11, (2, 8))
+    net(idx, idx)
+    assert calls == []  # the model's loss took the plain path too
+    assert ModelConfig.from_dict(cfg.to_dict()).ce_impl == "torch"
+    with pytest.raises(ValueError, match="ce_impl"):
+        ModelConfig(vocab_size=11, ce_impl="triton")
+
+
 def test_lm_loss_ignore_index(loss_inputs):
     h, w, t = loss_inputs
     per = lm_loss(h, w, t, "none")
