@@ -129,3 +129,66 @@ def config_dict(config) -> dict:
 
 def print_config(config, title: str = "config") -> None:
     print(f"{title}: " + json.dumps(config_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- option tables for the docs
+
+OPTIONS_BEGIN, OPTIONS_END = "<!-- options table: generated from", "<!-- end of options table -->"
+
+
+def options_table(cls) -> str:
+    """A script's own options (not the ones every stage shares) as a markdown table of
+    option, default and help: what a docs page shows, generated so it cannot drift."""
+    import os
+    repo = os.path.dirname(os.path.abspath(__file__))
+    own = [n for n, t in cls.__dict__.get("__annotations__", {}).items() if "ClassVar" not in str(t)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    lines = ["| option | default | what it does |", "|---|---|---|"]
+    for name in own:
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, str) and default.startswith(repo + os.sep):
+            default = os.path.relpath(default, repo)  # the repo's own paths, as a reader's checkout has them
+        shown = "(none)" if default in ("", [], None) else f"`{default}`"
+        help_text = _help_of(cls, name).replace("|", "\\|")
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text += (" " if help_text else "") + "(" + " / ".join(str(c) or '""' for c in choices) + ")"
+        lines.append(f"| `--{name.replace('_', '-')}` | {shown} | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def _help_of(cls, name: str) -> str:
+    """An option's help: its field's, or the nearest base class's (a stage that only
+    changes a shared option's default keeps its meaning), or the help_texts table."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return f.metadata["help"]
+    return getattr(cls, "help_texts", {}).get(name, "")
+
+
+def options_block(spec: str) -> str:
+    """The generated block for `module.ConfigClass` (e.g. train_sft.SFTConfig)."""
+    import importlib
+    module, _, name = spec.rpartition(".")
+    return f"{OPTIONS_BEGIN} {spec} -->\n{options_table(getattr(importlib.import_module(module), name))}{OPTIONS_END}"
+
+
+def update_options_tables(path: str) -> bool:
+    """Regenerate every options block of a markdown page in place; True if it changed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    out, pos = [], 0
+    while (start := text.find(OPTIONS_BEGIN, pos)) >= 0:
+        end = text.find(OPTIONS_END, start)
+        if end < 0:
+            raise UserError(f"{path}: an options table without its end marker")
+        spec = text[start + len(OPTIONS_BEGIN):text.find("-->", start)].strip()
+        out += [text[pos:start], options_block(spec)]
+        pos = end + len(OPTIONS_END)
+    new = "".join(out) + text[pos:]
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text

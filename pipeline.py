@@ -20,7 +20,7 @@ continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) a
 starting it again picks up where it stopped. At the end OUT/report.md and report.json
 hold each stage's command, wall time and key numbers, plots and sample completions.
 
-    python pipeline.py                     # the CPU defaults, both rounds: 25-48 minutes on 2 cores
+    python pipeline.py                     # the CPU defaults, both rounds: about 50 minutes on 2 cores
     python pipeline.py --rounds 1          # round 1 only (13-30 minutes; report.md's time table says where they go)
     python pipeline.py --align dpo         # DPO (train_dpo.py) on the same pairs in place of the reward model and PPO
     python pipeline.py --round2-learner dpo  # round 2 by DPO on the feedback to the round-1 PPO policy

@@ -760,7 +760,7 @@ def update_record_pages(record_path: str, root: str = REPO) -> list[str]:
 @dataclass
 class RecordConfig:
     record: str = field(default="", metadata={"help": "the committed report.json of the run of record, e.g. "
-                                              "docs/runs/DATE/report.json"})
+                                              "docs/runs/<date>/report.json"})
 
 
 @entry_point

@@ -687,6 +687,14 @@ class TrainConfig:
         "dtype": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16", "device": "auto | cpu | cuda",
         "schedule": "cosine | wsd (warmup-stable-decay) | constant", "compile": "torch.compile each block",
         "grad_checkpointing": "recompute activations in backward to save memory",
+        "max_steps": "optimizer steps to train", "lr": "peak learning rate (AdamW)",
+        "warmup_steps": "linear warm-up steps before the schedule", "min_lr_ratio": "the schedule's floor, a share of --lr",
+        "weight_decay": "AdamW weight decay (matrices only)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+        "grad_clip": "clip the gradient norm to this", "eval_every": "evaluate every N steps (and at the last)",
+        "save_every": "checkpoint every N steps (and at the last)", "log_every": "print and log every N steps",
+        "seed": "seed of the data order, sampling and initialization",
+        "eval_max_new_tokens": "longest answer generated in the gold evaluation",
+        "dropout": "dropout probability while training",
     }
 
     def __post_init__(self):

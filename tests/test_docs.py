@@ -210,3 +210,67 @@ def test_paths_named_in_the_code_exist():
                 missing += [f"{rel}:{number}: {name}" for name in REPO_PATH.findall(line)
                             if not os.path.exists(os.path.join(ROOT, name))]
     assert not missing, missing
+
+
+def test_the_results_tables_are_the_run_of_records():
+    """README.md and docs/results.md carry the results table of the committed run of
+    record (docs/runs/<date>/report.json) as report.record_table renders it: a number
+    edited by hand, or a new record without `python report.py --record ...`, fails here."""
+    import glob
+
+    import report
+    records = sorted(glob.glob(os.path.join(ROOT, "docs", "runs", "*", "report.json")))
+    assert records, "no run of record under docs/runs/"
+    block = report.record_block(records[-1])  # the newest
+    for page in report.RECORD_PAGES:
+        with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+            text = f.read()
+        assert block in text, f"{page}: its record table is not {os.path.relpath(records[-1], ROOT)}'s; run " \
+                              f"python report.py --record {os.path.relpath(records[-1], ROOT)}"
+
+
+def test_the_record_tables_are_rewritten_in_place(tmp_path):
+    import json
+
+    import report
+    from cli import UserError
+    stage = {"gold_accuracy": 0.5, "gold_accuracy_heldout_phrasing": 0.25, "kl_to_sft": 1.5, "round1": "ppo",
+             "safety": {"harmful_refusal": 0.9, "borderline_over_refusal": 0.0, "benign_template_over_refusal": 0.05,
+                        "open_request_over_refusal": 0.0}, "outside_everyday": {"over_refusal": 0.1},
+             "win_rate_vs_sft": {"wins": 7, "losses": 2, "ties": 1, "p_value": 0.18},
+             "win_rate_vs_ppo": {"wins": 1, "losses": 5, "ties": 4, "p_value": 0.22}}
+    record = {"align": "ppo", "records": 10, "time_table": [{"seconds": 600.0}, {"seconds": 300.0}],
+              "stages": {"sft": {**stage, "kl_to_sft": None}, "ppo": stage, "ppo_round2": stage,
+                         "promotion": {"shipped": "ppo"}}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(record))
+    (tmp_path / "docs").mkdir()
+    for page in report.RECORD_PAGES:
+        (tmp_path / page).write_text(f"# Page\n\n{report.RECORD_BEGIN} x` -->\nold numbers\n{report.RECORD_END}\n\nafter\n")
+    assert report.update_record_pages(str(path), str(tmp_path)) == list(report.RECORD_PAGES)
+    text = (tmp_path / "README.md").read_text()
+    assert "old numbers" not in text and text.endswith("\n\nafter\n") and "| | SFT | PPO (shipped) | PPO round 2 |" in text
+    assert "| helpfulness (8 families, held out) | 50.0% | 50.0% | 50.0% |" in text
+    assert "| 7 / 2 (p = 0.18) | 1 / 5 (p = 0.22) |" in text and "the whole job 15.0 minutes" in text
+    assert report.update_record_pages(str(path), str(tmp_path)) == []  # already current
+    (tmp_path / "README.md").write_text("no markers")
+    with pytest.raises(UserError, match="no record-table markers"):
+        report.update_record_pages(str(path), str(tmp_path))
+
+
+def test_the_options_tables_are_the_scripts_own():
+    """A docs page's options table (between `<!-- options table: generated from
+    module.Config -->` markers) is what cli.options_table renders from the script's config
+    dataclass: an option added, removed or re-described in the code changes the page, by
+    `python -c "import cli; cli.update_options_tables('docs/PAGE.md')"`."""
+    import cli
+    pages = [p for p in doc_files() if cli.OPTIONS_BEGIN in open(p, encoding="utf-8").read()]
+    assert len(pages) >= 2
+    for page in pages:
+        text = open(page, encoding="utf-8").read()
+        pos = 0
+        while (start := text.find(cli.OPTIONS_BEGIN, pos)) >= 0:
+            spec = text[start + len(cli.OPTIONS_BEGIN):text.find("-->", start)].strip()
+            block = cli.options_block(spec)
+            assert text[start:start + len(block)] == block, f"{os.path.relpath(page, ROOT)}: the {spec} table is stale"
+            pos = start + len(block)
