@@ -129,6 +129,9 @@ class PipelineConfig:
                                "disagrees with the gold judge"})
     feedback_prompts: int = field(default=FEEDBACK_PROMPTS, metadata={"help": "round 2: user prompts the simulated "
                                   "users send (two answers rated per prompt)"})
+    novel_share: float = field(default=0.0, metadata={"help": "round 2: share of the simulated users' prompts "
+                               "that are the new request kind (data/novel.py: privacy and copyright requests and "
+                               "look-alikes), a kind round 1's data never contain"})
     feedback_weight: int = field(default=FEEDBACK_WEIGHT, metadata={"help": "round 2: the feedback pairs' weight "
                                  "against the round-1 preference data (the file is listed this many times)"})
     rm_round2_init: str = field(default=RM_ROUND2_INIT, metadata={"choices": ["sft", "rm"], "help": "round 2: the "
@@ -158,6 +161,8 @@ class PipelineConfig:
             raise UserError(f"--vocab-size must be >= 0, got {self.vocab_size}")
         if (self.text_field or self.vocab_size) and not self.corpus:
             raise UserError("--text-field and --vocab-size go with --corpus (the embedded corpus has its own settings)")
+        if not 0 <= self.novel_share <= 1:
+            raise UserError(f"--novel-share must be in [0, 1], got {self.novel_share}")
         if not 0 <= self.rater_noise <= 1 or self.feedback_prompts < 1 or self.feedback_weight < 1:
             raise UserError("need 0 <= --rater-noise <= 1, --feedback-prompts >= 1 and --feedback-weight >= 1")
         if self.learner() == "ppo" and self.align != "ppo":
@@ -272,7 +277,9 @@ def feedback_commands(cfg: PipelineConfig, url: str) -> dict[str, list[str]]:
                   "--abuse-max-flags", "0", "--rate-limit-rpm", "0", "--rate-limit-tpm", "0", "--device", cfg.device],
         "users": [sys.executable, "simulate_users.py", "--url", url, "--prompts", str(cfg.feedback_prompts),
                   "--rater-noise", str(cfg.rater_noise), "--exclude", os.path.join(cfg.data, "tasks", "eval.jsonl"),
-                  "--traffic-out", os.path.join(folder, "traffic.jsonl"), *PRESETS[cfg.preset].get("feedback", [])],
+                  "--traffic-out", os.path.join(folder, "traffic.jsonl"),
+                  *(["--novel-share", f"{cfg.novel_share:g}"] if cfg.novel_share else []),
+                  *PRESETS[cfg.preset].get("feedback", [])],
         "export": [sys.executable, "serve.py", "--log-dir", os.path.join(folder, "serve"),
                    "--export-feedback", feedback_pairs(cfg)],
     }
@@ -435,8 +442,9 @@ def collect_feedback(cfg: PipelineConfig, log_path: str, parts: dict) -> str:
     users = read_json_or_none(os.path.join(folder, "traffic.summary.json")) or {}
     pairs = sort_pairs(feedback_pairs(cfg))
     write_json(os.path.join(folder, "feedback.json"), {
-        "simulated": True, "policy": cfg.align, "prompts": users.get("prompts"), "votes": users.get("votes"), "ties": users.get("ties"),
-        "thumbs": users.get("thumbs"), "pairs": pairs, "rater_noise": cfg.rater_noise,
+        "simulated": True, "policy": cfg.align, "prompts": users.get("prompts"), "novel": users.get("novel"),
+        "votes": users.get("votes"), "ties": users.get("ties"), "thumbs": users.get("thumbs"), "pairs": pairs,
+        "rater_noise": cfg.rater_noise,
         "realised_disagreement": users.get("realised_disagreement"), "answers_right": users.get("answers_right"),
         "skipped": users.get("skipped")})
     return f"{shown[0]} {shown[1]}; {shown[2]}"  # as one shell line

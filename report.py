@@ -237,8 +237,9 @@ def round2_report(cfg, records: list[dict], accuracy: dict, device) -> dict:
     round1, round2 = cfg.align, cfg.round2_policy()
     feedback = read_json_or_none(os.path.join(ckpt("feedback"), "feedback.json")) or {}
     policy = policy_entry(accuracy, round2, round1)
-    report = {"feedback": {k: feedback.get(k) for k in ("policy", "prompts", "votes", "ties", "thumbs", "pairs",
-                                                        "rater_noise", "realised_disagreement", "answers_right")}}
+    report = {"feedback": {k: feedback.get(k) for k in ("policy", "prompts", "novel", "votes", "ties", "thumbs",
+                                                        "pairs", "rater_noise", "realised_disagreement",
+                                                        "answers_right")}}
     report["round2"] = {"learner": cfg.learner(), "policy": round2, "vs_round1": policy[f"win_rate_vs_{round1}"],
                         "vs_control": None}
     if "control_round2" in accuracy:

@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cli import UserError, config_dict, entry_point, parse_config
-from data import redteam
+from data import novel, redteam
 from data.files import atomic_write
 from data.rl_prompts import prompt_texts, rejection
 from data.tasks import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, grade, make_task
@@ -67,6 +67,9 @@ class SimConfig:
     exclude: str = field(default="", metadata={
         "help": "JSONL of held-out task records whose prompts never go out (default: the suite's "
                 "prepared/tasks/eval.jsonl when present)"})
+    novel_share: float = field(default=0.0, metadata={
+        "help": "share of the prompts drawn from the new request kind's traffic pool (data/novel.py: privacy and "
+                "copyright requests and their look-alikes, in turn); the rest from --families"})
     traffic_only: bool = field(default=False, metadata={"help": "write the traffic file and stop (no server)"})
     traffic_out: str = field(default=os.path.join(REPO, "runs", "feedback", "traffic.jsonl"), metadata={
         "help": "the traffic (JSONL); the ratings log goes next to it as <name>.ratings.jsonl"})
@@ -86,6 +89,8 @@ class SimConfig:
             raise UserError(f"--prompts must be at least 1, got {self.prompts}")
         if not 0 <= self.rater_noise <= 1:
             raise UserError(f"--rater-noise must be a probability in [0, 1], got {self.rater_noise}")
+        if not 0 <= self.novel_share <= 1:
+            raise UserError(f"--novel-share must be in [0, 1], got {self.novel_share}")
         if not 0 <= self.stream_share <= 1:
             raise UserError(f"--stream-share must be in [0, 1], got {self.stream_share}")
         if not 0 <= self.temperature <= 2:
@@ -121,22 +126,33 @@ def draw_prompt(family: str, rng: random.Random) -> dict:
     return {"family": family, "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer}
 
 
+NOVEL_KINDS = {"privacy": novel.make_privacy, "copyright": novel.make_copyright, "lookalike": novel.make_lookalike}
+
+
 def build_traffic(n: int, seed: int, families: list[str], exclude: set = frozenset(),
-                  tries: int = 2000) -> tuple[list[dict], Counter]:
+                  tries: int = 2000, novel_share: float = 0.0) -> tuple[list[dict], Counter]:
     """(n distinct training prompts, families taken in turn, as task records with messages;
-    rejected draws by reason). A family whose prompts run out (no new one in `tries` draws)
+    rejected draws by reason). With novel_share, that share of the slots (chosen by a
+    seeded hash of the slot) holds the new request kind instead, its kinds in turn, from
+    its traffic pools only. A family whose prompts run out (no new one in `tries` draws)
     drops out of the rotation; UserError when all have."""
     rng = random.Random(f"{seed}:traffic")
-    live = list(families)
+    live = list(families) + (list(NOVEL_KINDS) if novel_share > 0 else [])
     rng.shuffle(live)
     traffic, seen, rejected = [], set(), Counter()
+    turn = Counter()  # slots so far of the task families and of the new kind
     while len(traffic) < n:
-        if not live:
-            raise UserError(f"only {len(traffic)} distinct training prompts exist in --families "
-                            f"{','.join(families)}: ask for fewer --prompts")
-        family = live[len(traffic) % len(live)]
+        wants_novel = unit(f"{seed}:novel:{len(traffic)}") < novel_share
+        pool = [f for f in live if (f in NOVEL_KINDS) == wants_novel]
+        if not pool:
+            if not live:
+                raise UserError(f"only {len(traffic)} distinct training prompts exist in --families "
+                                f"{','.join(families)}: ask for fewer --prompts")
+            pool = live  # one side ran out: the other fills the slot
+        family = pool[turn[wants_novel] % len(pool)]
         for _ in range(tries):
-            rec = draw_prompt(family, rng)
+            rec = {**NOVEL_KINDS[family](rng, "train"), "novel": True} if family in NOVEL_KINDS else \
+                draw_prompt(family, rng)
             reason = rejection(rec["prompt"], seen, exclude)
             if reason is None:
                 break
@@ -144,6 +160,7 @@ def build_traffic(n: int, seed: int, families: list[str], exclude: set = frozens
         else:
             live.remove(family)
             continue
+        turn[wants_novel] += 1
         seen.add(rec["prompt"])
         traffic.append({"id": f"traffic/{len(traffic)}", **rec,
                         "messages": [{"role": "user", "content": rec["prompt"]}]})
@@ -398,7 +415,8 @@ def summarize(counts: Counter, traffic: list[dict], cfg: SimConfig, model: str, 
             "rater_noise": cfg.rater_noise, "judgements": judged, "disagreements": counts["disagreed"],
             "realised_disagreement": counts["disagreed"] / judged if judged else None,
             "answers_right": counts["right"] / counts["completions"] if counts["completions"] else None,
-            "families": dict(sorted(Counter(r["family"] for r in traffic).items())), "model": model,
+            "families": dict(sorted(Counter(r["family"] for r in traffic).items())),
+            "novel": dict(sorted(Counter(r["kind"] for r in traffic if r.get("novel")).items())), "model": model,
             "seconds": round(seconds, 2), "config": cfg.shown()}
 
 
@@ -434,7 +452,8 @@ def output_paths(cfg: SimConfig) -> tuple[str, str]:
 def main(argv=None) -> dict | None:
     cfg = parse_config(SimConfig, argv, description=__doc__.split("\n")[0])
     print("config: " + json.dumps(cfg.shown()))
-    traffic, redrawn = build_traffic(cfg.prompts, cfg.seed, cfg.families, load_excluded(cfg.exclude))
+    traffic, redrawn = build_traffic(cfg.prompts, cfg.seed, cfg.families, load_excluded(cfg.exclude),
+                                     novel_share=cfg.novel_share)
     write_out(cfg.traffic_out, jsonl(traffic))
     print(f"traffic: {len(traffic)} prompts -> {cfg.traffic_out} (redrawn: "
           + (", ".join(f"{k} {v}" for k, v in sorted(redrawn.items())) or "none") + ")")

@@ -12,9 +12,10 @@ Steps:
    included), the prompt is masked as in SFT.
 2. Reference: the --init weights frozen (or --ref: iterative DPO goes on from the last
    round's policy and keeps the SFT model as the reference); its log-probabilities of
-   every training pair are computed once, before the first step. The reference never changes, so this is exact, and it costs one forward
-   per pair instead of one per pair per visit (TRL's precompute_ref_log_probs); the
-   frozen reference stays loaded for the KL measurement of step 4.
+   every training pair are computed once, before the first step. The reference never
+   changes, so this is exact, and it costs one forward per pair instead of one per pair
+   per visit (TRL's precompute_ref_log_probs); the frozen reference stays loaded for the
+   KL measurement of step 4.
 3. Update: --loss sigmoid (DPO), with --label-smoothing eps the conservative DPO of
    Mitchell (2023) for noisy raters, (1 - eps) * loss(h) + eps * loss(-h); or --loss ipo
    (Azar et al. 2023), (h / beta - 1 / (2 beta))^2 on length-averaged log-probabilities
@@ -76,7 +77,8 @@ class DPOConfig(runtime.TrainConfig):
     sft_coef: float = field(default=1.0, metadata={"help": "weight of the chosen answers' mean token NLL added "
                             "to the loss (RPO, Pang et al. 2024; TRL's rpo_alpha; 0 = plain DPO): keeps their "
                             "likelihood from falling with the rejected ones'"})
-    kl_prompts: int = field(default=64, metadata={"help": "held-out prompts sampled for the KL estimate"})
+    kl_prompts: int = field(default=64, metadata={"help": "held-out prompts sampled for the KL estimate (spread "
+                            "evenly over the eval file)"})
     eval_max_new_tokens: int = 32
     max_steps: int = 600
     batch_size: int = 16

@@ -88,7 +88,7 @@ def test_on_policy_pairs_draw_again_with_the_next_seed_and_keep_the_first_draw(m
 def mini_run(tmp_path_factory):
     """A miniature main job with both rounds: (its arguments, its printed output)."""
     from test_pipeline import mini_args
-    args = mini_args(tmp_path_factory.mktemp("round2"))
+    args = mini_args(tmp_path_factory.mktemp("round2")) + ["--novel-share", "0.5"]
     return args, run(args)
 
 
@@ -120,6 +120,7 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_run):
         stages = json.load(f)["stages"]
     feedback = stages["feedback"]
     assert feedback["prompts"] == 12 and feedback["rater_noise"] == 0.2
+    assert "--novel-share 0.5" in out and 3 <= sum(feedback["novel"].values()) <= 9  # the new kind, half the traffic
     with open(feedback_file) as f:
         assert feedback["pairs"] == sum(1 for line in f if line.strip())
     assert 0 <= feedback["votes"] <= feedback["prompts"]

@@ -279,3 +279,24 @@ def test_bad_input_is_one_error_line_and_exit_code_2(args, start, tmp_path, caps
         simulate_users.main(["--prompts", "3", "--traffic-out", str(tmp_path / "t.jsonl"), *args])  # the last wins
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith(start) and len(err.splitlines()) == 1, err
+
+
+def test_a_share_of_the_traffic_is_the_new_request_kind_from_its_traffic_pools():
+    """--novel-share: that share of the users' prompts are the new kind (data/novel.py), its
+    three kinds in turn, never with a held-out part; without it the traffic is as before."""
+    from collections import Counter
+
+    from test_novel import _found, _held_out_parts
+    traffic, _ = build_traffic(600, seed=1, families=list(tasks.FAMILIES), novel_share=0.25)
+    new = [r for r in traffic if r.get("novel")]
+    assert 0.2 < len(new) / len(traffic) < 0.3 and len({r["prompt"] for r in traffic}) == 600
+    kinds = Counter(r["kind"] for r in new)
+    assert set(kinds) == {"privacy", "copyright", "lookalike"} and max(kinds.values()) - min(kinds.values()) <= 1
+    held = _held_out_parts()
+    assert all(r["heldout"] == [] and not any(_found(p, r["prompt"].lower()) for p in held) for r in new)
+    assert all(r["family"] in ("harmful", "borderline") and r["messages"][0]["content"] == r["prompt"] for r in new)
+    assert {r["family"] for r in traffic if not r.get("novel")} == set(tasks.FAMILIES)
+    assert build_traffic(50, seed=1, families=list(tasks.FAMILIES))[0] == \
+        build_traffic(50, seed=1, families=list(tasks.FAMILIES), novel_share=0.0)[0]
+    with pytest.raises(simulate_users.UserError, match="novel-share"):
+        simulate_users.SimConfig(novel_share=1.5)
