@@ -216,7 +216,7 @@ def sampled_kl(policy, reference, tok, records: list[dict], prompts: int, max_ne
     estimate of the quantity PPO's penalty controls, measured the same way for any two
     language models (DPO's KL to its reference; the report's KL of every policy to SFT).
     The answers are re-encoded from their text. None without records."""
-    from data.chat import encode_chat
+    from data.chat import Side, answer_only, encode_chat
     from data.loader import collate
     n = min(prompts, len(records))
     if n == 0:
@@ -230,8 +230,7 @@ def sampled_kl(policy, reference, tok, records: list[dict], prompts: int, max_ne
     answers = []
     for conv, reply in zip(convs, replies):
         ids = encode_chat(tok, conv + [{"role": "assistant", "content": reply}])[0][-policy.cfg.max_seq_len:]
-        start = len(ids) - ids[::-1].index(tok.assistant_id)  # the answer: after the last assistant marker
-        answers.append(_Answer(ids, [0] * start + [1] * (len(ids) - start)))
+        answers.append(Side(ids, answer_only(ids, tok.assistant_id)))
     device = next(policy.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for chunk, real in runtime.sharded_batches(answers, batch_size, rank, world):
@@ -242,11 +241,6 @@ def sampled_kl(policy, reference, tok, records: list[dict], prompts: int, max_ne
     runtime.all_reduce_sum(total)
     policy.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
-
-
-class _Answer:  # what data.loader.collate reads: ids and the loss mask
-    def __init__(self, ids: list[int], mask: list[int]):
-        self.ids, self.mask = ids, mask
 
 
 def summarize_sampled(counts: dict[str, list[float]], samples: int, temperature: float, seed: int,

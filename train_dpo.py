@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 import runtime
 from cli import UserError, entry_point, print_config
-from data.chat import encode_chat, iter_jsonl, truncate
+from data.chat import Side, answer_only, encode_chat, iter_jsonl, truncate
 from data.files import read_json
 from data.loader import EpochCursor, collate
 from data.prefs import pair_messages
@@ -113,19 +113,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 # ----------------------------------------------------------------------------- the pairs
-
-class Side:
-    """One answer in context: token ids and the mask of the final answer's tokens."""
-
-    def __init__(self, ids: list[int], mask: list[int]):
-        self.ids, self.mask = ids, mask
-
-
-def answer_only(ids: list[int], assistant_id: int) -> list[int]:
-    """The loss mask of the last assistant turn: the tokens after its role token."""
-    start = len(ids) - 1 - ids[::-1].index(assistant_id)
-    return [0] * (start + 1) + [1] * (len(ids) - start - 1)
-
 
 def load_dpo_pairs(paths: list[str], tok, max_len: int) -> list[tuple[Side, Side, str, list]]:
     """(chosen, rejected, kind, prompt messages) per record. Raises UserError on a pair whose

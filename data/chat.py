@@ -197,3 +197,17 @@ def load_chat_jsonl(paths: list[str], tok, max_len: int, truncation: str = "trun
         meta = {k: rec[k] for k in ("family", "answer", "id", "answer_type") if k in rec}
         examples.append(ChatExample(fitted[0], fitted[1], meta))
     return examples, skipped, truncated
+
+
+class Side:
+    """One answer in context: token ids and the mask of the final answer's tokens (what
+    data.loader.collate reads; DPO's pairs and evals.sampled_kl's answers)."""
+
+    def __init__(self, ids: list[int], mask: list[int]):
+        self.ids, self.mask = ids, mask
+
+
+def answer_only(ids: list[int], assistant_id: int) -> list[int]:
+    """The loss mask of the last assistant turn: the tokens after its role token."""
+    start = len(ids) - 1 - ids[::-1].index(assistant_id)
+    return [0] * (start + 1) + [1] * (len(ids) - start - 1)
