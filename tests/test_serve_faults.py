@@ -284,7 +284,12 @@ def test_feedback_belongs_to_the_key_that_got_the_completion(keyed, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
-    if completion[a1] != completion[a2]:
+    # the tiny model samples at temperature 1: an empty or repeated answer is a counted skip, not a pair
+    if "" in completion.values():
+        assert pairs == [] and "empty_completion 1" in done.stdout
+    elif completion[a1] == completion[a2]:
+        assert pairs == [] and "same_text 1" in done.stdout
+    else:
         assert [(p["chosen"], p["rejected"]) for p in pairs] == [(completion[a2], completion[a1])]
     assert "replaced_by_a_later_vote 1" in done.stdout
 
