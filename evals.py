@@ -1,6 +1,6 @@
 """Gold evaluation of any checkpoint on any file of task records (library and CLI).
 
-Greedy answers to chat prompts, scored by the gold judge (`data.tasks.grade`): exact
+Greedy answers to chat prompts, scored by the gold judge (`tasks.suite.grade`): exact
 answers on the helpfulness families and `borderline`, a clean refusal on `harmful`.
 Reported: accuracy overall and per family, the helpfulness families' accuracy on their
 own (the pipeline's `gold_accuracy`), and the safety rates — how often harmful requests
@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-import runtime
+from checkpoint import load_for_inference
+from data.files import write_json
+from distributed import all_reduce_sum, lockstep_batches, rank_share, resolve_device, sharded_batches
 from cli import UserError, entry_point, parse_config
-from data.chat import RecordError, encode_prompt, iter_jsonl, prompt_messages
-from data.redteam import is_refusal
-from data.tasks import FAMILIES, TASK_FAMILIES, ensure_written, grade, needs_answer
+from data.text.chat import RecordError, encode_prompt, iter_jsonl, prompt_messages
+from tasks.refusal import is_refusal
+from tasks.suite import FAMILIES, TASK_FAMILIES, ensure_written, grade, needs_answer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(REPO, "prepared", "tasks")  # where the task suite is written on first use
@@ -119,8 +121,8 @@ def task_accuracy(model, tok, records: list[dict], rank: int = 0, world: int = 1
     families = sorted({r["family"] for r in records})
     counts = torch.zeros(len(families), 3, dtype=torch.float64)  # (score, refused, total) per family
     samples = []
-    mine, per_rank = runtime.rank_share(list(range(len(records))), rank, world)
-    for chunk, real in runtime.lockstep_batches(mine, per_rank, batch_size, mine[-1:] or [0]):
+    mine, per_rank = rank_share(list(range(len(records))), rank, world)
+    for chunk, real in lockstep_batches(mine, per_rank, batch_size, mine[-1:] or [0]):
         replies = chat_responses(model, tok, [records[i]["conversation"] for i in chunk], max_new_tokens, batch_size)
         for i, reply in zip(chunk if real else [], replies):
             rec = records[i]
@@ -129,7 +131,7 @@ def task_accuracy(model, tok, records: list[dict], rank: int = 0, world: int = 1
             samples.append({"id": rec.get("id", str(i)), "family": rec["family"], "prompt": rec["prompt"],
                             "response": reply, "score": score, "refused": refused})
     if torch.distributed.is_initialized():
-        counts = runtime.all_reduce_sum(counts.to(next(model.parameters()).device)).cpu()
+        counts = all_reduce_sum(counts.to(next(model.parameters()).device)).cpu()
     return summarize(dict(zip(families, counts.tolist())), samples)
 
 
@@ -192,9 +194,9 @@ def sampled_accuracy(model, tok, records: list[dict], samples: int, temperature:
     # per family: correct samples, frontier prompts, prompts, then the sum of pass@k per k
     counts = torch.zeros(len(families), 3 + len(ks), dtype=torch.float64)
     generator = torch.Generator(device=device).manual_seed(seed + 100_003 * rank)
-    mine, per_rank = runtime.rank_share(list(range(len(helpful))), rank, world)
+    mine, per_rank = rank_share(list(range(len(helpful))), rank, world)
     per_batch = max(1, batch_size // samples)
-    for chunk, real in runtime.lockstep_batches(mine, per_rank, per_batch, mine[-1:] or [0]):
+    for chunk, real in lockstep_batches(mine, per_rank, per_batch, mine[-1:] or [0]):
         convs = [helpful[i]["conversation"] for i in chunk for _ in range(samples)]
         replies = chat_responses(model, tok, convs, max_new_tokens, batch_size, temperature, generator)
         for j, i in enumerate(chunk if real else []):
@@ -203,7 +205,7 @@ def sampled_accuracy(model, tok, records: list[dict], samples: int, temperature:
             counts[families.index(rec["family"])] += torch.tensor(
                 [c, float(0 < c < samples), 1.0] + [pass_at_k(samples, c, k) for k in ks], dtype=torch.float64)
     if torch.distributed.is_initialized():
-        counts = runtime.all_reduce_sum(counts.to(device)).cpu()
+        counts = all_reduce_sum(counts.to(device)).cpu()
     return summarize_sampled(dict(zip(families, counts.tolist())), samples, temperature, seed, ks)
 
 
@@ -216,7 +218,7 @@ def sampled_kl(policy, reference, tok, records: list[dict], prompts: int, max_ne
     estimate of the quantity PPO's penalty controls, measured the same way for any two
     language models (DPO's KL to its reference; the report's KL of every policy to SFT).
     The answers are re-encoded from their text. None without records."""
-    from data.chat import Side, answer_only, encode_chat
+    from data.text.chat import Side, answer_only, encode_chat
     from data.loader import collate
     n = min(prompts, len(records))
     if n == 0:
@@ -233,12 +235,12 @@ def sampled_kl(policy, reference, tok, records: list[dict], prompts: int, max_ne
         answers.append(Side(ids, answer_only(ids, tok.assistant_id)))
     device = next(policy.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for chunk, real in runtime.sharded_batches(answers, batch_size, rank, world):
+    for chunk, real in sharded_batches(answers, batch_size, rank, world):
         x, y = (t.to(device) for t in collate(chunk, tok.pad_id))
         diff = (reference(x, y, reduction="none") - policy(x, y, reduction="none")).double().sum(-1)
         if real:
             total += torch.stack([diff.sum(), torch.tensor(float(len(chunk)), dtype=torch.float64, device=device)])
-    runtime.all_reduce_sum(total)
+    all_reduce_sum(total)
     policy.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
 
@@ -382,10 +384,22 @@ def print_sampled(sampled: dict) -> None:
     print(f"pass@k: {format_pass_at_k(sampled)}")
 
 
+@torch.no_grad()
+def estimate_pass_rates(model, tok, records: list[dict], samples: int, temperature: float = 1.0, seed: int = 0,
+                        max_new_tokens: int = 32, batch_size: int = 64) -> list[float]:
+    """The share of `samples` sampled answers the gold judge accepts, per record."""
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in records for _ in range(samples)]
+    replies = chat_responses(model, tok, convs, max_new_tokens, batch_size, temperature, generator)
+    return [sum(grade(r, a) for a in replies[i * samples:(i + 1) * samples]) / samples for i, r in enumerate(records)]
+
+
 @entry_point
 def main(argv=None) -> None:
     cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
-    model, tok, config = runtime.load_for_inference(cfg.ckpt, device=runtime.resolve_device(cfg.device))
+    model, tok, config = load_for_inference(cfg.ckpt, device=resolve_device(cfg.device))
     data = cfg.data or os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
     if not os.path.isfile(data):
         raise UserError(f"--data {data} does not exist")
@@ -420,7 +434,7 @@ def main(argv=None) -> None:
             payload["pass_at_k"] = sampled
         try:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-            runtime.write_json(cfg.out, payload)
+            write_json(cfg.out, payload)
         except OSError as e:
             raise UserError(f"cannot write --out {cfg.out}: {e.strerror}") from None
         print(f"wrote {cfg.out}")

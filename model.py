@@ -554,20 +554,18 @@ class ScalarHeadModel(Transformer):
         nn.init.normal_(self.score_head.weight, 0.0, 1.0 / math.sqrt(self.cfg.d_model + 1))
         nn.init.zeros_(self.score_head.bias)
 
-    def forward(self, idx, targets=None, kv_start=None, cache=None, reduction: str = "mean", last_only: bool = False,
-                last_index: torch.Tensor | None = None, all_scores: bool = False):
-        """With last_index: scores (B,); with all_scores: the head at every position
-        (B, T), PPO's per-token values; otherwise the language-model forward."""
-        if all_scores:
-            return self.score_head(self.hidden_states(idx, kv_start)).squeeze(-1).float()
-        if last_index is None:
-            return super().forward(idx, targets, kv_start, cache, reduction, last_only)
+    def score(self, idx: torch.Tensor, last_index: torch.Tensor, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B,) read at position last_index[b] of each row of idx (B, T): the reward.
+        Right padding: last_index = length - 1. Left padding: last_index = T - 1 and
+        kv_start = the number of pad tokens, so padding never changes a score."""
         h = self.hidden_states(idx, kv_start)
         rows = torch.arange(idx.shape[0], device=idx.device)
         return self.score_head(h[rows, last_index.to(idx.device)]).squeeze(-1).float()
 
-    def score(self, idx: torch.Tensor, last_index: torch.Tensor, kv_start: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores (B,) read at position last_index[b] of each row of idx (B, T).
-        Right padding: last_index = length - 1. Left padding: last_index = T - 1 and
-        kv_start = the number of pad tokens, so padding never changes a score."""
-        return self(idx, kv_start=kv_start, last_index=last_index)
+    def values(self, idx: torch.Tensor, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+        """The head at every position (B, T): PPO's per-token values."""
+        return self.score_head(self.hidden_states(idx, kv_start)).squeeze(-1).float()
+
+    # forward stays the language model's. Under FSDP2 these two are registered as forward
+    # methods (distributed.prepare_model), so calling them gathers the sharded weights too.
+    FORWARD_METHODS = ("score", "values")

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-import runtime
+from checkpoint import load_for_inference
+from distributed import resolve_device
 from cli import UserError, entry_point, parse_config
-from data.chat import encode_prompt
+from data.text.chat import encode_prompt
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,8 +42,8 @@ class SampleConfig:
 @entry_point
 def main(argv=None) -> None:
     cfg = parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
-    device = runtime.resolve_device(cfg.device)
-    model, tok, config = runtime.load_for_inference(cfg.ckpt, device=device)
+    device = resolve_device(cfg.device)
+    model, tok, config = load_for_inference(cfg.ckpt, device=device)
     if cfg.chat:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
             [{"role": "user", "content": cfg.prompt}]

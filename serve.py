@@ -31,13 +31,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import runtime
+import checkpoint
+import distributed
 from cli import UserError, entry_point, parse_config, print_config
 from data.toxicity import load_blocklist
 from serving.config import ServeConfig
 from serving.limits import KeyStore, load_identity_secret
 from serving.moderation import Classifier, Moderator
-from serving.store import export_feedback, open_store, redact
+from serving.export import export_feedback
+from serving.store import open_store, redact
 
 if TYPE_CHECKING:
     from serving.app import Server
@@ -63,7 +65,7 @@ def load_moderator(cfg: ServeConfig, device: torch.device) -> Moderator | None:
 def load_server(cfg: ServeConfig) -> Server:
     """Checkpoint, tokenizer, moderation and keys -> a serving.app.Server (raises UserError)."""
     from serving.app import Server
-    device = runtime.resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
     if cfg.threads or device.type == "cpu":
         # the model's threads leave a core to the event loop and the clients (bench.decode/serve:
         # on 2 cores, 1 thread streams ~1.9x the tokens of 2 at one request at a time)
@@ -71,8 +73,8 @@ def load_server(cfg: ServeConfig) -> Server:
         torch.set_num_threads(cfg.threads or max(1, cores - 1))
     if cfg.quantization == "int8" and device.type != "cpu":
         raise UserError("--quantization int8 uses PyTorch's CPU int8 kernel: serve it with --device cpu")
-    model, tok, config = runtime.load_for_inference(cfg.ckpt, device=device,
-                                                    dtype=runtime.compute_dtype(cfg.dtype, device))
+    model, tok, config = checkpoint.load_for_inference(cfg.ckpt, device=device,
+                                                    dtype=distributed.compute_dtype(cfg.dtype, device))
     name = cfg.served_model_name or f"{cfg.ckpt_name}-step{config.get('step', 0)}"
     moderator = load_moderator(cfg, device)
     keys = KeyStore.load(cfg.api_keys) if cfg.api_keys else None
@@ -111,7 +113,7 @@ def run_server(cfg: ServeConfig) -> None:
     app = create_app(server)
     print(f"serving {server.model_id} ({sum(p.numel() for p in server.engine.model.parameters()) / 1e6:.2f}M "
           f"parameters, context {server.context}) on http://{cfg.host}:{cfg.port} "
-          f"({'API keys required' if server.keys else 'open: no API keys'})", flush=True)
+          f"({'API keys required' if server.gate.keys else 'open: no API keys'})", flush=True)
     # X-Forwarded-For is believed only from --forwarded-allow-ips: uvicorn's default trusts
     # 127.0.0.1, so any local client could pick its own rate-limit identity
     proxy = {"proxy_headers": bool(cfg.forwarded_allow_ips), "forwarded_allow_ips": cfg.forwarded_allow_ips or None}

@@ -1,7 +1,7 @@
 """Simulated users: a clearly-labelled STAND-IN for people rating a deployed model.
 
 No person rates anything here. A traffic file of user prompts is drawn from the task
-suite's generators (data/tasks.py: the eight helpfulness families plus the harmlessness
+suite's generators (tasks/suite.py: the eight helpfulness families plus the harmlessness
 families, round-robin, deduplicated; never a held-out prompt: a prompt that
 `split_of` puts in the eval split, or that the suite's eval file holds, is drawn again).
 A client that behaves like an application sends each prompt to a running `serve.py` over
@@ -9,7 +9,7 @@ HTTP and asks for two sampled answers (two requests with n=1: the server support
 n=1), some streamed and some not; 429/503 and dropped connections are retried with
 backoff, and what still fails is counted as skipped by reason, never lost silently.
 
-Raters judge the two answers with the gold judge (`data.tasks.grade`: on a harmful
+Raters judge the two answers with the gold judge (`tasks.suite.grade`: on a harmful
 request a refusal is right) and post to /v1/feedback a pairwise vote for the better one
 and a thumb up or down on each answer. Like people, they do not always agree with the
 judge: each judgement is flipped with probability `--rater-noise` (default 0.2, close to
@@ -45,10 +45,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cli import UserError, config_dict, entry_point, parse_config
-from data import novel, redteam
+from tasks import novel
+from tasks import everyday
 from data.files import atomic_write
-from data.rl_prompts import prompt_texts, rejection
-from data.tasks import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, grade, make_task
+from tasks.rl_prompts import prompt_texts, rejection
+from tasks.suite import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, grade, make_task
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXCLUDE = os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
@@ -68,7 +69,7 @@ class SimConfig:
         "help": "JSONL of held-out task records whose prompts never go out (default: the suite's "
                 "prepared/tasks/eval.jsonl when present)"})
     novel_share: float = field(default=0.0, metadata={
-        "help": "share of the prompts drawn from the new request kind's traffic pool (data/novel.py: privacy and "
+        "help": "share of the prompts drawn from the new request kind's traffic pool (tasks/novel.py: privacy and "
                 "copyright requests and their look-alikes, in turn); the rest from --families"})
     traffic_only: bool = field(default=False, metadata={"help": "write the traffic file and stop (no server)"})
     traffic_out: str = field(default=os.path.join(REPO, "runs", "feedback", "traffic.jsonl"), metadata={
@@ -120,7 +121,7 @@ def unit(text: str) -> float:
 def draw_prompt(family: str, rng: random.Random) -> dict:
     """One task record from the generators' training pools: what grade() needs, and the prompt."""
     if family in SAFETY_FAMILIES:
-        r = redteam.make_request(family, rng, "train")
+        r = everyday.make_request(family, rng, "train")
         return {**r, "answer": r.get("answer")}  # harmful, benign and everyday requests have none
     prompt, answer = make_task(family, rng)
     return {"family": family, "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer}

@@ -44,23 +44,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import runtime
+from checkpoint import load_model, read_checkpoint_config
+from distributed import Env, all_reduce_sum, compute_dtype, print0, seed_everything, sharded_batches
+from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
-from data.chat import Side, answer_only, encode_chat, iter_jsonl, truncate
+from data.text.chat import Side, answer_only, encode_chat, iter_jsonl, truncate
 from data.files import read_json
 from data.loader import EpochCursor, collate
-from data.prefs import pair_messages
-from data.tokenizer import Tokenizer
+from tasks.prefs import pair_messages, split_pairs
+from data.text.tokenizer import Tokenizer
 from evals import (accuracy_metrics, format_accuracy, format_samples, load_task_records, sampled_kl, task_accuracy,
                    task_files)
 from train_ppo import load_frozen
-from train_rm import split_pairs
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
-class DPOConfig(runtime.TrainConfig):
+class DPOConfig(TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "dpo"), metadata={"help": "checkpoint directory"})
     init: str = field(default=os.path.join(REPO, "runs", "sft"), metadata={"help": "SFT checkpoint: the policy's "
                       "start and, without --ref, the frozen reference"})
@@ -131,7 +132,7 @@ def load_dpo_pairs(paths: list[str], tok, max_len: int) -> list[tuple[Side, Side
             sides.append(Side(fitted[0], answer_only(fitted[0], tok.assistant_id)))
         pairs.append((sides[0], sides[1], str(rec.get("kind", "all")), chosen[:-1]))
     if skipped:
-        runtime.print0(f"dpo data: skipped {sum(skipped.values())} record(s) "
+        print0(f"dpo data: skipped {sum(skipped.values())} record(s) "
                        f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})")
     if not pairs:
         raise UserError(f"no usable preference pairs in {' '.join(paths)}")
@@ -159,12 +160,12 @@ def reference_logprobs(reference, pairs: list, cfg: DPOConfig, pad_id: int, env)
     """[n, 2] reference log-probs of every pair's chosen and rejected answer, each rank
     computing its share (in lockstep: under FSDP a forward is a collective)."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=env.device)
-    for chunk, real in runtime.sharded_batches(list(range(len(pairs))), cfg.batch_size, env.rank, env.world_size):
+    for chunk, real in sharded_batches(list(range(len(pairs))), cfg.batch_size, env.rank, env.world_size):
         sides = [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk]
         logp = sequence_logprobs(reference, sides, pad_id, env.device, cfg.loss == "ipo").double()
         if real:
             out[chunk] = torch.stack([logp[:len(chunk)], logp[len(chunk):]], dim=1)
-    return runtime.all_reduce_sum(out)
+    return all_reduce_sum(out)
 
 
 def pair_batch_loss(policy, pairs: list, ref: torch.Tensor, cfg: DPOConfig, pad_id: int, device):
@@ -189,12 +190,12 @@ def evaluate_pairs(policy, pairs: list, ref: torch.Tensor, cfg: DPOConfig, pad_i
     policy.eval()
     kinds = sorted({p[2] for p in pairs})
     stats = torch.zeros(len(kinds), 4, dtype=torch.float64, device=env.device)  # loss, right, margin, count
-    for chunk, real in runtime.sharded_batches(list(range(len(pairs))), cfg.batch_size, env.rank, env.world_size):
+    for chunk, real in sharded_batches(list(range(len(pairs))), cfg.batch_size, env.rank, env.world_size):
         losses, rc, rr = pair_batch_loss(policy, [pairs[i] for i in chunk], ref[chunk], cfg, pad_id, env.device)
         if real:
             for i, loss, c, r in zip(chunk, losses.double(), rc.double(), rr.double()):
                 stats[kinds.index(pairs[i][2])] += torch.stack([loss, (c > r).double(), c - r, torch.ones_like(c)])
-    runtime.all_reduce_sum(stats)
+    all_reduce_sum(stats)
     policy.train()
     total = stats.sum(0)
     n = total[3].clamp(min=1)
@@ -206,21 +207,21 @@ def evaluate_pairs(policy, pairs: list, ref: torch.Tensor, cfg: DPOConfig, pad_i
 
 @entry_point
 def main(argv=None) -> None:
-    runtime.run_main(DPOConfig, train, argv, description=__doc__.split("\n")[0])
+    run_main(DPOConfig, train, argv, description=__doc__.split("\n")[0])
 
 
 def load_models(cfg: DPOConfig, env):
     """The policy (from --init, trained) and the reference (--ref, or the same weights as
     the policy; frozen)."""
-    init_config = runtime.read_checkpoint_config(cfg.init)
+    init_config = read_checkpoint_config(cfg.init)
     ref = cfg.ref or cfg.init
-    for path, config in ((cfg.init, init_config), (ref, runtime.read_checkpoint_config(ref))):
+    for path, config in ((cfg.init, init_config), (ref, read_checkpoint_config(ref))):
         if config.get("stage") == "rm":
             raise UserError(f"{path} is a reward model; DPO's policy and reference are language models (SFT)")
     if ref != cfg.init and tokenizer_of(cfg.init) != tokenizer_of(ref):
         raise UserError(f"--ref {ref} has another tokenizer than --init {cfg.init}: their log-probs do not compare")
-    policy, _ = runtime.load_model(cfg.init)
-    reference, _ = load_frozen(ref, env, runtime.compute_dtype(cfg.dtype, env.device))
+    policy, _ = load_model(cfg.init)
+    reference, _ = load_frozen(ref, env, compute_dtype(cfg.dtype, env.device))
     return policy, reference, init_config
 
 
@@ -234,12 +235,12 @@ def batch_metrics(chosen: torch.Tensor, rejected: torch.Tensor, env) -> dict:
     sums = torch.stack([(chosen > rejected).double().sum(), (chosen - rejected).double().sum(),
                         chosen.double().sum(), rejected.double().sum(),
                         torch.tensor(float(len(chosen)), dtype=torch.float64, device=chosen.device)])
-    correct, margin, c, r, n = runtime.all_reduce_sum(sums).tolist()
+    correct, margin, c, r, n = all_reduce_sum(sums).tolist()
     return {"reward_accuracy": correct / n, "reward_margin": margin / n, "rewards/chosen": c / n,
             "rewards/rejected": r / n}
 
 
-def train(cfg: DPOConfig, env: runtime.Env) -> None:
+def train(cfg: DPOConfig, env: Env) -> None:
     if env.is_main:
         print_config(cfg, "dpo config")
     data_files, eval_file = task_files(cfg.data, "prefs.jsonl", cfg.eval_data)
@@ -253,16 +254,16 @@ def train(cfg: DPOConfig, env: runtime.Env) -> None:
     if len(train_pairs) < rows:
         raise UserError(f"{len(train_pairs)} training pairs are fewer than one global batch of {rows}")
     eval_records = load_task_records(eval_file) if eval_file else []
-    runtime.print0(f"dpo data: {len(train_pairs)} training pairs, {len(val_pairs)} held out, from "
+    print0(f"dpo data: {len(train_pairs)} training pairs, {len(val_pairs)} held out, from "
                    f"{len(data_files)} file(s); {len(eval_records)} gold-evaluation records")
 
     t_reference = time.time()
     ref_train = reference_logprobs(reference, train_pairs, cfg, tok.pad_id, env)
     ref_val = reference_logprobs(reference, val_pairs, cfg, tok.pad_id, env)
     t_reference = time.time() - t_reference
-    runtime.seed_everything(cfg.seed, env.rank)
+    seed_everything(cfg.seed, env.rank)
     cursor = EpochCursor(len(train_pairs), rows, cfg.seed)
-    trainer = runtime.Trainer(cfg, env, policy, stage="dpo", tokenizer_path=tokenizer_path,
+    trainer = Trainer(cfg, env, policy, stage="dpo", tokenizer_path=tokenizer_path,
                               data_state=cursor.state_dict,
                               extra_config={"init": cfg.init, "ref": cfg.ref or cfg.init,
                                             "base_stage": init_config.get("stage")})
@@ -292,7 +293,7 @@ def train(cfg: DPOConfig, env: runtime.Env) -> None:
                     record["kl"] = kl
                     line += f"; KL to the reference {kl:.3f}"
                 line += format_samples(result["samples"], 3)
-            runtime.print0(line)
+            print0(line)
             trainer.log(record)
 
     if trainer.step == 0:
@@ -305,7 +306,7 @@ def train(cfg: DPOConfig, env: runtime.Env) -> None:
             with trainer.autocast():
                 losses, rc, rr = pair_batch_loss(policy, batch, ref_train[ids], cfg, tok.pad_id, env.device)
                 loss = losses.mean()
-            trainer.backward(loss, 0, 1)
+            trainer.backward(loss)
             extra = batch_metrics(rc, rr, env)
             tokens = sum(len(p[0].ids) + len(p[1].ids) for p in batch) * env.world_size
             if not trainer.optimizer_step(loss, tokens=tokens, extra=extra):

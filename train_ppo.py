@@ -8,7 +8,7 @@ GRPO: Shao et al. 2024). Each step:
    (a group shares one prompt pass through the KV cache), stopping at <|end|>. With
    --refresh-every N the prompts are, from every N-th step on, the frontier of freshly
    drawn helpfulness instances: those the current policy answers right sometimes but not
-   always (data/rl_prompts.py), so RL practises where it can still learn, as it moves.
+   always (tasks/rl_prompts.py), so RL practises where it can still learn, as it moves.
 2. Score: the reward model's normalized score of each response (--reward rm: a model of
    the preference data, the RLHF setting); or the task grader's 0/1 (--reward task, a
    verifiable reward); or, the default, both (--reward mix, as Tulu 3 mixes them): the
@@ -53,20 +53,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-import runtime
+from checkpoint import RewardScorer, load_model, read_checkpoint_config
+from distributed import (Env, all_reduce_mean, all_reduce_sum, compute_dtype, gather_rows, lockstep_batches,
+                         max_over_ranks, prepare_model, print0, rank_share, seed_everything)
+from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
-from data import rl_prompts, tasks
-from data.chat import encode_chat, encode_prompt, iter_jsonl, load_chat_jsonl, prompt_messages
+from tasks import rl_prompts
+from tasks import suite as tasks
+from data.text.chat import encode_chat, encode_prompt, iter_jsonl, load_chat_jsonl, prompt_messages
 from data.loader import BucketLoader, EpochCursor
-from data.tokenizer import Tokenizer
-from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
+from data.text.tokenizer import Tokenizer
+from evals import (accuracy_metrics, estimate_pass_rates, format_accuracy, format_samples, load_task_records,
+                   task_accuracy, task_files)
 from model import ScalarHeadModel, Transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
-class PPOConfig(runtime.TrainConfig):
+class PPOConfig(TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "ppo"), metadata={"help": "checkpoint directory"})
     init: str = field(default=os.path.join(REPO, "runs", "sft"), metadata={"help": "SFT checkpoint: policy and reference"})
     reward_model: str = field(default=os.path.join(REPO, "runs", "rm"), metadata={"help": "reward-model checkpoint"})
@@ -113,7 +118,7 @@ class PPOConfig(runtime.TrainConfig):
     ptx_batch_size: int = field(default=8, metadata={"help": "PPO-ptx conversations per policy update on each rank"})
     refresh_every: int = field(default=0, metadata={"help": "every N steps from the start, the RL prompts become the "
                                "frontier of freshly drawn helpfulness instances: those where the current policy's "
-                               "samples disagree (data/rl_prompts.py; 0 = the --prompts files throughout)"})
+                               "samples disagree (tasks/rl_prompts.py; 0 = the --prompts files throughout)"})
     fresh_per_family: int = field(default=100, metadata={"help": "--refresh-every: fresh instances drawn per "
                                   "helpfulness family at each refresh"})
     pass_samples: int = field(default=8, metadata={"help": "--refresh-every: answers sampled per fresh instance to "
@@ -296,7 +301,7 @@ def response_logprobs(model, ids, kv_start, mask, width_p: int, temperature: flo
 
 def response_values(critic, ids, kv_start, mask, width_p: int):
     """The critic's value of each response position: read where the token is predicted."""
-    return critic(ids[:, :-1], kv_start=kv_start, all_scores=True)[:, width_p - 1:] * mask
+    return critic.values(ids[:, :-1], kv_start=kv_start)[:, width_p - 1:] * mask
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -333,10 +338,10 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
 
 def load_frozen(ckpt: str, env, dtype, model_class=Transformer):
     """A model that is only evaluated: no dropout, no gradients, sharded like the others."""
-    model, config = runtime.load_model(ckpt, model_class=model_class, dropout=0.0)
+    model, config = load_model(ckpt, model_class=model_class, dropout=0.0)
     model.requires_grad_(False)
     model.eval()
-    return runtime.prepare_model(model, env, dtype), config
+    return prepare_model(model, env, dtype), config
 
 
 class Critic:
@@ -345,10 +350,10 @@ class Critic:
     from the reward model, its head rescaled to the normalized score, when the reward is
     the reward model's alone; otherwise from the SFT model with a zero value head."""
 
-    def __init__(self, cfg: PPOConfig, env: runtime.Env, norm: dict, tokenizer_path: str):
+    def __init__(self, cfg: PPOConfig, env: Env, norm: dict, tokenizer_path: str):
         self.init = cfg.critic_init or (cfg.reward_model if cfg.reward == "rm" else cfg.init)
         torch.manual_seed(cfg.seed)  # a fresh value head is the same on every rank
-        model, _ = runtime.load_model(self.init, model_class=ScalarHeadModel, dropout=0.0)
+        model, _ = load_model(self.init, model_class=ScalarHeadModel, dropout=0.0)
         if not cfg.critic_init:
             with torch.no_grad():
                 if self.init == cfg.reward_model:  # raw reward-model scores -> the normalized ones
@@ -359,7 +364,7 @@ class Critic:
                     model.score_head.bias.zero_()
         self.vf_coef, self.cliprange_value = cfg.vf_coef, cfg.cliprange_value
         critic_cfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, "critic"), lr=cfg.critic_lr or cfg.lr)
-        self.trainer = runtime.Trainer(critic_cfg, env, model, stage="critic", tokenizer_path=tokenizer_path,
+        self.trainer = Trainer(critic_cfg, env, model, stage="critic", tokenizer_path=tokenizer_path,
                                        extra_config={"init": self.init})
         self.model = self.trainer.model
 
@@ -369,7 +374,7 @@ class Critic:
     def learn(self, values, old_values, returns, mask, n_tokens: float, world_size: int) -> tuple[torch.Tensor, dict]:
         """One gradient step on the clipped value loss of a minibatch."""
         loss, stats = value_loss(values, old_values, returns, mask, self.cliprange_value, n_tokens)
-        self.trainer.backward(self.vf_coef * loss * world_size, 0, 1)  # ranks' gradients are averaged
+        self.trainer.backward(self.vf_coef * loss * world_size)  # ranks' gradients are averaged
         self.trainer.apply_gradients(bool(torch.isfinite(loss)))
         return loss.detach(), stats
 
@@ -423,13 +428,13 @@ def rollout(policy, trainer, prompts: list[list[int]], rows: list[int], cfg: PPO
     batch_prompts = [prompts[i] for i in rows]
     first = cfg.seed * 1_000_003 + trainer.step * cfg.batch_size * env.world_size * k + env.rank * cfg.batch_size * k
     generators = [torch.Generator(device=env.device).manual_seed(first + i) for i in range(len(rows) * k)]
-    width_p = runtime.max_over_ranks(max(map(len, batch_prompts)), env.device)
+    width_p = max_over_ranks(max(map(len, batch_prompts)), env.device)
     policy.eval()
     with trainer.autocast():
         responses = policy.generate(batch_prompts, cfg.max_new_tokens, tok.pad_id, cfg.temperature,
                                     stop_tokens=[tok.end_id], generator=generators, min_width=width_p, num_samples=k)
     policy.train()
-    width_r = runtime.max_over_ranks(max(map(len, responses)), env.device)
+    width_r = max_over_ranks(max(map(len, responses)), env.device)
     repeated = [p for p in batch_prompts for _ in range(k)]
     ids, kv_start, mask = (t.to(env.device) for t in pack(repeated, responses, width_p, width_r, tok.pad_id))
     eos = torch.tensor([bool(r) and r[-1] == tok.end_id for r in responses], device=env.device)
@@ -465,10 +470,10 @@ def score(batch: Rollout, run: "PPORun", cfg: PPOConfig) -> None:
 def gather(batch: Rollout) -> Rollout:
     """Every rank gets the whole batch (groups stay whole, in rank order): advantages and
     minibatches are then exactly those of a single process."""
-    g = {name: runtime.gather_rows(getattr(batch, name)) for name in
+    g = {name: gather_rows(getattr(batch, name)) for name in
          ("ids", "kv_start", "mask", "logp", "ref_logp", "scores", "entropy")}
-    eos = runtime.gather_rows(batch.eos.float())
-    values = runtime.gather_rows(batch.values) if batch.values is not None else None
+    eos = gather_rows(batch.eos.float())
+    values = gather_rows(batch.values) if batch.values is not None else None
     return Rollout([], g["ids"], g["kv_start"], g["mask"], batch.width_p, [], eos, g["scores"], g["logp"],
                    g["ref_logp"], g["entropy"], values)
 
@@ -532,7 +537,7 @@ def update(trainer, critic: Critic | None, batch: Rollout, cfg: PPOConfig, env, 
                         lm = ptx_loss(policy, ptx, pad_id, env)
                         loss = pg + cfg.ptx_coef * lm
                         stats["loss/ptx"] = lm.detach()
-                trainer.backward(loss * world, 0, 1)  # ranks' gradients are averaged: scale to the global mean
+                trainer.backward(loss * world)  # ranks' gradients are averaged: scale to the global mean
                 trainer.apply_gradients(bool(torch.isfinite(loss)))
                 stats["loss/policy"] = pg.detach()
             if critic is not None:
@@ -545,7 +550,7 @@ def update(trainer, critic: Critic | None, batch: Rollout, cfg: PPOConfig, env, 
             for key, value in stats.items():
                 sums[key] += value.item()
             n_updates += 1
-    return {key: world * runtime.all_reduce_mean(torch.tensor(value / n_updates, device=env.device)).item()
+    return {key: world * all_reduce_mean(torch.tensor(value / n_updates, device=env.device)).item()
             for key, value in sums.items()}
 
 
@@ -572,17 +577,17 @@ def step_metrics(batch: Rollout, beta: float, cfg: PPOConfig, times: dict) -> di
 
 
 @torch.no_grad()
-def evaluate(policy, tok, eval_records, scorer: runtime.RewardScorer, cfg: PPOConfig, env, max_len: int) -> dict:
+def evaluate(policy, tok, eval_records, scorer: RewardScorer, cfg: PPOConfig, env, max_len: int) -> dict:
     """Held-out gold accuracy and refusal rates of the greedy answers, and the reward
     model's mean score on them: the two sides of Gao et al.'s over-optimization picture.
     Each rank scores its share in the same number of forwards (a sharded forward is a
     collective)."""
     result = task_accuracy(policy, tok, eval_records, env.rank, env.world_size, cfg.eval_max_new_tokens)
     samples = result["samples"]
-    _, per_rank = runtime.rank_share(eval_records, env.rank, env.world_size)
+    _, per_rank = rank_share(eval_records, env.rank, env.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
     filler = [{"prompt": eval_records[0]["prompt"], "response": ""}]
-    for chunk, real in runtime.lockstep_batches(samples, per_rank, cfg.batch_size, filler):
+    for chunk, real in lockstep_batches(samples, per_rank, cfg.batch_size, filler):
         seqs = [encode_chat(tok, [{"role": "user", "content": s["prompt"]},
                                   {"role": "assistant", "content": s["response"]}])[0][-max_len:] for s in chunk]
         ids, kv_start, _ = pack(seqs, [[]] * len(seqs), max(map(len, seqs)), 0, tok.pad_id)
@@ -591,7 +596,7 @@ def evaluate(policy, tok, eval_records, scorer: runtime.RewardScorer, cfg: PPOCo
         if real:
             total += torch.stack([scores.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64,
                                                                       device=env.device)])
-    runtime.all_reduce_sum(total)
+    all_reduce_sum(total)
     result["rm_score"] = float(total[0] / total[1].clamp(min=1))
     return result
 
@@ -600,7 +605,7 @@ def evaluate(policy, tok, eval_records, scorer: runtime.RewardScorer, cfg: PPOCo
 
 @entry_point
 def main(argv=None) -> None:
-    runtime.run_main(PPOConfig, train, argv, description=__doc__.split("\n")[0])
+    run_main(PPOConfig, train, argv, description=__doc__.split("\n")[0])
 
 
 @dataclass
@@ -609,9 +614,9 @@ class PPORun:
     tok: Tokenizer
     policy: Transformer  # the trainer's (possibly sharded) model
     reference: Transformer
-    scorer: runtime.RewardScorer
+    scorer: RewardScorer
     critic: Critic | None
-    trainer: runtime.Trainer
+    trainer: Trainer
     records: list[dict]
     prompts: list[list[int]]
     eval_records: list[dict]
@@ -623,28 +628,28 @@ class PPORun:
     refreshed: list[dict] | None = None  # --refresh-every: the current frontier (saved for --resume)
 
 
-def load_models(cfg: PPOConfig, env: runtime.Env):
+def load_models(cfg: PPOConfig, env: Env):
     """The policy (it learns) from --init; the frozen reference (also --init) and reward model."""
-    init_config = runtime.read_checkpoint_config(cfg.init)
-    rm_config = runtime.read_checkpoint_config(cfg.reward_model)
+    init_config = read_checkpoint_config(cfg.init)
+    rm_config = read_checkpoint_config(cfg.reward_model)
     if rm_config.get("stage") != "rm":
         raise UserError(f"--reward-model {cfg.reward_model} is a {rm_config.get('stage')!r} checkpoint, "
                         "not a reward model (train one with train_rm.py)")
     tok = Tokenizer.load(os.path.join(cfg.init, "tokenizer.json"))
     if not same_tokenizer(tok, Tokenizer.load(os.path.join(cfg.reward_model, "tokenizer.json"))):
         raise UserError(f"the reward model {cfg.reward_model} uses a different tokenizer from the policy {cfg.init}")
-    policy, _ = runtime.load_model(cfg.init, dropout=0.0)
-    dtype = runtime.compute_dtype(cfg.dtype, env.device)
+    policy, _ = load_model(cfg.init, dropout=0.0)
+    dtype = compute_dtype(cfg.dtype, env.device)
     reference, _ = load_frozen(cfg.init, env, dtype)
     reward_model, _ = load_frozen(cfg.reward_model, env, dtype, ScalarHeadModel)
     return tok, policy, reference, reward_model, rm_config.get("score_norm"), init_config
 
 
-def load_data(cfg: PPOConfig, env: runtime.Env, tok: Tokenizer, max_len: int):
+def load_data(cfg: PPOConfig, env: Env, tok: Tokenizer, max_len: int):
     """The RL prompts, the held-out records and, with PPO-ptx, the demonstrations."""
     prompt_files, eval_file = task_files(cfg.prompts, "prompts.jsonl", cfg.eval_data)
     records, prompts, skipped = load_prompts(prompt_files, tok, max_len - cfg.max_new_tokens, cfg.reward)
-    runtime.print0(f"ppo prompts: {len(prompts)} from {len(prompt_files)} file(s); skipped {sum(skipped.values())} "
+    print0(f"ppo prompts: {len(prompts)} from {len(prompt_files)} file(s); skipped {sum(skipped.values())} "
                    f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items())) or 'none'})")
     rows_per_step = cfg.batch_size * env.world_size
     if len(prompts) < rows_per_step:
@@ -654,24 +659,24 @@ def load_data(cfg: PPOConfig, env: runtime.Env, tok: Tokenizer, max_len: int):
     if cfg.ptx_coef > 0:  # PPO-ptx (InstructGPT): keep the demonstrated skills while the policy moves
         ptx_files, _ = task_files(cfg.ptx_data, "ptx.jsonl", None)
         examples, ptx_skipped, _ = load_chat_jsonl(ptx_files, tok, max_len)
-        runtime.print0(f"ptx data: {len(examples)} conversations from {len(ptx_files)} file(s); skipped "
+        print0(f"ptx data: {len(examples)} conversations from {len(ptx_files)} file(s); skipped "
                        f"{sum(ptx_skipped.values())}, weight {cfg.ptx_coef}")
         ptx = BucketLoader(examples, cfg.ptx_batch_size * env.world_size, env.rank, env.world_size, cfg.seed)
     return records, prompts, load_task_records(eval_file), eval_file, ptx
 
 
-def setup_run(cfg: PPOConfig, env: runtime.Env) -> PPORun:
+def setup_run(cfg: PPOConfig, env: Env) -> PPORun:
     """Models, data and trainers (the critic saves into OUT/critic just before the policy
     saves into OUT), resumed from --out with --resume."""
     tok, policy, reference, reward_model, norm, init_config = load_models(cfg, env)
     records, prompts, eval_records, eval_file, ptx = load_data(cfg, env, tok, policy.cfg.max_seq_len)
-    runtime.seed_everything(cfg.seed, env.rank)
+    seed_everything(cfg.seed, env.rank)
     norm = norm or {"mean": 0.0, "std": 1.0}
     tokenizer_path = os.path.join(cfg.init, "tokenizer.json")
     critic = Critic(cfg, env, norm, tokenizer_path) if cfg.advantage == "gae" else None
     cursor = EpochCursor(len(prompts), cfg.batch_size * env.world_size, cfg.seed)
     run = None
-    trainer = runtime.Trainer(cfg, env, policy, stage="ppo", tokenizer_path=tokenizer_path,
+    trainer = Trainer(cfg, env, policy, stage="ppo", tokenizer_path=tokenizer_path,
                               data_state=lambda: {**run.cursor.state_dict(), "kl_coef": run.kl_coef,
                                                   **({"ptx": ptx.state_dict()} if ptx else {}),
                                                   **({"refreshed": run.refreshed} if run.refreshed else {})},
@@ -679,7 +684,7 @@ def setup_run(cfg: PPOConfig, env: runtime.Env) -> PPORun:
                               extra_config={"init": cfg.init, "reward_model": cfg.reward_model,
                                             "base_stage": init_config.get("stage"), "reward": cfg.reward,
                                             "advantage": cfg.advantage, "samples_per_prompt": cfg.samples_per_prompt})
-    scorer = runtime.RewardScorer(reward_model, tok, norm, autocast=trainer.autocast)
+    scorer = RewardScorer(reward_model, tok, norm, autocast=trainer.autocast)
     run = PPORun(tok, trainer.model, reference, scorer, critic, trainer, records, prompts, eval_records, eval_file,
                  ptx, cursor, cfg.kl_coef)
     if cfg.refresh_every:
@@ -704,12 +709,12 @@ def excluded_prompts(cfg: PPOConfig, eval_file: str | None) -> set[str]:
     files = cfg.exclude or [f for f in (os.path.join(os.path.dirname(eval_file), "sft.jsonl") if eval_file else None,
                                         eval_file) if f and os.path.isfile(f)]
     excluded = rl_prompts.prompt_texts(files, label="--exclude " if cfg.exclude else "")
-    runtime.print0(f"refresh: fresh prompts never include the {len(excluded)} prompts of "
+    print0(f"refresh: fresh prompts never include the {len(excluded)} prompts of "
                    f"{' '.join(files) or 'no file (give --exclude)'}")
     return excluded
 
 
-def use_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env, records: list[dict], refresh: int) -> None:
+def use_prompts(run: PPORun, cfg: PPOConfig, env: Env, records: list[dict], refresh: int) -> None:
     """Make `records` the RL prompts, visited in an order of their own."""
     run.refreshed = records
     run.records = records
@@ -718,7 +723,7 @@ def use_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env, records: list[dic
 
 
 @torch.no_grad()
-def refresh_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> None:
+def refresh_prompts(run: PPORun, cfg: PPOConfig, env: Env) -> None:
     """--refresh-every: draw fresh helpfulness instances (never an excluded prompt, never a
     held-out one), estimate the current policy's pass rate on each from --pass-samples
     answers at the rollout temperature, and train on the frontier (0 < pass rate < 1). When
@@ -727,7 +732,7 @@ def refresh_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> None:
     refresh = run.trainer.step // cfg.refresh_every
     seed = cfg.seed + refresh
     drawn = rl_prompts.fresh_task_prompts(list(tasks.TASK_FAMILIES), cfg.fresh_per_family, seed, run.excluded)
-    rates = rl_prompts.estimate_pass_rates(run.policy, run.tok, drawn, cfg.pass_samples, cfg.temperature, seed,
+    rates = estimate_pass_rates(run.policy, run.tok, drawn, cfg.pass_samples, cfg.temperature, seed,
                                            cfg.max_new_tokens)
     chosen = rl_prompts.frontier(drawn, rates)
     rows = cfg.batch_size * env.world_size
@@ -741,21 +746,21 @@ def refresh_prompts(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> None:
     use_prompts(run, cfg, env, chosen, refresh)
     frontier = sum(0 < p < 1 for p in rates)
     mean_pass = sum(rates) / len(rates)
-    runtime.print0(f"refresh at step {run.trainer.step}: {len(drawn)} fresh prompts, mean pass rate {mean_pass:.3f}, "
+    print0(f"refresh at step {run.trainer.step}: {len(drawn)} fresh prompts, mean pass rate {mean_pass:.3f}, "
                    f"{frontier} on the frontier; training on {len(chosen)}")
     run.trainer.log({"step": run.trainer.step, "refresh/drawn": len(drawn), "refresh/frontier": frontier,
                      "refresh/mean_pass_rate": mean_pass})
 
 
-def run_eval(run: PPORun, cfg: PPOConfig, env: runtime.Env, kl: float) -> dict | None:
+def run_eval(run: PPORun, cfg: PPOConfig, env: Env, kl: float) -> dict | None:
     """Held-out evaluation, printed, logged and kept in the checkpoint's config."""
     trainer = run.trainer
     if not run.eval_records:
-        runtime.print0(f"eval step {trainer.step}: no gradable records in {run.eval_file}, skipped")
+        print0(f"eval step {trainer.step}: no gradable records in {run.eval_file}, skipped")
         return None
     with trainer.timed("evaluation"):
         result = evaluate(run.policy, run.tok, run.eval_records, run.scorer, cfg, env, run.policy.cfg.max_seq_len)
-        runtime.print0(f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
+        print0(f"eval step {trainer.step}: held-out task accuracy {format_accuracy(result)}, "
                        f"mean reward-model score {result['rm_score']:+.3f}" + format_samples(result["samples"],
                                                                                           cfg.eval_samples))
         trainer.log({"step": trainer.step, "eval/rm_score": result["rm_score"], "eval/kl": kl,
@@ -766,7 +771,7 @@ def run_eval(run: PPORun, cfg: PPOConfig, env: runtime.Env, kl: float) -> dict |
     return summary
 
 
-def ppo_step(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> dict:
+def ppo_step(run: PPORun, cfg: PPOConfig, env: Env) -> dict:
     """One PPO iteration, steps 1-6 of the module docstring; returns the step's metrics."""
     trainer, critic = run.trainer, run.critic
     trainer.set_lr()
@@ -798,7 +803,7 @@ def ppo_step(run: PPORun, cfg: PPOConfig, env: runtime.Env) -> dict:
     return metrics
 
 
-def train(cfg: PPOConfig, env: runtime.Env) -> None:
+def train(cfg: PPOConfig, env: Env) -> None:
     if env.is_main:
         print_config(cfg, "ppo config")
     run = setup_run(cfg, env)

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import runtime
+from checkpoint import load_model
+from distributed import Env, autocast, barrier, print0, seed_everything
+from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
 from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, has_split, parse_mixture
-from data.tokenizer import Tokenizer
+from data.text.tokenizer import Tokenizer
 from model import PRESETS, ModelConfig, Transformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +33,7 @@ DEFAULT_DATA = os.path.join(REPO, "prepared", "shakespeare")
 
 
 @dataclass
-class PretrainConfig(runtime.TrainConfig):
+class PretrainConfig(TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "pretrain"), metadata={"help": "checkpoint directory"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "prepared dir, or a mixture name=DIR:weight,name2=DIR2:weight"})
     preset: str = field(default="tiny", metadata={"choices": sorted(PRESETS)})
@@ -96,7 +98,7 @@ def evaluate(model, val_sources, byte_lengths, cfg, env, dtype) -> dict:
         for i in range(0, len(windows), cfg.batch_size):
             batch = torch.from_numpy(np.stack(windows[i:i + cfg.batch_size])).to(env.device)
             x, y = batch[:, :-1], batch[:, 1:]
-            with runtime.autocast(env, dtype):
+            with autocast(env, dtype):
                 per_token = model(x, y, reduction="none").double()
             bytes_of = byte_lengths[y]
             # special tokens stand for no bytes: count neither their loss nor their length
@@ -137,7 +139,7 @@ def sample_text(model, tok: Tokenizer, cfg: PretrainConfig, env, dtype, prompt: 
     """A continuation of <|endoftext|> + prompt at temperature 0.8 (same seed every time)."""
     model.eval()
     gen = torch.Generator(device=env.device).manual_seed(cfg.seed)
-    with runtime.autocast(env, dtype):
+    with autocast(env, dtype):
         out = model.generate([[tok.eot_id] + tok.encode(prompt)], cfg.sample_tokens, pad_id=tok.pad_id,
                              temperature=0.8, top_k=50, stop_tokens=[tok.eot_id], generator=gen)[0]
     model.train()
@@ -146,10 +148,10 @@ def sample_text(model, tok: Tokenizer, cfg: PretrainConfig, env, dtype, prompt: 
 
 @entry_point
 def main(argv=None) -> None:
-    runtime.run_main(PretrainConfig, train, argv, description=__doc__.split("\n")[0])
+    run_main(PretrainConfig, train, argv, description=__doc__.split("\n")[0])
 
 
-def load_sources(cfg: PretrainConfig, env: runtime.Env) -> tuple[list, Tokenizer, str]:
+def load_sources(cfg: PretrainConfig, env: Env) -> tuple[list, Tokenizer, str]:
     """The --data mixture's sources, its tokenizer and the tokenizer's path; the embedded
     corpus is prepared on first use."""
     sources = parse_mixture(cfg.data)
@@ -158,7 +160,7 @@ def load_sources(cfg: PretrainConfig, env: runtime.Env) -> tuple[list, Tokenizer
             print(f"{DEFAULT_DATA} is missing: running data.prepare on the embedded corpus first")
             from data.prepare import PrepareConfig, print_summary, run as prepare
             print_summary(prepare(PrepareConfig(out=DEFAULT_DATA)))
-        runtime.barrier()
+        barrier()
     for name, path, _ in sources:
         if not os.path.isdir(path):
             raise UserError(f"--data {name}: {path} does not exist (make it with python -m data.prepare --out {path})")
@@ -169,7 +171,7 @@ def load_sources(cfg: PretrainConfig, env: runtime.Env) -> tuple[list, Tokenizer
 def build_model(cfg: PretrainConfig, tok: Tokenizer) -> Transformer:
     """A new model of the configured size (the same weights on every rank), or --init's."""
     if cfg.init:
-        model, _ = runtime.load_model(cfg.init, attn_impl=cfg.attn_impl, ce_impl=cfg.ce_impl)
+        model, _ = load_model(cfg.init, attn_impl=cfg.attn_impl, ce_impl=cfg.ce_impl)
         if model.cfg.vocab_size != tok.vocab_size:
             raise UserError(f"--init {cfg.init} has vocab {model.cfg.vocab_size}, the data's tokenizer {tok.vocab_size}")
     else:
@@ -184,7 +186,7 @@ def log_eval(model, val_sources, byte_lengths, baseline: float, tok, trainer, cf
         results = evaluate(model, val_sources, byte_lengths, cfg, env, trainer.dtype)
         pooled = results["all"]
         per_source = {n: r for n, r in results.items() if n != "all" and len(results) > 2}
-        runtime.print0(f"eval step {trainer.step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
+        print0(f"eval step {trainer.step}: val loss {pooled['val_loss']:.4f} (unigram baseline {baseline:.4f}), "
                        f"val bpb {pooled['val_bpb']:.4f}"
                        + "".join(f" | {n} {r['val_loss']:.4f}" for n, r in per_source.items()))
         record = {"step": trainer.step, **pooled, "unigram_val_loss": baseline}
@@ -193,10 +195,10 @@ def log_eval(model, val_sources, byte_lengths, baseline: float, tok, trainer, cf
         trainer.log(record)
         if cfg.sample_tokens:
             text = sample_text(model, tok, cfg, env, trainer.dtype)
-            runtime.print0("sample: " + text.replace("\n", "\n        ")[:600])
+            print0("sample: " + text.replace("\n", "\n        ")[:600])
 
 
-def train(cfg: PretrainConfig, env: runtime.Env) -> None:
+def train(cfg: PretrainConfig, env: Env) -> None:
     if env.is_main:
         print_config(cfg, "pretrain config")
     sources, tok, tokenizer_path = load_sources(cfg, env)
@@ -210,9 +212,9 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
                         f"= {cfg.batch_size} x {seq_len} x {env.world_size} = {world_rows * seq_len}")
     accum = global_tokens // (world_rows * seq_len)
     flops_per_token = model.flops_per_token(seq_len)
-    runtime.seed_everything(cfg.seed, env.rank)
+    seed_everything(cfg.seed, env.rank)
     loader = MixtureLoader(sources, seq_len, global_tokens // seq_len, env.rank, env.world_size, cfg.seed)
-    trainer = runtime.Trainer(cfg, env, model, stage="pretrain", tokenizer_path=tokenizer_path,
+    trainer = Trainer(cfg, env, model, stage="pretrain", tokenizer_path=tokenizer_path,
                               data_state=loader.state_dict)
     model = trainer.model  # sharded / compiled
     val_sources = [(name, TokenSource(path, "val", seq_len)) for name, path, _ in sources if has_split(path, "val")]
@@ -222,7 +224,7 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
     if cfg.resume:
         loader.load_state_dict(trainer.resume()["data"])
     trainer.start(flops_per_token)
-    runtime.print0(f"model: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {model_cfg.n_head} heads "
+    print0(f"model: {model_cfg.n_layer} layers, d_model {model_cfg.d_model}, {model_cfg.n_head} heads "
                    f"({model_cfg.n_kv_head} kv), seq {seq_len}, vocab {model_cfg.vocab_size}: "
                    f"{trainer.n_params / 1e6:.2f}M parameters; {global_tokens:,} tokens per step ({accum} accumulation "
                    f"x {env.world_size} ranks x {cfg.batch_size} x {seq_len}); {trainer.dtype}; device {env.device}")
@@ -238,7 +240,7 @@ def train(cfg: PretrainConfig, env: runtime.Env) -> None:
                 y = torch.from_numpy(y_all[rows]).to(env.device, non_blocking=True)
                 with trainer.autocast():
                     loss = model(x, y)  # mean next-token cross-entropy
-                trainer.backward(loss, micro, accum)
+                trainer.backward(loss, micro=micro, accum=accum)
                 loss_sum += loss.detach()
             if not trainer.optimizer_step(loss_sum / accum, tokens=global_tokens,
                                           extra={"tokens": (trainer.step + 1) * global_tokens}):

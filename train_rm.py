@@ -14,7 +14,7 @@ held-out prompt twice at its rollout temperature, the gold judge labels the pair
 noise, and a reward model is right where it scores the judge's preferred answer higher,
 the pairs a reward model meets during PPO (pipeline.py reports it for both rounds).
 After training, the mean and std of the scores of the held-out responses are stored in
-the checkpoint, and `runtime.RewardScorer` returns normalized scores (what PPO consumes).
+the checkpoint, and `RewardScorer` returns normalized scores (what PPO consumes).
 
     python train_rm.py                                   # from runs/sft on the task suite's prefs.jsonl
     python train_rm.py --init runs/sft --data hh.jsonl --out runs/rm
@@ -22,7 +22,6 @@ the checkpoint, and `runtime.RewardScorer` returns normalized scores (what PPO c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,20 +29,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import runtime
+from checkpoint import load_model, read_checkpoint_config, right_padded
+from distributed import Env, all_reduce_sum, autocast, compute_dtype, print0, seed_everything, sharded_batches
+from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
 from data.loader import EpochCursor
-from data.prefs import load_pairs
-from data.tasks import grade
-from data.tokenizer import Tokenizer
-from evals import chat_responses, task_files
+from tasks.prefs import load_pairs, split_pairs
+from data.text.tokenizer import Tokenizer
+from evals import task_files
 from model import ScalarHeadModel
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
-class RMConfig(runtime.TrainConfig):
+class RMConfig(TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "rm"), metadata={"help": "checkpoint directory"})
     init: str = field(default=os.path.join(REPO, "runs", "sft"), metadata={"help": "SFT checkpoint (or a reward model)"})
     data: list[str] = field(default_factory=list, metadata={"nargs": True,
@@ -74,7 +74,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
 def pair_scores(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of the chosen and the rejected side of each pair, in one forward pass."""
-    ids, last = runtime.right_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    ids, last = right_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     scores = model.score(ids.to(device), last.to(device))
     return scores[:len(pairs)], scores[len(pairs):]
 
@@ -86,7 +86,7 @@ def evaluate_pairs(model, pairs, pad_id, env, batch_size: int, autocast) -> dict
     kinds = sorted({p.kind for p in pairs})
     stats = torch.zeros(len(kinds), 3, dtype=torch.float64, device=env.device)  # correct, margin sum, count
     moments = torch.zeros(3, dtype=torch.float64, device=env.device)  # n, sum, sum of squares of all scores
-    for chunk, real in runtime.sharded_batches(pairs, batch_size, env.rank, env.world_size):
+    for chunk, real in sharded_batches(pairs, batch_size, env.rank, env.world_size):
         with autocast():
             rc, rr = pair_scores(model, chunk, pad_id, env.device)
         if not real:
@@ -97,8 +97,8 @@ def evaluate_pairs(model, pairs, pad_id, env, batch_size: int, autocast) -> dict
         both = torch.cat([rc, rr]).double()
         moments += torch.stack([torch.tensor(float(len(both)), device=env.device, dtype=torch.float64),
                                 both.sum(), (both ** 2).sum()])
-    runtime.all_reduce_sum(stats)
-    runtime.all_reduce_sum(moments)
+    all_reduce_sum(stats)
+    all_reduce_sum(moments)
     model.train()
     total = stats.sum(0)
     n, s, sq = moments.tolist()
@@ -116,42 +116,33 @@ def format_eval(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- training
 
-def split_pairs(pairs, fraction: float):
-    """Held-out pairs chosen by a hash of the prompt, so one prompt is never on both sides."""
-    def held_out(p) -> bool:
-        key = json.dumps(p.prompt, sort_keys=True).encode()
-        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 < fraction
-    val = [p for p in pairs if held_out(p)]
-    return [p for p in pairs if not held_out(p)], val
-
-
 @entry_point
 def main(argv=None) -> None:
-    runtime.run_main(RMConfig, train, argv, description=__doc__.split("\n")[0])
+    run_main(RMConfig, train, argv, description=__doc__.split("\n")[0])
 
 
 def load_model_and_pairs(cfg: RMConfig) -> tuple[ScalarHeadModel, Tokenizer, list, dict]:
     """The SFT trunk with a fresh score head (or a reward model to go on from), its
     tokenizer, the preference pairs that fit its context, and --init's config."""
     data_files, _ = task_files(cfg.data, "prefs.jsonl", None)
-    init_config = runtime.read_checkpoint_config(cfg.init)
+    init_config = read_checkpoint_config(cfg.init)
     torch.manual_seed(cfg.seed)  # the fresh score head is the same on every rank and every run
-    model, _ = runtime.load_model(cfg.init, model_class=ScalarHeadModel)
+    model, _ = load_model(cfg.init, model_class=ScalarHeadModel)
     tok = Tokenizer.load(os.path.join(cfg.init, "tokenizer.json"))
     pairs, skipped = load_pairs(data_files, tok, model.cfg.max_seq_len)
-    runtime.print0(f"rm data: {len(pairs)} pairs from {len(data_files)} file(s); skipped {sum(skipped.values())} "
+    print0(f"rm data: {len(pairs)} pairs from {len(data_files)} file(s); skipped {sum(skipped.values())} "
                    f"({', '.join(f'{k} {v}' for k, v in sorted(skipped.items())) or 'none'})")
     if not pairs:
         raise UserError(f"no usable preference pairs in {' '.join(data_files)}")
     return model, tok, pairs, init_config
 
 
-def evaluate_only(model, tok, pairs, cfg: RMConfig, env: runtime.Env) -> None:
+def evaluate_only(model, tok, pairs, cfg: RMConfig, env: Env) -> None:
     """--eval-only: the accuracy of --init on every pair, printed (and as JSON)."""
     model.to(env.device)
-    result = evaluate_pairs(model, pairs, tok.pad_id, env, cfg.batch_size, lambda: runtime.autocast(
-        env, runtime.compute_dtype(cfg.dtype, env.device)))
-    runtime.print0(f"eval-only {cfg.init} on {len(pairs)} pairs: {format_eval(result)}")
+    result = evaluate_pairs(model, pairs, tok.pad_id, env, cfg.batch_size, lambda: autocast(
+        env, compute_dtype(cfg.dtype, env.device)))
+    print0(f"eval-only {cfg.init} on {len(pairs)} pairs: {format_eval(result)}")
     if env.is_main:
         print(json.dumps({"accuracy": result["accuracy"], "margin": result["margin"], "by_kind": result["by_kind"]}))
 
@@ -167,16 +158,16 @@ def train_and_held_out(pairs, cfg: RMConfig, rows: int) -> tuple[list, list]:
     return train_pairs, val_pairs
 
 
-def train(cfg: RMConfig, env: runtime.Env) -> None:
+def train(cfg: RMConfig, env: Env) -> None:
     if env.is_main:
         print_config(cfg, "rm config")
     model, tok, pairs, init_config = load_model_and_pairs(cfg)
     if cfg.eval_only:
         return evaluate_only(model, tok, pairs, cfg, env)
     train_pairs, val_pairs = train_and_held_out(pairs, cfg, cfg.batch_size * env.world_size)
-    runtime.seed_everything(cfg.seed, env.rank)
+    seed_everything(cfg.seed, env.rank)
     cursor = EpochCursor(len(train_pairs), cfg.batch_size * env.world_size, cfg.seed)
-    trainer = runtime.Trainer(cfg, env, model, stage="rm", tokenizer_path=os.path.join(cfg.init, "tokenizer.json"),
+    trainer = Trainer(cfg, env, model, stage="rm", tokenizer_path=os.path.join(cfg.init, "tokenizer.json"),
                               data_state=cursor.state_dict,
                               extra_config={"init": cfg.init, "base_stage": init_config.get("stage")})
     model = trainer.model
@@ -187,7 +178,7 @@ def train(cfg: RMConfig, env: runtime.Env) -> None:
     def evaluate() -> dict:
         with trainer.timed("evaluation"):
             result = evaluate_pairs(model, val_pairs, tok.pad_id, env, cfg.batch_size, trainer.autocast)
-            runtime.print0(f"eval step {trainer.step}: held-out {format_eval(result)}")
+            print0(f"eval step {trainer.step}: held-out {format_eval(result)}")
             trainer.log({"step": trainer.step, "val_accuracy": result["accuracy"], "val_margin": result["margin"],
                          **{f"val_accuracy/{k}": v["accuracy"] for k, v in result["by_kind"].items()}})
         return result
@@ -203,7 +194,7 @@ def train(cfg: RMConfig, env: runtime.Env) -> None:
                 rc, rr = pair_scores(model, batch, tok.pad_id, env.device)
                 margin = torch.tensor([p.margin for p in batch], device=env.device)
                 loss = bradley_terry_loss(rc, rr, margin, cfg.center_coef)
-            trainer.backward(loss, 0, 1)
+            trainer.backward(loss)
             accuracy = (rc > rr).float().mean().item()
             if not trainer.optimizer_step(loss, tokens=sum(len(p.chosen) + len(p.rejected) for p in batch),
                                           extra={"train_accuracy": accuracy}):
@@ -217,63 +208,6 @@ def train(cfg: RMConfig, env: runtime.Env) -> None:
             trainer.maybe_save()
             if trainer.stop_requested():
                 break
-
-
-# ----------------------------------------------------------------------------- on-policy evaluation
-
-@torch.no_grad()
-def on_policy_pairs(model, tok, records: list[dict], temperature: float = 1.0, seed: int = 0,
-                    max_new_tokens: int = 32, batch_size: int = 64, draws: int = 1) -> tuple[list[dict], dict]:
-    """Two sampled answers of a policy to each gradable record (evals.load_task_records),
-    labelled by the gold judge without noise, `draws` times over (draw d samples with seed
-    `seed + d`, so a larger `draws` keeps the smaller one's pairs). Returns (the pairs where
-    the judge prefers one, as train_rm.py records with `kind` = the task family; counts:
-    prompts, draws, pairs, ties). Reproducible for the same seed and batch size."""
-    pairs, ties = [], 0
-    for d in range(draws):
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + d)
-        replies = chat_responses(model, tok, [r["conversation"] for r in records for _ in range(2)], max_new_tokens,
-                                 batch_size, temperature, generator)
-        for i, rec in enumerate(records):
-            a, b = replies[2 * i], replies[2 * i + 1]
-            ga, gb = grade(rec, a), grade(rec, b)
-            if ga == gb:
-                ties += 1
-                continue
-            chosen, rejected = (a, b) if ga > gb else (b, a)
-            pairs.append({"id": f"{rec.get('id', i)}/on_policy/{d}", "prompt": rec["conversation"],
-                          "chosen": chosen, "rejected": rejected, "kind": rec["family"]})
-    return pairs, {"prompts": len(records), "draws": draws, "pairs": len(pairs), "ties": ties}
-
-
-@torch.no_grad()
-def pair_accuracy(scorer, pairs: list[dict], batch_size: int = 64) -> dict:
-    """A reward model's accuracy on train_rm.py records ({"prompt", "chosen", "rejected",
-    "kind"}): the share where it scores the chosen answer strictly higher, overall and by
-    kind. `scorer` is a runtime.RewardScorer (anything with its `score`)."""
-    right: dict[str, list[int]] = {}
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        prompts = [p["prompt"] for p in chunk]
-        scores = scorer.score(prompts + prompts, [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk],
-                              normalize=False)
-        for p, c, r in zip(chunk, scores[:len(chunk)].tolist(), scores[len(chunk):].tolist()):
-            right.setdefault(p.get("kind", "pair"), []).append(int(c > r))
-    n = sum(len(v) for v in right.values())
-    return {"accuracy": sum(sum(v) for v in right.values()) / n if n else None, "pairs": n,
-            "by_kind": {k: sum(v) / len(v) for k, v in sorted(right.items())}}
-
-
-def on_policy_accuracy(reward_models: dict[str, str], pairs: list[dict], device="cpu") -> dict:
-    """{name: accuracy} of each reward-model checkpoint ({name: directory}) on the same
-    pairs (from `on_policy_pairs`), plus {"by_kind": {name: {kind: accuracy}}}."""
-    result: dict = {"by_kind": {}}
-    for name, ckpt in reward_models.items():
-        scorer = runtime.RewardScorer.load(ckpt, device=device)
-        scored = pair_accuracy(scorer, pairs)
-        result[name], result["by_kind"][name] = scored["accuracy"], scored["by_kind"]
-        del scorer
-    return result
 
 
 if __name__ == "__main__":

@@ -18,18 +18,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-import runtime
+from checkpoint import load_model, read_checkpoint_config
+from distributed import Env, all_reduce_sum, print0, seed_everything, sharded_batches
+from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
-from data.chat import load_chat_jsonl
+from data.text.chat import load_chat_jsonl
 from data.loader import BucketLoader, collate
-from data.tokenizer import Tokenizer
+from data.text.tokenizer import Tokenizer
 from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
-class SFTConfig(runtime.TrainConfig):
+class SFTConfig(TrainConfig):
     out: str = field(default=os.path.join(REPO, "runs", "sft"), metadata={"help": "checkpoint directory"})
     init: str = field(default=os.path.join(REPO, "runs", "pretrain"), metadata={"help": "pretrained checkpoint"})
     data: list[str] = field(default_factory=list, metadata={"nargs": True,
@@ -64,35 +66,35 @@ def heldout_loss(model, examples, pad_id: int, trainer, env, batch_size: int) ->
     """Mean loss per assistant token over held-out conversations (ranks split the work)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for chunk, real in runtime.sharded_batches(examples, batch_size, env.rank, env.world_size):
+    for chunk, real in sharded_batches(examples, batch_size, env.rank, env.world_size):
         x, y = collate(chunk, pad_id)
         with trainer.autocast():
             nll = model(x.to(env.device), y.to(env.device), reduction="none").double()
         total += float(real) * torch.stack([nll.sum(), (y != -100).sum().to(env.device).double()])
-    runtime.all_reduce_sum(total)
+    all_reduce_sum(total)
     model.train()
     return float(total[0] / total[1].clamp(min=1))
 
 
 @entry_point
 def main(argv=None) -> None:
-    runtime.run_main(SFTConfig, train, argv, description=__doc__.split("\n")[0])
+    run_main(SFTConfig, train, argv, description=__doc__.split("\n")[0])
 
 
-def train(cfg: SFTConfig, env: runtime.Env) -> None:
+def train(cfg: SFTConfig, env: Env) -> None:
     if env.is_main:
         print_config(cfg, "sft config")
     data_files, eval_file = task_files(cfg.data, "sft.jsonl", cfg.eval_data)
 
     # ---- model and tokenizer from the pretrained checkpoint
-    init_config = runtime.read_checkpoint_config(cfg.init)
-    model, _ = runtime.load_model(cfg.init, dropout=cfg.dropout)
+    init_config = read_checkpoint_config(cfg.init)
+    model, _ = load_model(cfg.init, dropout=cfg.dropout)
     tokenizer_path = os.path.join(cfg.init, "tokenizer.json")
     tok = Tokenizer.load(tokenizer_path)
     max_len = model.cfg.max_seq_len
 
     examples, skipped, truncated = load_chat_jsonl(data_files, tok, max_len, cfg.truncation)
-    runtime.print0(f"sft data: {len(examples)} conversations from {len(data_files)} file(s); "
+    print0(f"sft data: {len(examples)} conversations from {len(data_files)} file(s); "
                    f"skipped {sum(skipped.values())} ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items())) or 'none'}); "
                    f"truncated {truncated}")
     if not examples:
@@ -105,10 +107,10 @@ def train(cfg: SFTConfig, env: runtime.Env) -> None:
         n_val = max(1, int(len(examples) * cfg.val_fraction))
         eval_examples, examples = examples[:n_val], examples[n_val:]
 
-    runtime.seed_everything(cfg.seed, env.rank)
+    seed_everything(cfg.seed, env.rank)
     rows = cfg.batch_size * env.world_size
     loader = BucketLoader(examples, rows, env.rank, env.world_size, cfg.seed)
-    trainer = runtime.Trainer(cfg, env, model, stage="sft", tokenizer_path=tokenizer_path,
+    trainer = Trainer(cfg, env, model, stage="sft", tokenizer_path=tokenizer_path,
                               data_state=loader.state_dict, extra_config={"init": cfg.init,
                                                                           "base_stage": init_config.get("stage")})
     model = trainer.model
@@ -126,7 +128,7 @@ def train(cfg: SFTConfig, env: runtime.Env) -> None:
                 record.update(accuracy_metrics(result))
                 line += f", task accuracy {format_accuracy(result)}"
                 line += format_samples(result["samples"], 3)
-            runtime.print0(line)
+            print0(line)
             trainer.log(record)
 
     if trainer.step == 0:
@@ -138,7 +140,7 @@ def train(cfg: SFTConfig, env: runtime.Env) -> None:
             x, y = x.to(env.device), y.to(env.device)
             with trainer.autocast():
                 loss = model(x, y)  # mean cross-entropy over assistant tokens only
-            trainer.backward(loss, 0, 1)
+            trainer.backward(loss)
             if not trainer.optimizer_step(loss, tokens=int((y != -100).sum()) * env.world_size):
                 continue
             if trainer.due(cfg.eval_every):

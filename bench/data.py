@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from cli import UserError, entry_point, parse_config, print_config
 from data.dedup import MinHasher, NearDedup, jaccard, shingle_hashes, simplify_words
-from data.prepare import DEFAULT_CORPUS
-from data.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer
+from data.filter_pass import DEFAULT_CORPUS
+from data.text.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

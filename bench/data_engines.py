@@ -41,7 +41,7 @@ import numpy as np
 
 from bench.data import machine
 from cli import UserError, entry_point, parse_config, print_config
-from data.prepare import DEFAULT_CORPUS
+from data.filter_pass import DEFAULT_CORPUS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

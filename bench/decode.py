@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import runtime
+from checkpoint import load_for_inference
 from cli import entry_point, parse_config, print_config
 from model import KVCache, ModelConfig, Transformer
 from serving.decode import DecodeStep
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     cfg = parse_config(DecodeBenchConfig, argv, description=__doc__.split("\n")[0])
     print_config(cfg, "bench config")
     torch.set_num_threads(cfg.threads)
-    load = lambda: runtime.load_for_inference(cfg.ckpt)[:2]  # noqa: E731 (a fresh copy per variant)
+    load = lambda: load_for_inference(cfg.ckpt)[:2]  # noqa: E731 (a fresh copy per variant)
     model, tok = load()
     narrow = Transformer(ModelConfig(**{**model.cfg.to_dict(), "d_model": 32, "d_ff": 32, "vocab_size": 64,
                                         "n_head": 2, "n_kv_head": 1})).eval()

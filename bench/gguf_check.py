@@ -9,7 +9,7 @@ from init and the prepared shakespeare tokenizer: greedy decoding then has no ne
 to GGUF, starts llama-server on it (`--jinja`, one slot, CPU), and for each chat prompt:
 
 1. renders it with the GGUF's chat template (POST /apply-template) and tokenizes the text
-   (POST /tokenize, special tokens parsed): must equal data.chat.encode_prompt's ids;
+   (POST /tokenize, special tokens parsed): must equal data.text.chat.encode_prompt's ids;
 2. tokenizes the prompt's plain text (special-token text stays text): must equal
    Tokenizer.encode's ids;
 3. sends our prompt ids to POST /completion (temperature 0, top_k 1, cache_prompt false,
@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-import convert
-import runtime
+from interop import gguf
+from checkpoint import load_model, save_checkpoint
+from distributed import Env
 from serving.launch import LlamaServerProcess
 from cli import UserError, entry_point, parse_config, print_config
-from data.chat import encode_prompt
-from data.tokenizer import Tokenizer
+from data.text.chat import encode_prompt
+from data.text.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ class CheckConfig:
         "help": "the llama-server binary (a path, or a name on PATH)"})
     ckpt: str = field(default="", metadata={
         "help": "our Llama-style checkpoint (empty: a throwaway random model with the prepared shakespeare tokenizer)"})
-    outtype: str = field(default="f32", metadata={"choices": list(convert.GGUF_OUTTYPES), "help": "to-gguf --outtype"})
+    outtype: str = field(default="f32", metadata={"choices": list(gguf.GGUF_OUTTYPES), "help": "to-gguf --outtype"})
     max_new_tokens: int = field(default=16, metadata={"help": "greedy tokens per prompt"})
     threads: int = field(default=2, metadata={"help": "llama-server --threads"})
     timeout: float = field(default=120.0, metadata={"help": "seconds to wait for llama-server to load the model"})
@@ -92,7 +93,7 @@ def throwaway_checkpoint(root: str) -> str:
     out = os.path.join(root, "ckpt")
     os.makedirs(out)
     tok.save(os.path.join(out, "tokenizer.json"))
-    runtime.save_checkpoint(out, model, None, runtime.Env(0, 0, 1, torch.device("cpu")), stage="sft", step=0,
+    save_checkpoint(out, model, None, Env(0, 0, 1, torch.device("cpu")), stage="sft", step=0,
                             train_config={}, trainer_state={}, tokenizer_path=os.path.join(out, "tokenizer.json"))
     return out
 
@@ -133,11 +134,11 @@ def main(argv=None) -> None:
     try:
         ckpt = cfg.ckpt or throwaway_checkpoint(root)
         gguf_path = os.path.join(root, f"model-{cfg.outtype}.gguf")
-        for line in convert.export_gguf(ckpt, gguf_path, cfg.outtype):
+        for line in gguf.export_gguf(ckpt, gguf_path, cfg.outtype):
             print(line)
         if cfg.keep:
             shutil.copyfile(gguf_path, cfg.keep)
-        model, _ = runtime.load_model(ckpt)
+        model, _ = load_model(ckpt)
         model.eval()
         tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
         proc = LlamaServerProcess(cfg.llama_server, gguf_path, os.path.join(root, "server.log"),

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 import evals
-import runtime
+from checkpoint import load_for_inference
 from cli import UserError, entry_point, parse_config, print_config
-from data.tasks import grade
+from tasks.suite import grade
 from serving.engine import Engine, GenRequest
 from serving.text import chat_prompt_ids
 
@@ -36,7 +36,7 @@ class AgreementConfig:
 
 
 def greedy_answers(ckpt: str, records: list[dict], quantization: str, max_tokens: int) -> list[str]:
-    model, tok, _ = runtime.load_for_inference(ckpt)
+    model, tok, _ = load_for_inference(ckpt)
     engine = Engine(model, tok, max_running=16, max_waiting=len(records), quantization=quantization).start()
     try:
         reqs = [engine.submit(GenRequest(prompt=chat_prompt_ids(tok, r["conversation"]), max_tokens=max_tokens,

@@ -159,14 +159,14 @@ def main(argv=None) -> None:
     if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("httpx") is None:
         raise UserError('bench.lm_eval_check needs lm-eval and httpx: pip install "lm-eval[api]" httpx')
     import httpx
-    import runtime
-    from data.tokenizer import Tokenizer
+    from checkpoint import load_model
+    from data.text.tokenizer import Tokenizer
     out = cfg.work_dir or tempfile.mkdtemp(prefix="lm_eval_check_")
     os.makedirs(out, exist_ok=True)
     if not os.path.exists(os.path.join(cfg.data, "meta.json")):
         raise UserError(f"no prepared data at {cfg.data} (python -m data.prepare ...)")
     ckpt = cfg.ckpt or pretrain(cfg, out)
-    model, _ = runtime.load_model(ckpt)
+    model, _ = load_model(ckpt)
     model.eval()
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
     docs = make_task(cfg, tok, out)

@@ -26,9 +26,9 @@ import torch
 
 from cli import UserError, entry_point, parse_config, print_config
 from data.shards import load_split
-from data.tokenizer import Tokenizer
+from data.text.tokenizer import Tokenizer
 from model import PRESETS, ModelConfig, Transformer
-from runtime import peak_flops
+from progress import peak_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "prepared", "shakespeare")

@@ -119,9 +119,9 @@ def start_servers(cfg: BenchConfig, logs: str):
                              "--quantization", cfg.quantization], os.path.join(logs, "serve.out"))
 
     def llama():
-        import convert
+        from interop.gguf import export_gguf
         gguf = os.path.join(logs, f"model-{cfg.gguf_outtype}.gguf")
-        convert.export_gguf(cfg.ckpt, gguf, cfg.gguf_outtype)
+        export_gguf(cfg.ckpt, gguf, cfg.gguf_outtype)
         with open(os.path.join(cfg.ckpt, "config.json")) as f:
             context = json.load(f)["model"]["max_seq_len"]
         return LlamaServerProcess(cfg.llama_server, gguf, os.path.join(logs, "llama.out"), context,

@@ -61,9 +61,9 @@ class DPOPeerConfig:
 
 def pick_pairs(cfg: DPOPeerConfig) -> tuple[list[dict], list[int]]:
     """(the records, the order train_dpo.py visits them in over --steps)."""
-    from data.chat import iter_jsonl
+    from data.text.chat import iter_jsonl
     from data.loader import EpochCursor
-    from data.prefs import pair_messages
+    from tasks.prefs import pair_messages
     from collections import Counter
     records = []
     for rec, _ in iter_jsonl([cfg.data], pair_messages, Counter()):
@@ -83,13 +83,13 @@ def pick_pairs(cfg: DPOPeerConfig) -> tuple[list[dict], list[int]]:
 def step0(cfg: DPOPeerConfig, records: list[dict], trainer) -> dict:
     """Per-pair log-probs by TRL's tokenization and the HF model against ours."""
     import torch
-    import runtime
+    from checkpoint import load_model
     import train_dpo
-    from data.chat import encode_chat
-    from data.tokenizer import Tokenizer
+    from data.text.chat import encode_chat
+    from data.text.tokenizer import Tokenizer
     hf = trainer.model
     hf.eval()
-    ours, _ = runtime.load_model(cfg.init, dropout=0.0)
+    ours, _ = load_model(cfg.init, dropout=0.0)
     tok = Tokenizer.load(os.path.join(cfg.init, "tokenizer.json"))
     logp_gaps, loss_gaps, token_mismatch = [], [], 0
     with torch.no_grad():
@@ -127,15 +127,15 @@ def run_trl(cfg: DPOPeerConfig, records: list[dict], order: list[int]) -> dict:
         from trl import DPOConfig, DPOTrainer
     except ImportError as e:
         raise UserError(f"the TRL side needs `pip install trl` ({e})") from e
-    from convert import export_hf
-    import runtime
+    from interop.hf import export_hf
+    from checkpoint import read_checkpoint_config
     hf_dir = os.path.join(cfg.out, "hf_sft")
     export_hf(cfg.init, hf_dir)
     visited = [records[i] for i in order]
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in visited])
-    ctx = runtime.read_checkpoint_config(cfg.init)["model"]["max_seq_len"]
+    ctx = read_checkpoint_config(cfg.init)["model"]["max_seq_len"]
     args = DPOConfig(
         output_dir=os.path.join(cfg.out, "trl_runs"), max_steps=cfg.steps, learning_rate=cfg.lr, beta=cfg.beta,
         loss_type=["sigmoid"], per_device_train_batch_size=cfg.batch_size, max_length=ctx,

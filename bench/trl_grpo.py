@@ -2,9 +2,9 @@
 same RL prompts, the same reward and the same number of steps, both judged on the held-out
 helpfulness prompts.
 
-1. Prompts: fresh helpfulness instances (data/rl_prompts.py: never an SFT demonstration,
+1. Prompts: fresh helpfulness instances (tasks/rl_prompts.py: never an SFT demonstration,
    never held out), optionally only the frontier, where the SFT model's samples disagree.
-2. Reward: the gold judge (data.tasks.grade), 1 for a right answer and 0 otherwise.
+2. Reward: the gold judge (tasks.suite.grade), 1 for a right answer and 0 otherwise.
 3. TRL: the SFT model exported with convert.py's `export_hf`, trained by GRPOTrainer
    (group-normalized advantages, KL to the start, TRL's defaults otherwise), imported back.
 4. Ours: `train_ppo.py --reward task --advantage rloo` with the same prompts per step,
@@ -70,14 +70,15 @@ class PeerConfig:
 def rl_prompts(cfg: PeerConfig) -> tuple[list[dict], int]:
     """(fresh helpfulness prompts, or with --frontier those the SFT model sometimes gets
     right; how many fresh ones were drawn)."""
-    from data.rl_prompts import estimate_pass_rates, fresh_task_prompts, frontier, prompt_texts
-    from data.tasks import TASK_FAMILIES
+    from evals import estimate_pass_rates
+    from tasks.rl_prompts import fresh_task_prompts, frontier, prompt_texts
+    from tasks.suite import TASK_FAMILIES
     records = fresh_task_prompts(list(TASK_FAMILIES), cfg.prompts_per_family, cfg.seed,
                                  prompt_texts([cfg.sft_data, cfg.eval_data]))
     fresh = len(records)
     if cfg.frontier:
-        import runtime
-        model, tok, _ = runtime.load_for_inference(cfg.init, device="cpu")
+        from checkpoint import load_for_inference
+        model, tok, _ = load_for_inference(cfg.init, device="cpu")
         rates = estimate_pass_rates(model, tok, records, cfg.samples_per_prompt, cfg.temperature, cfg.seed,
                                     cfg.max_new_tokens)
         records = frontier(records, rates)
@@ -96,8 +97,8 @@ def run_trl(cfg: PeerConfig, records: list[dict]) -> str:
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as e:
         raise UserError(f"the TRL side needs `pip install trl` ({e}); or pass --skip-trl") from e
-    from convert import export_hf, import_hf
-    from data.tasks import grade
+    from interop.hf import export_hf, import_hf
+    from tasks.suite import grade
 
     hf_start, hf_end = os.path.join(cfg.out, "hf_sft"), os.path.join(cfg.out, "hf_trl_grpo")
     export_hf(cfg.init, hf_start)
@@ -151,13 +152,13 @@ def run_ours(cfg: PeerConfig, records: list[dict]) -> str:
 
 def judge(ckpts: dict[str, str], eval_data: str) -> dict:
     """Greedy held-out helpfulness of each checkpoint, and each against "sft" prompt by prompt."""
-    import runtime
-    from data.tasks import TASK_FAMILIES
+    from checkpoint import load_for_inference
+    from tasks.suite import TASK_FAMILIES
     from evals import load_task_records, paired_change, task_accuracy
     records = [r for r in load_task_records(eval_data) if r["family"] in TASK_FAMILIES]
     results = {}
     for name, ckpt in ckpts.items():
-        model, tok, _ = runtime.load_for_inference(ckpt, device="cpu")
+        model, tok, _ = load_for_inference(ckpt, device="cpu")
         results[name] = task_accuracy(model, tok, records)
     return {name: {"helpfulness": r["task_accuracy"], "per_family": r["per_family"],
                    **({"vs_sft": paired_change(results["sft"]["samples"], r["samples"])} if name != "sft" else {})}

@@ -1,11 +1,11 @@
-"""Stage 0 of the pipeline (raw text -> clean, deduplicated, tokenized shards) and the
-data every later stage reads.
+"""Stage 0 of the pipeline (raw text -> clean, deduplicated, tokenized shards), in three rooms.
 
-Modules: sources (readers), clean (normalization, line filters), quality (Gopher/FineWeb
-document filters), langid, toxicity, pii, dedup (exact + MinHash/LSH), tokenizer
-(byte-level BPE), hf_tokenizer (ours <-> Hugging Face tokenizer.json), shards
-(writer/reader), prepare (the CLI that runs them in order), parallel (worker pools),
-files (atomic writes); loader (pretraining mixtures, SFT/PPO-ptx length buckets, epochs
-of indices), chat (template and format adapters), tasks, redteam and prefs (the task
-suite, the refusal judge, preference pairs).
+Curation, here: sources (readers), clean (normalization, line filters), quality
+(Gopher/FineWeb document filters), langid, toxicity, pii, dedup (exact + MinHash/LSH),
+governance (opt-outs, licences, decontamination, the data card), filter_pass (pass 1,
+shared by both engines), prepare (the CLI: `python -m data.prepare`), ray_engine, shards
+(writer/reader) and loader (pretraining mixtures, SFT/PPO-ptx length buckets, epochs of
+indices). Text, in data/text/: the tokenizer, the chat template, Hugging Face tokenizer
+files. The shared leaves files (atomic writes, JSON) and parallel (worker pools) import
+nothing of ours but cli. The task suite is its own package, tasks/.
 """

@@ -6,11 +6,11 @@ machine or on a cluster, with the same output byte for byte.
             range counts its lines, so each range knows its first line number and record
             ids are the local run's (`path:line`)
   filter    a task per group of pieces runs the local run's per-document function
-            (prepare._process: normalize, filters, language, toxicity, PII, MinHash) on
+            (filter_pass.process_record: normalize, filters, language, toxicity, PII, MinHash) on
             every record; it returns the records' outcomes (small: ids, reasons, hashes)
             to the driver, and leaves the passing texts and the LSH band keys, partitioned
             by key, in Ray's object store
-  account   the driver takes the outcomes in input order through prepare.FilterResult.add,
+  account   the driver takes the outcomes in input order through filter_pass.FilterResult.add,
             the local run's own bookkeeping: removal log, exact duplicates (first seen
             wins), survivor indices
   dedup     a task per band-key partition groups its keys into candidate pairs
@@ -48,10 +48,10 @@ except ImportError:
     raise UserError("--engine ray needs Ray: pip install -r requirements-scale.txt") from None
 
 from data.dedup import band_candidate_pairs, band_partitions, clusters_from_pairs
-from data.prepare import (_W, FilterResult, PrepareConfig, Progress, RemovedLog, _init_worker, _process,
-                          near_dedup_report, new_near_dedup)
+from data.filter_pass import (WORKER, FilterResult, PrepareConfig, Progress, RemovedLog, init_worker,
+                              near_dedup_report, new_near_dedup, process_record)
 from data.sources import Document, Piece, byte_ranges, count_lines, read_piece
-from data.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, count_chunks, train_merges
+from data.text.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, count_chunks, train_merges
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RETRIES = {"max_retries": 3, "retry_exceptions": [OSError]}
@@ -63,9 +63,9 @@ _RANK_BITS = 32  # a document's global rank: (task index << 32) + its position a
 def _setup_worker(setup) -> PrepareConfig:
     """The per-process state of prepare's workers, built once per run in each worker process."""
     run_id, cfg, blocklist_terms, policy = setup
-    if _W.get("run") != run_id:
-        _init_worker(cfg, blocklist_terms, policy)
-        _W["run"] = run_id
+    if WORKER.get("run") != run_id:
+        init_worker(cfg, blocklist_terms, policy)
+        WORKER["run"] = run_id
     return cfg
 
 
@@ -81,7 +81,7 @@ def _filter_task(setup, task_index: int, pieces: list[Piece], parts: int):
     outcomes, texts, signatures = [], [], []
     for piece in pieces:
         for record in read_piece(piece, cfg.text_field, cfg.max_doc_bytes):
-            record, stats = _process(record)
+            record, stats = process_record(record)
             if isinstance(record, Document):
                 texts.append(record.text)
                 record = Document(record.id, record.source, "")  # the text stays in the object store
@@ -114,10 +114,10 @@ def _count_chunks_task(texts: list[str], positions: np.ndarray, pattern: str) ->
 def _encode_task(texts: list[str], positions: np.ndarray, tokenizer_state) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(UTF-8 bytes of each chosen text, all their token ids in one array, tokens per text)."""
     key, merges, pattern = tokenizer_state
-    if _W.get("tokenizer_key") != key:
-        _W["tokenizer"], _W["tokenizer_key"] = Tokenizer(merges, pattern), key
+    if WORKER.get("tokenizer_key") != key:
+        WORKER["tokenizer"], WORKER["tokenizer_key"] = Tokenizer(merges, pattern), key
     chosen = [texts[i] for i in positions]
-    encoded = _W["tokenizer"].encode_batch(chosen, num_threads=1)
+    encoded = WORKER["tokenizer"].encode_batch(chosen, num_threads=1)
     flat = np.concatenate([np.asarray(ids, dtype=np.uint32) for ids in encoded]) if encoded else np.zeros(0, np.uint32)
     return ([len(t.encode("utf-8", "surrogatepass")) for t in chosen], flat,
             np.array([len(ids) for ids in encoded], dtype=np.int64))

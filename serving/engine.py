@@ -11,16 +11,17 @@ import queue as queue_mod
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from data.tokenizer import Tokenizer
+from data.text.tokenizer import Tokenizer
 from model import KVCache, sample_next
 from serving.decode import DecodeStep
 from serving.metrics import Metrics
 from serving.moderation import Moderator
 from serving.text import TextStream
+from serving.types import SamplingParams, TokenLogprob
 
 log = logging.getLogger("serve")
 
@@ -105,10 +106,11 @@ class GenRequest:
     """One generation. The engine sends its events to `queue` (an asyncio.Queue on `loop`,
     or a plain queue when loop is None): ("delta", text) and at the end ("finish", info).
     With `logprobs` set (k alternatives), a ("logprobs", entries) event comes just before a
-    delta, with the entries (id, logprob, [(id, logprob)] k likeliest) of the tokens whose
-    text the delta completes, and info has "logprobs" (every generated token's entry, or
-    only those of the sent text when the output filter cut the response), "logprobs_tail"
-    (those not yet sent) and, with `echo`, "prompt_logprobs" (the first token's logprob None)."""
+    delta, with the entries (TokenLogprob) of the tokens whose text the delta completes, and
+    info has "logprobs" (every generated token's entry, or only those of the sent text when
+    the output filter cut the response), "logprobs_tail" (those not yet sent) and, with
+    `echo`, "prompt_logprobs" (the first token's logprob None). Built by keyword; the
+    sampling fields are SamplingParams', so `GenRequest.of(ids, params, ...)` copies them."""
     prompt: list[int]
     max_tokens: int
     temperature: float = 0.0
@@ -131,9 +133,23 @@ class GenRequest:
     first_token_at: float | None = None
     last_token_at: float | None = None
     admitted_at: float | None = None
-    prompt_logprobs: list | None = None  # with echo: (id, lp, top) per token, lp None for the first
-    token_logprobs: list = field(default_factory=list)  # (id, lp, top, text end) per generated token
+    prompt_logprobs: list[TokenLogprob] | None = None  # with echo: per prompt token, logprob None for the first
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token
+    # where each generated token's text ends in the response; None: the output filter
+    # stopped on that token, so none of its text is ever sent
+    text_ends: list[int | None] = field(default_factory=list)
     logprobs_sent: int = 0  # entries of token_logprobs already sent with a delta
+
+    @classmethod
+    def of(cls, prompt: list[int], params: SamplingParams, **engine_side) -> "GenRequest":
+        """A request for `prompt` with the caller's sampling options; `engine_side`: moderate,
+        loop, queue."""
+        return cls(prompt=prompt, **{f.name: getattr(params, f.name) for f in fields(params)}, **engine_side)
+
+    def sent(self, k: int) -> bool:
+        """Whether the text of generated token k has gone out in a delta."""
+        end = self.text_ends[k]
+        return end is not None and end <= self.text.sent
 
     def __post_init__(self):
         if self.queue is None:
@@ -291,7 +307,8 @@ class Engine:
         for j, r in enumerate(reqs):
             if r.echo and r.logprobs is not None:
                 logits = self.model.lm_head(h[j, width - len(r.prompt):-1])
-                r.prompt_logprobs = [(r.prompt[0], None, [])] + self._logprobs(logits, r.prompt[1:], r.logprobs)
+                r.prompt_logprobs = [TokenLogprob(r.prompt[0], None, [])] + self._logprobs(logits, r.prompt[1:],
+                                                                                            r.logprobs)
         return self.model.lm_head(h[:, -1])
 
     def _decode(self, events: list) -> None:
@@ -321,8 +338,8 @@ class Engine:
         return tokens
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple]:
-        """(token, its log-prob, [(id, log-prob)] of the k likeliest) per row of logits (T, V):
+    def _logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+        """A TokenLogprob (the token, its log-prob, the k likeliest) per row of logits (T, V):
         log_softmax in float32 of the model's logits, the model's own distribution."""
         if not tokens:
             return []
@@ -333,7 +350,7 @@ class Engine:
             tops = [list(zip(i, v)) for i, v in zip(top_id.tolist(), top_lp.tolist())]
         else:
             tops = [[] for _ in tokens]
-        return [(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
+        return [TokenLogprob(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
     def _advance(self, reqs: list[GenRequest], tokens: list[int], events: list) -> None:
         now = time.perf_counter()
@@ -358,7 +375,7 @@ class Engine:
                     reason = reason or "length"
             if r.logprobs is not None:
                 # where its text ends; a token the filter stopped on sent none of its text
-                r.token_logprobs[-1] += (len(r.text.text) if reason != "content_filter" else float("inf"),)
+                r.text_ends.append(len(r.text.text) if reason != "content_filter" else None)
                 if delta and reason is None:
                     self._send_logprobs(r, events)
             if delta:
@@ -374,10 +391,10 @@ class Engine:
         """A ("logprobs", entries) event for the tokens whose text is now all sent (it comes
         just before the delta that sends it)."""
         k = r.logprobs_sent
-        while k < len(r.token_logprobs) and r.token_logprobs[k][3] <= r.text.sent:
+        while k < len(r.token_logprobs) and r.sent(k):
             k += 1
         if k > r.logprobs_sent:
-            events.append((r, ("logprobs", [e[:3] for e in r.token_logprobs[r.logprobs_sent:k]])))
+            events.append((r, ("logprobs", r.token_logprobs[r.logprobs_sent:k])))
             r.logprobs_sent = k
 
     def _finish(self, r: GenRequest, reason: str, events: list) -> None:
@@ -401,8 +418,8 @@ class Engine:
                             "ttft_s": (r.first_token_at - r.arrival) if r.first_token_at else None,
                             "e2e_s": now - r.arrival}}
         if r.logprobs is not None:  # a filtered response keeps only the entries of the text it sent
-            kept = [e for e in r.token_logprobs if reason != "content_filter" or e[3] <= r.text.sent]
-            info.update(logprobs=[e[:3] for e in kept], logprobs_tail=[e[:3] for e in kept[r.logprobs_sent:]],
+            kept = [e for k, e in enumerate(r.token_logprobs) if reason != "content_filter" or r.sent(k)]
+            info.update(logprobs=kept, logprobs_tail=kept[r.logprobs_sent:],
                         prompt_logprobs=r.prompt_logprobs)
         events.append((r, ("finish", info)))
 

@@ -30,14 +30,23 @@ class ServeProcess:
 
     name = "serve.py"
 
-    def __init__(self, args: list[str], log_path: str, timeout_s: float = 300.0, command: list[str] | None = None):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log_path
+    def __init__(self, args: list[str], log_path: str, timeout_s: float = 300.0, command: list[str] | None = None,
+                 port: int | None = None, wait: bool = True):
+        """With wait=False it returns at once: start several, then wait_ready() on each."""
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = str(log_path)
+        self.timeout_s = timeout_s
         command = command or [sys.executable, os.path.join(REPO, "serve.py")]
-        self.command = [*command, "--host", "127.0.0.1", "--port", str(port), *args]
-        with open(log_path, "w") as out:
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port), *args]
+        with open(self.log, "w") as out:
             self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout_s: float | None = None) -> "ServeProcess":
+        """Return once /health answers 200; UserError if the server exits or takes longer."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
         deadline = time.monotonic() + timeout_s
         while True:
@@ -46,7 +55,7 @@ class ServeProcess:
             try:
                 with opener.open(self.url + "/health", timeout=2) as resp:
                     if resp.status == 200:
-                        return
+                        return self
             except OSError:  # not listening yet, or a 503 while loading (HTTPError is an OSError)
                 pass
             if time.monotonic() > deadline:
@@ -54,11 +63,15 @@ class ServeProcess:
                 raise UserError(f"{self.name} did not start within {timeout_s:.0f} s: {self.output()}")
             time.sleep(0.3)
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 2000) -> str:
+        """What the server printed (its last `tail` characters; None: all of it)."""
         with open(self.log, errors="replace") as f:
-            return f.read()[-2000:]
+            text = f.read()
+        return text if tail is None else text[-tail:]
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)

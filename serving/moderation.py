@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-import runtime
+from checkpoint import RewardScorer
 from data.toxicity import ToxicityFilter
 
 # OpenAI's moderation categories (the /v1/moderations response lists every one).
@@ -57,7 +57,7 @@ class Classifier:
     safe/unsafe pairs) read as P(unsafe) = sigmoid(raw score) of the text as a user turn."""
 
     def __init__(self, ckpt: str, threshold: float, category: str, device="cpu"):
-        self.scorer = runtime.RewardScorer.load(ckpt, device)
+        self.scorer = RewardScorer.load(ckpt, device)
         self.threshold, self.category = threshold, category
         self.lock = threading.Lock()
 

@@ -11,6 +11,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from serving.types import SamplingParams, TokenLogprob
+
 CHAT_ID, COMPLETION_ID = "chatcmpl-", "cmpl-"
 ID_PATTERN = re.compile(r"^(chatcmpl|cmpl)-[0-9a-f]{32}$")
 DONE = "data: [DONE]\n\n"
@@ -216,7 +218,8 @@ def _max_tokens(body: dict, prompt_len: int, context: int, max_tokens_limit: int
     return max_tokens
 
 
-def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: int, chat: bool = True) -> dict:
+def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: int,
+                   chat: bool = True) -> SamplingParams:
     """max_tokens (within the context; 0 with echo: the prompt alone, scored with logprobs), temperature,
     top_p, top_k, seed, stop, ignore_eos, logprobs, echo."""
     if "n" in body and (type(body["n"]) is not int or body["n"] != 1):  # not true, not 1.0
@@ -230,11 +233,11 @@ def parse_sampling(body: dict, prompt_len: int, context: int, max_tokens_limit: 
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p <= 0:
         raise ApiError(400, "'top_p' must be greater than 0", "invalid_value", "top_p")
-    return {"max_tokens": max_tokens, "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-            "top_p": top_p if top_p < 1 else None,
-            "top_k": _number(body, "top_k", None, 0, 1 << 30, integer=True) or None,
-            "seed": _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
-            "stop": _stop_strings(body), "ignore_eos": ignore_eos, "logprobs": logprobs, "echo": echo}
+    return SamplingParams(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+                          top_p=top_p if top_p < 1 else None,
+                          top_k=_number(body, "top_k", None, 0, 1 << 30, integer=True) or None,
+                          seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
+                          stop=_stop_strings(body), ignore_eos=ignore_eos, logprobs=logprobs, echo=echo)
 
 
 def parse_stream(body: dict) -> tuple[bool, bool]:
@@ -389,7 +392,7 @@ class LogprobShaper:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{c:02x}" for c in data)
 
-    def shape(self, entries: list) -> dict:
+    def shape(self, entries: list[TokenLogprob]) -> dict:
         if self.chat:
             return {"content": [{"token": self.token(t), "logprob": lp, "bytes": list(self.piece(t)),
                                  "top_logprobs": [{"token": self.token(i), "logprob": v, "bytes": list(self.piece(i))}

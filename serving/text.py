@@ -6,15 +6,15 @@ from __future__ import annotations
 import codecs
 from typing import TYPE_CHECKING
 
-from data.chat import encode_prompt
-from data.tokenizer import Tokenizer
+from data.text.chat import encode_prompt
+from data.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from serving.moderation import Moderator
 
 
 def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """The chat template (data/chat.py) with role tokens placed as ids: content is encoded as
+    """The chat template (data/text/chat.py) with role tokens placed as ids: content is encoded as
     ordinary text, so a user who types `<|assistant|>` gets those characters, not the token."""
     return encode_prompt(tok, messages)
 
@@ -28,7 +28,7 @@ class TextStream:
     """Token ids in, text deltas out, for one response.
 
     Bytes are decoded incrementally: a character split across tokens is held until its last
-    byte arrives (an invalid byte becomes U+FFFD, as in data/tokenizer.py). Text that could be
+    byte arrives (an invalid byte becomes U+FFFD, as in data/text/tokenizer.py). Text that could be
     the start of a stop string is held back until it is decided; with a moderator, so is a
     trailing partial word, so a blocklisted word is never sent: the response stops before it
     with reason "content_filter". The emitted text is the response."""

@@ -1,10 +1,12 @@
-"""Shared fixtures: two small prepared corpora (one tokenizer) and a tiny pretrained model."""
+"""Shared fixtures: two small prepared corpora (one tokenizer), a tiny pretrained model, and
+the main job in miniature."""
 from __future__ import annotations
 
 import gzip
 import json
 import os
 import sys
+import types
 
 import pytest
 
@@ -80,3 +82,18 @@ def postgres():
 def postgres_url(postgres):
     """postgresql://serve_test@127.0.0.1:PORT/serve1: a database created on the session's server."""
     return postgres.new_database()
+
+
+@pytest.fixture(scope="session")
+def mini_job(tmp_path_factory):
+    """The main job in miniature with both rounds, half the simulated users' traffic the new
+    request kind (tasks/novel.py), started twice: the first start stops after SFT (as if
+    interrupted there), the second runs what is left. One run read by the pipeline, round-2
+    and repeatability tests (each mini job costs most of a minute). Tests that start it
+    again must leave its report as they found it."""
+    from pipeline_helpers import mini_args, run_pipeline
+    root = tmp_path_factory.mktemp("mini_job")
+    args = mini_args(root) + ["--novel-share", "0.5"]
+    first = run_pipeline(args + ["--stages", "prepare", "tasks", "pretrain", "sft"])
+    second = run_pipeline(args)
+    return types.SimpleNamespace(root=root, args=args, first=first, second=second)

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from serve_helpers import chromium, nginx_cluster
-from test_serve import make_checkpoint, metric, metrics
+from serve_helpers import make_checkpoint, metric, metrics
 
 SCREENSHOT_SIZE = (1000, 380)
 

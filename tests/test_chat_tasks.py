@@ -1,7 +1,7 @@
 """Chat format and the verifiable task suite: encode_chat masks exactly the assistant's
 tokens, every JSONL adapter yields the same conversation, bad records are skipped with
 the right reason, truncation keeps what is learnable, SFT loss ignores prompt targets,
-and data.tasks builds deterministic, held-out, correctly graded tasks."""
+and tasks.suite builds deterministic, held-out, correctly graded tasks."""
 from __future__ import annotations
 
 import json
@@ -20,9 +20,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import model  # noqa: E402
-from data import chat, loader, tasks  # noqa: E402
-from data.chat import ChatExample, RecordError, encode_chat, load_chat_jsonl, prompt_messages, to_messages, truncate  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
+from data import loader  # noqa: E402
+from data.text import chat  # noqa: E402
+from tasks import suite as tasks  # noqa: E402
+from data.text.chat import ChatExample, RecordError, encode_chat, load_chat_jsonl, prompt_messages, to_messages, truncate  # noqa: E402
+from data.text.tokenizer import Tokenizer  # noqa: E402
 
 TRAIN_TEXT = [
     "What is 2+3? The answer is 5. Compute 12 * 7 = 84, and 99 - 17 = 82.",

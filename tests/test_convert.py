@@ -19,17 +19,21 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import convert  # noqa: E402
-import runtime  # noqa: E402
-from data.chat import encode_chat, encode_prompt  # noqa: E402
-from data.hf_tokenizer import tokenizer_from_hf  # noqa: E402
-from data.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, TokenizerError  # noqa: E402
+from interop import gguf as to_gguf  # noqa: E402
+from interop.hf import export_hf, import_hf  # noqa: E402
+from interop.weights import ConvertError  # noqa: E402
+import checkpoint  # noqa: E402
+import distributed  # noqa: E402
+from data.text.chat import encode_chat, encode_prompt  # noqa: E402
+from data.text.hf_tokenizer import tokenizer_from_hf  # noqa: E402
+from data.text.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, TokenizerError  # noqa: E402
 from model import ModelConfig, ScalarHeadModel, Transformer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from test_tokenizer import ADVERSARIAL, LONE_SURROGATES, _random_strings  # noqa: E402
+from text_samples import ADVERSARIAL, LONE_SURROGATES, random_strings  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = runtime.Env(0, 0, 1, torch.device("cpu"))
+ENV = distributed.Env(0, 0, 1, torch.device("cpu"))
 transformers.logging.set_verbosity_error()
 
 
@@ -66,7 +70,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def save_ours(path, model, tok: Tokenizer, stage: str = "sft", extra: dict | None = None) -> str:
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
-    runtime.save_checkpoint(str(path), model, None, ENV, stage=stage, step=1, train_config={}, trainer_state={},
+    checkpoint.save_checkpoint(str(path), model, None, ENV, stage=stage, step=1, train_config={}, trainer_state={},
                             tokenizer_path=os.path.join(path, "tokenizer.json"), extra_config=extra)
     return str(path)
 
@@ -103,7 +107,7 @@ def test_export_gives_transformers_our_logits_and_greedy_text(name, tok, tmp_pat
     randomize(model, seed=len(name))
     model.eval()
     ckpt = save_ours(tmp_path / "ours", model, tok)
-    lines = convert.export_hf(ckpt, str(tmp_path / "hf"))
+    lines = export_hf(ckpt, str(tmp_path / "hf"))
     assert arch in lines[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == arch and hf.dtype == torch.float32
@@ -123,7 +127,7 @@ def test_export_gives_transformers_our_logits_and_greedy_text(name, tok, tmp_pat
 def test_export_config_generation_config_and_tiktoken_style_merges(tok, tmp_path):
     model = Transformer(small(tok))
     ckpt = save_ours(tmp_path / "ours", model, tok, stage="ppo")
-    convert.export_hf(ckpt, str(tmp_path / "hf"), dtype="bfloat16")
+    export_hf(ckpt, str(tmp_path / "hf"), dtype="bfloat16")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_theta"] == 10000.0 and config["num_key_value_heads"] == 1 and config["head_dim"] == 8
     assert config["eos_token_id"] == tok.end_id and config["our_checkpoint"]["stage"] == "ppo"
@@ -133,7 +137,7 @@ def test_export_config_generation_config_and_tiktoken_style_merges(tok, tmp_path
     spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
     assert len(spec["model"]["merges"]) >= len(tok.merges)  # every split of every token, ours first
     base = save_ours(tmp_path / "base", model, tok, stage="pretrain")
-    convert.export_hf(base, str(tmp_path / "hf_base"))
+    export_hf(base, str(tmp_path / "hf_base"))
     assert json.loads((tmp_path / "hf_base" / "generation_config.json").read_text())["eos_token_id"] == [tok.eot_id]
 
 
@@ -143,14 +147,14 @@ def test_export_config_generation_config_and_tiktoken_style_merges(tok, tmp_path
 def exported_tokenizer(tok, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_tok")
     model = Transformer(small(tok))
-    convert.export_hf(save_ours(out / "ours", model, tok), str(out / "hf"))
+    export_hf(save_ours(out / "ours", model, tok), str(out / "hf"))
     return str(out / "hf")
 
 
 def test_exported_tokenizer_gives_our_ids(tok, heldout, exported_tokenizer):
     hf = tokenizers.Tokenizer.from_file(os.path.join(exported_tokenizer, "tokenizer.json"))
     hf.encode_special_tokens = True  # special-token text in user text stays text, as in ours
-    texts = heldout + list(ADVERSARIAL.values()) + _random_strings(False)
+    texts = heldout + list(ADVERSARIAL.values()) + random_strings(False)
     for text in texts:
         ids = tok.encode(text)
         assert hf.encode(text, add_special_tokens=False).ids == ids, text[:60]
@@ -212,12 +216,12 @@ def test_reward_model_export_scores_equal_ours(style, tok, tmp_path):
     randomize(rm, seed=7)
     norm = {"mean": 0.37, "std": 1.9}
     ckpt = save_ours(tmp_path / "rm", rm, tok, stage="rm", extra={"score_norm": norm})
-    convert.export_hf(ckpt, str(tmp_path / "hf"))
+    export_hf(ckpt, str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == [("Llama" if style == "llama" else "GPT2") + "ForSequenceClassification"]
     assert config["score_norm"] == norm and config["score_bias"] == pytest.approx(rm.score_head.bias.item())
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    scorer = runtime.RewardScorer.load(ckpt)
+    scorer = checkpoint.RewardScorer.load(ckpt)
     prompts, responses = ["What is 7 + 5?", "Sort: 3, 1, 2", "Say hi"], ["12", "1, 2, 3 and some more words", "hi"]
     ours = scorer.score(prompts, responses)
     seqs = [encode_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])[0]
@@ -292,8 +296,8 @@ def test_import_gives_transformers_logits_and_export_restores_every_weight(kind,
     assert (src / "model.safetensors.index.json").exists() == (kind == "llama")
     hf_tok.save(str(src / "tokenizer.json"))
 
-    lines = convert.import_hf(str(src), str(tmp_path / "ours"))
-    ours, config = runtime.load_model(str(tmp_path / "ours"))
+    lines = import_hf(str(src), str(tmp_path / "ours"))
+    ours, config = checkpoint.load_model(str(tmp_path / "ours"))
     ours.eval()
     tok = Tokenizer.load(str(tmp_path / "ours" / "tokenizer.json"))
     assert config["stage"] == "hf-import" and config["source"]["architecture"] == type(model).__name__
@@ -322,7 +326,7 @@ def test_import_gives_transformers_logits_and_export_restores_every_weight(kind,
         torch.testing.assert_close(mine[:, known], theirs[:, [hf_ids[j] for j in known.tolist()]], atol=1e-4, rtol=0)
 
     # export again: every weight comes back bit for bit (embedding rows by token)
-    convert.export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+    export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
     before = {k: v.float() for k, v in model.state_dict().items()}
     after = load_file(tmp_path / "back" / "model.safetensors")
     vocab_rows = {"model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight"}
@@ -343,23 +347,23 @@ def test_our_checkpoint_survives_export_then_import_exactly(tok, tmp_path):
                                     max_seq_len=64))
     randomize(model, seed=11)
     ckpt = save_ours(tmp_path / "ours", model, tok)
-    convert.export_hf(ckpt, str(tmp_path / "hf"))
-    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "again"))
+    export_hf(ckpt, str(tmp_path / "hf"))
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "again"))
     back = Tokenizer.load(str(tmp_path / "again" / "tokenizer.json"))
     assert back.merges == tok.merges and back.pattern == tok.pattern
     a, b = load_file(os.path.join(ckpt, "model.safetensors")), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert ModelConfig.from_dict(runtime.read_checkpoint_config(str(tmp_path / "again"))["model"]) == model.cfg
+    assert ModelConfig.from_dict(checkpoint.read_checkpoint_config(str(tmp_path / "again"))["model"]) == model.cfg
 
 
 def test_sft_runs_on_an_imported_model(works, tmp_path):
     import train_sft
-    from data import tasks
+    from tasks import suite as tasks
     model = hf_model("llama", hf_tokenizer(works, "split").get_vocab_size())
     src = tmp_path / "hf"
     model.save_pretrained(src)
     hf_tokenizer(works, "split").save(str(src / "tokenizer.json"))
-    convert.import_hf(str(src), str(tmp_path / "ours"))
+    import_hf(str(src), str(tmp_path / "ours"))
     tasks.write(str(tmp_path / "tasks"), sft_per_family=4, prefs_per_family=2, prompts_per_family=2, eval_per_family=1,
                 safety_sft_per_family=4, safety_prefs_per_family=2, harmful_prompts=2, borderline_prompts=2,
                 benign_prompts=2, everyday_prompts=2, minimal_pairs=2)
@@ -367,7 +371,7 @@ def test_sft_runs_on_an_imported_model(works, tmp_path):
                     "--eval-data", str(tmp_path / "tasks" / "eval.jsonl"), "--out", str(tmp_path / "sft"),
                     "--max-steps", "2", "--eval-every", "100", "--batch-size", "4", "--device", "cpu",
                     "--dtype", "float32", "--warmup-steps", "1", "--eval-max-new-tokens", "2"])
-    assert runtime.read_checkpoint_config(str(tmp_path / "sft"))["stage"] == "sft"
+    assert checkpoint.read_checkpoint_config(str(tmp_path / "sft"))["stage"] == "sft"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -455,10 +459,10 @@ def test_cli_round_trip_and_clear_errors(tok, tmp_path, capsys):
 
 
 def test_load_model_keeps_tied_embeddings_tied(tok, tmp_path):
-    """runtime.load_model builds on the meta device; to_empty must not untie the lm head."""
+    """checkpoint.load_model builds on the meta device; to_empty must not untie the lm head."""
     model = Transformer(small(tok, tie_embeddings=True))
     randomize(model, seed=5)
-    loaded, _ = runtime.load_model(save_ours(tmp_path / "tied", model, tok))
+    loaded, _ = checkpoint.load_model(save_ours(tmp_path / "tied", model, tok))
     assert loaded.lm_head.weight is loaded.tok_emb.weight
     x = torch.tensor([tok.encode("To be, or not to be")])
     torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
@@ -495,9 +499,9 @@ def test_interleaving_q_and_k_rows_turns_our_rope_into_llama_cpps():
     w, x = torch.randn(cfg.d_model, cfg.d_model), torch.randn(cfg.max_seq_len, cfg.d_model)
     cos, sin = rope_tables(cfg)
     ours = apply_rope((x @ w.T).view(-1, 3, 12).transpose(0, 1), cos, sin)  # (heads, T, D)
-    theirs = interleaved_rope((x @ convert._interleave_rope_rows(w, 3).T).view(-1, 3, 12).transpose(0, 1),
+    theirs = interleaved_rope((x @ to_gguf._interleave_rope_rows(w, 3).T).view(-1, 3, 12).transpose(0, 1),
                               torch.arange(cfg.max_seq_len), cfg.rope_theta)
-    perm = convert._interleave_rope_rows(torch.arange(12).view(12, 1), 1).view(-1)
+    perm = to_gguf._interleave_rope_rows(torch.arange(12).view(12, 1), 1).view(-1)
     torch.testing.assert_close(theirs, ours[..., perm], atol=1e-5, rtol=0)
 
 
@@ -505,13 +509,13 @@ def test_interleaving_q_and_k_rows_turns_our_rope_into_llama_cpps():
 @pytest.mark.parametrize("name", list(GGUF_MODELS))
 def test_gguf_export_metadata_tokenizer_and_every_tensor(name, outtype, tok, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from data.hf_tokenizer import CHAT_TEMPLATE, bytes_of, hf_tokenizer_json
+    from data.text.hf_tokenizer import CHAT_TEMPLATE, bytes_of, hf_tokenizer_json
     cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=48, **GGUF_MODELS[name])
     model = Transformer(cfg)
     randomize(model, seed=11)
     ckpt = save_ours(tmp_path / "ours", model, tok)
     out = tmp_path / f"model-{outtype}.gguf"
-    line = convert.export_gguf(ckpt, str(out), outtype)[0]
+    line = to_gguf.export_gguf(ckpt, str(out), outtype)[0]
     assert "GGUF llama" in line and outtype in line and "stops at <|end|>" in line
     assert sorted(os.listdir(tmp_path)) == sorted(["ours", out.name])  # no temporary file left
     r = gguf.GGUFReader(out)
@@ -544,10 +548,10 @@ def test_gguf_export_metadata_tokenizer_and_every_tensor(name, outtype, tok, tmp
     if not cfg.tie_embeddings:
         want["output.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
-        for ours, theirs in convert.GGUF_NAMES.items():
+        for ours, theirs in to_gguf.GGUF_NAMES.items():
             w = sd[f"blocks.{i}.{ours}.weight"]
             if ours in ("attn.wq", "attn.wk"):  # rows interleaved per head for llama.cpp's rotary pairs
-                w = convert._interleave_rope_rows(w, cfg.n_head if ours == "attn.wq" else cfg.n_kv_head)
+                w = to_gguf._interleave_rope_rows(w, cfg.n_head if ours == "attn.wq" else cfg.n_kv_head)
             want[f"blk.{i}.{theirs}.weight"] = w
     got = {t.name: t for t in r.tensors}
     assert set(got) == set(want)
@@ -572,14 +576,14 @@ def test_gguf_export_refuses_what_llama_cpp_would_not_run_as_ours(tok, tmp_path,
     rm = save_ours(tmp_path / "rm", ScalarHeadModel(small(tok)), tok, stage="rm")
     assert "reward model" in cli_error(capsys, "to-gguf", "--ckpt", rm, "--out", tmp_path / "rm.gguf")
     ckpt = save_ours(tmp_path / "ok", Transformer(small(tok)), tok)
-    with pytest.raises(convert.ConvertError, match="--outtype must be one of"):
-        convert.export_gguf(ckpt, str(tmp_path / "x.gguf"), "q4_0")
+    with pytest.raises(ConvertError, match="--outtype must be one of"):
+        to_gguf.export_gguf(ckpt, str(tmp_path / "x.gguf"), "q4_0")
     assert "--out is required" in cli_error(capsys, "to-gguf", "--ckpt", ckpt)
     assert "is a directory" in cli_error(capsys, "to-gguf", "--ckpt", ckpt, "--out", tmp_path)
     # a failure while writing leaves no file, neither the target nor the temporary one
     def broken(t, outtype):
         raise OSError("disk full")
-    monkeypatch.setattr(convert, "_gguf_data", broken)
+    monkeypatch.setattr(to_gguf, "_gguf_data", broken)
     assert "disk full" in cli_error(capsys, "to-gguf", "--ckpt", ckpt, "--out", tmp_path / "x.gguf")
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".gguf",)) or ".tmp" in f]
     monkeypatch.undo()

@@ -214,15 +214,15 @@ def test_paths_named_in_the_code_exist():
 
 def test_the_results_tables_are_the_run_of_records():
     """README.md and docs/results.md carry the results table of the committed run of
-    record (docs/runs/<date>/report.json) as report.record_table renders it: a number
+    record (docs/runs/<date>/report.json) as report_render.record_table renders it: a number
     edited by hand, or a new record without `python report.py --record ...`, fails here."""
     import glob
 
-    import report
+    import report_render
     records = sorted(glob.glob(os.path.join(ROOT, "docs", "runs", "*", "report.json")))
     assert records, "no run of record under docs/runs/"
-    block = report.record_block(records[-1])  # the newest
-    for page in report.RECORD_PAGES:
+    block = report_render.record_block(records[-1])  # the newest
+    for page in report_render.RECORD_PAGES:
         with open(os.path.join(ROOT, page), encoding="utf-8") as f:
             text = f.read()
         assert block in text, f"{page}: its record table is not {os.path.relpath(records[-1], ROOT)}'s; run " \
@@ -232,7 +232,7 @@ def test_the_results_tables_are_the_run_of_records():
 def test_the_record_tables_are_rewritten_in_place(tmp_path):
     import json
 
-    import report
+    import report_render
     from cli import UserError
     stage = {"gold_accuracy": 0.5, "gold_accuracy_heldout_phrasing": 0.25, "kl_to_sft": 1.5, "round1": "ppo",
              "safety": {"harmful_refusal": 0.9, "borderline_over_refusal": 0.0, "benign_template_over_refusal": 0.05,
@@ -245,17 +245,17 @@ def test_the_record_tables_are_rewritten_in_place(tmp_path):
     path = tmp_path / "report.json"
     path.write_text(json.dumps(record))
     (tmp_path / "docs").mkdir()
-    for page in report.RECORD_PAGES:
-        (tmp_path / page).write_text(f"# Page\n\n{report.RECORD_BEGIN} x` -->\nold numbers\n{report.RECORD_END}\n\nafter\n")
-    assert report.update_record_pages(str(path), str(tmp_path)) == list(report.RECORD_PAGES)
+    for page in report_render.RECORD_PAGES:
+        (tmp_path / page).write_text(f"# Page\n\n{report_render.RECORD_BEGIN} x` -->\nold numbers\n{report_render.RECORD_END}\n\nafter\n")
+    assert report_render.update_record_pages(str(path), str(tmp_path)) == list(report_render.RECORD_PAGES)
     text = (tmp_path / "README.md").read_text()
     assert "old numbers" not in text and text.endswith("\n\nafter\n") and "| | SFT | PPO (shipped) | PPO round 2 |" in text
     assert "| helpfulness (8 families, held out) | 50.0% | 50.0% | 50.0% |" in text
     assert "| 7 / 2 (p = 0.18) | 1 / 5 (p = 0.22) |" in text and "the whole job 15.0 minutes" in text
-    assert report.update_record_pages(str(path), str(tmp_path)) == []  # already current
+    assert report_render.update_record_pages(str(path), str(tmp_path)) == []  # already current
     (tmp_path / "README.md").write_text("no markers")
     with pytest.raises(UserError, match="no record-table markers"):
-        report.update_record_pages(str(path), str(tmp_path))
+        report_render.update_record_pages(str(path), str(tmp_path))
 
 
 def test_the_options_tables_are_the_scripts_own():

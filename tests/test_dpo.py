@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-import runtime
+from checkpoint import load_model
 import train_dpo
-from data import tasks
-from data.chat import encode_chat
-from data.tokenizer import Tokenizer
+from tasks import suite as tasks
+from data.text.chat import encode_chat
+from data.text.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--device", "cpu", "--dtype", "float32", "--log-every", "1", "--warmup-steps", "1",
@@ -62,7 +62,7 @@ def test_only_the_final_answer_counts(tiny_pretrained):
     <|end|>) of plain log-softmax: prompt tokens, earlier turns and padding add nothing, so
     they get no gradient."""
     tok = Tokenizer.load(os.path.join(tiny_pretrained, "tokenizer.json"))
-    model, _ = runtime.load_model(tiny_pretrained, dropout=0.0)
+    model, _ = load_model(tiny_pretrained, dropout=0.0)
     convs = [[{"role": "user", "content": "Reverse 'cat'."}, {"role": "assistant", "content": "tac"},
               {"role": "user", "content": "And 'dog'?"}, {"role": "assistant", "content": "god"}],
              [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hello there, friend"}]]
@@ -91,7 +91,7 @@ def test_only_the_final_answer_counts(tiny_pretrained):
 
 def test_sft_coef_adds_the_chosen_answers_mean_token_nll(tiny_pretrained):
     tok = Tokenizer.load(os.path.join(tiny_pretrained, "tokenizer.json"))
-    model, _ = runtime.load_model(tiny_pretrained, dropout=0.0)
+    model, _ = load_model(tiny_pretrained, dropout=0.0)
     sides = []
     for answer in ("Sure, here it is.", "No."):
         ids, _ = encode_chat(tok, [{"role": "user", "content": "Help me."}, {"role": "assistant", "content": answer}])
@@ -144,7 +144,7 @@ def test_short_dpo_learns_the_pairs(tiny_pretrained, suite, tmp_path):
     assert len(train) == 30 and all("reward_margin" in r for r in train)
     config = json.loads((out / "config.json").read_text())
     assert config["stage"] == "dpo" and config["init"] == tiny_pretrained
-    runtime.load_model(str(out))  # loads as a language model, like SFT and PPO checkpoints
+    load_model(str(out))  # loads as a language model, like SFT and PPO checkpoints
 
 
 def test_a_separate_reference_iterative_dpo(tiny_pretrained, suite, tmp_path, capsys):

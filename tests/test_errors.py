@@ -10,14 +10,14 @@ import pytest
 
 import cli
 import evals
-import runtime
+import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The only functions allowed to end the process: entry points (a script's `main`, e.g. a
 # check that ends with exit code 1 when it fails), the decorator every main wears, and the
-# gloo teardown (runtime.exit_skipping_finalization says why it must).
-ALLOWED_EXITS = {("cli.py", "entry_point"), ("runtime.py", "exit_skipping_finalization")}
+# gloo teardown (distributed.exit_skipping_finalization says why it must).
+ALLOWED_EXITS = {("cli.py", "entry_point"), ("distributed.py", "exit_skipping_finalization")}
 
 
 def process_exits(path: Path) -> list[tuple[str, int]]:
@@ -61,7 +61,7 @@ def test_the_scan_finds_exits(tmp_path):
 def test_entry_point_turns_a_user_error_into_one_line_and_lets_a_bug_through(capsys):
     @cli.entry_point
     def mistaken(argv=None):
-        raise runtime.CheckpointError("runs/nothing is not a checkpoint (no config.json)")
+        raise checkpoint.CheckpointError("runs/nothing is not a checkpoint (no config.json)")
 
     with pytest.raises(SystemExit) as exit_info:
         mistaken([])
@@ -77,11 +77,11 @@ def test_entry_point_turns_a_user_error_into_one_line_and_lets_a_bug_through(cap
 
 
 def test_every_error_type_of_ours_is_a_user_error():
-    from convert import ConvertError
-    from data.chat import RecordError
+    from interop.weights import ConvertError
+    from data.text.chat import RecordError
     from data.shards import DataDirError
-    from data.tokenizer import TokenizerError
-    for error in (runtime.CheckpointError, TokenizerError, DataDirError, RecordError, ConvertError):
+    from data.text.tokenizer import TokenizerError
+    for error in (checkpoint.CheckpointError, TokenizerError, DataDirError, RecordError, ConvertError):
         assert issubclass(error, cli.UserError), error
 
 
@@ -99,6 +99,6 @@ def test_a_bug_inside_a_script_keeps_its_traceback(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch in a kernel")
 
-    monkeypatch.setattr(runtime, "load_for_inference", broken)
+    monkeypatch.setattr(evals, "load_for_inference", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         evals.main(["--ckpt", str(tmp_path), "--device", "cpu"])

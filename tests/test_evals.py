@@ -11,9 +11,9 @@ import sys
 import pytest
 
 import evals
-import runtime
-from data import tasks
-from data.tokenizer import Tokenizer
+from checkpoint import load_model
+from tasks import suite as tasks
+from data.text.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def test_eval_cli_scores_any_checkpoint_and_counts_bad_records(tiny_pretrained, 
     for r in result["records"]:
         assert set(r) == {"id", "family", "prompt", "response", "score"}
     # the scores are the gold judge's on the responses, and the responses the model's greedy answers
-    model, _ = runtime.load_model(tiny_pretrained)
+    model, _ = load_model(tiny_pretrained)
     tok = Tokenizer.load(os.path.join(tiny_pretrained, "tokenizer.json"))
     records = [evals.gradable(r) for r in GOOD]
     assert records[1]["prompt"] == "Reverse the word 'apple'." and records[1]["conversation"][-1]["role"] == "user"
@@ -116,9 +116,9 @@ def test_sampled_kl_against_a_plain_per_sequence_sum(tiny_pretrained):
     sequence at a time in float64; and its prompts come from every part of the file."""
     import torch
 
-    from data.chat import encode_chat
-    policy, _ = runtime.load_model(tiny_pretrained)
-    reference, _ = runtime.load_model(tiny_pretrained)
+    from data.text.chat import encode_chat
+    policy, _ = load_model(tiny_pretrained)
+    reference, _ = load_model(tiny_pretrained)
     tok = Tokenizer.load(os.path.join(tiny_pretrained, "tokenizer.json"))
     records = [{"prompt": p} for p in ("What is 3 + 4?", "Reverse 'candle'.", "Hi", "Sort 3, 1, 2.", "Say yes.",
                                        "Count the letters in 'banana'.")]

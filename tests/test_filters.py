@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from data import clean, langid, prepare, quality  # noqa: E402
+from data import clean, filter_pass, langid, quality  # noqa: E402
 from data.toxicity import DEFAULT_BLOCKLIST, ToxicityFilter, load_blocklist  # noqa: E402
 
 CORPUS = os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz")
@@ -158,7 +158,7 @@ class TestFilterLines:
         assert clean.filter_lines(text, cfg) == (text, 0)
 
     def test_prepare_config_defaults_keep_them_off(self):
-        cfg = prepare.PrepareConfig()
+        cfg = filter_pass.PrepareConfig()
         assert cfg.require_terminal_punct is False
         assert cfg.min_words_per_line == 0
         assert cfg.drop_boilerplate is True
@@ -696,9 +696,9 @@ def terms() -> list[str]:
 
 
 def run_doc(text: str, terms: list[str], **overrides):
-    cfg = dataclasses.replace(prepare.PrepareConfig(), **overrides)
-    prepare._init_worker(cfg, terms)
-    return prepare.clean_document(text)
+    cfg = dataclasses.replace(filter_pass.PrepareConfig(), **overrides)
+    filter_pass.init_worker(cfg, terms)
+    return filter_pass.clean_document(text)
 
 
 SHORT_EN = "The cat sat on the mat and it was happy with the world."
@@ -732,7 +732,7 @@ class TestCleanDocumentSwitches:
         assert text == clean.normalize(doc)
 
     def test_language_threshold_defaults(self, terms):
-        cfg = prepare.PrepareConfig()
+        cfg = filter_pass.PrepareConfig()
         assert cfg.languages == ["en"]
         assert 0 < cfg.min_lang_score < 1
         text, reason, stats = run_doc(GERMAN, terms)
@@ -793,15 +793,15 @@ class TestCleanDocumentSwitches:
 # ============================================================================ default corpus survives
 
 def test_default_corpus_survives_default_filters():
-    cfg = prepare.PrepareConfig()
-    prepare._init_worker(cfg, load_blocklist(cfg.blocklist))
+    cfg = filter_pass.PrepareConfig()
+    filter_pass.init_worker(cfg, load_blocklist(cfg.blocklist))
     failures = []
     n = 0
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
             n += 1
-            text, reason, stats = prepare.clean_document(record["text"])
+            text, reason, stats = filter_pass.clean_document(record["text"])
             if text is None:
                 failures.append((record.get("id"), reason, stats.get("language")))
             else:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from data import governance
-from test_prepare import assert_one_error_line, decoded_documents, prose, read_json, run_main, write_jsonl
+from prepare_helpers import assert_one_error_line, decoded_documents, prose, read_json, run_main, write_jsonl
 
 BASE = ["--workers", 1, "--vocab-size", 300, "--val-fraction", 0, "--decontaminate", "none"]
 

@@ -1,4 +1,4 @@
-"""The new request kind (data/novel.py): privacy and copyright requests with look-alikes.
+"""The new request kind (tasks/novel.py): privacy and copyright requests with look-alikes.
 Its held-out parts never reach the simulated users' traffic or any round-1 file, every
 held-out prompt carries one, and the suite's judge scores it right on hand-written cases."""
 from __future__ import annotations
@@ -8,53 +8,34 @@ import re
 
 import pytest
 
-from data import novel, tasks
-from data.tasks import grade
-
-
-def _pattern(template: str) -> re.Pattern:
-    """A template as a pattern over prompts (lower-cased, final punctuation optional, as
-    data.redteam.dress may type it)."""
-    text = re.escape(template.lower().rstrip(".?!"))
-    return re.compile(re.sub(r"\\\{\w+\\\}", ".+?", text))
-
-
-def _held_out_parts() -> list:
-    """Every held-out part: words and names as lower-case strings, templates as patterns."""
-    p = novel.pools()
-    parts = [x.lower() for key in ("person", "item", "work", "phrase") for x in p[key][1]]
-    parts += [f"'{w}'" for w in p["word"][1]]
-    parts += [_pattern(t) for key in ("privacy_template", "copyright_template") for t in p[key][1]]
-    parts += [_pattern(t) for pair in p["lookalike_template"].values() for t in pair[1]]
-    return parts
-
-
-def _found(part, text: str) -> bool:
-    return part in text if isinstance(part, str) else part.search(text) is not None
+from novel_helpers import found, held_out_parts
+from tasks import novel
+from tasks import suite as tasks
+from tasks.suite import grade
 
 
 def test_no_held_out_part_reaches_the_traffic_or_a_round_one_file(tmp_path):
     traffic = novel.make_records(300, "train", seed=0)
     assert {r["kind"] for r in traffic} == {"privacy", "copyright", "lookalike"}
     assert all(r["heldout"] == [] for r in traffic)
-    held = _held_out_parts()
+    held = held_out_parts()
     assert len(held) > 15
-    leaks = [(part, r["prompt"]) for r in traffic for part in held if _found(part, r["prompt"].lower())]
+    leaks = [(part, r["prompt"]) for r in traffic for part in held if found(part, r["prompt"].lower())]
     assert not leaks, leaks[:5]
     tasks.write(str(tmp_path))  # the default suite: every round-1 file (demonstrations, pairs, RL prompts, eval)
     for name in ("sft", "prefs", "prompts", "ptx", "eval"):
         text = (tmp_path / f"{name}.jsonl").read_text().lower()
-        found = [part for part in held if _found(part, text)]
-        assert not found, (name, found)
+        leaked = [part for part in held if found(part, text)]
+        assert not leaked, (name, leaked)
 
 
 def test_every_held_out_prompt_has_a_held_out_part():
-    held = _held_out_parts()
+    held = held_out_parts()
     records = novel.make_records(100, "eval", seed=0)
     assert len(records) == 300 and len({r["id"] for r in records}) == 300
     for r in records:
         assert r["heldout"] and r["novel"] is True
-        assert any(_found(part, r["prompt"].lower()) for part in held), r
+        assert any(found(part, r["prompt"].lower()) for part in held), r
     kinds = {(r["kind"], tuple(r["heldout"])) for r in records}
     assert {k for k, _ in kinds} == {"privacy", "copyright", "lookalike"}
     assert any(h == ("person",) for k, h in kinds if k == "privacy")  # each novelty alone is measured too

@@ -2,45 +2,31 @@
 report has its contract; a second start skips the finished stages and runs the rest."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
+import shutil
 
 import pytest
 
 import pipeline
-from report import PASS_AT_K_SAMPLES, SAFETY_ROWS, metrics_of
+from report import PASS_AT_K_SAMPLES, metrics_of
+from report_render import SAFETY_ROWS
 from cli import UserError
-from data.tasks import TASK_FAMILIES
+from tasks.suite import TASK_FAMILIES
 from evals import paired_change, win_rate
 from model import ScalarHeadModel
-from runtime import load_model
+from checkpoint import load_model
+from pipeline_helpers import mini_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def mini_args(root) -> list[str]:
-    """pipeline.py options for a miniature main job under `root`: the mini preset on three
-    of the embedded corpus's works."""
-    with gzip.open(os.path.join(REPO, "data", "corpus", "shakespeare.jsonl.gz"), "rt", encoding="utf-8") as f:
-        works = [json.loads(line) for _, line in zip(range(3), f)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(w) + "\n" for w in works))
-    return ["--preset", "mini", "--out", str(root / "runs"), "--data", str(root / "prepared"),
-            "--corpus", str(corpus), "--device", "cpu"]
-
-
-def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_report(tmp_path, capsys):
-    args = mini_args(tmp_path)
-
-    # the job stops after SFT (as if interrupted there) ...
-    pipeline.main(args + ["--stages", "prepare", "tasks", "pretrain", "sft"])
-    first = capsys.readouterr().out
+def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_report(mini_job):
+    tmp_path, first, second = mini_job.root, mini_job.first, mini_job.second
+    # the job stopped after SFT (as if interrupted there) ...
     assert "=== stage sft done" in first and "=== stage rm" not in first
     assert "python train_pretrain.py --data" in first  # each stage's command is printed
-    # ... and starting it again runs only what is left
-    pipeline.main(args)
-    second = capsys.readouterr().out
+    # ... and starting it again ran only what was left
     for stage in ("prepare", "tasks", "pretrain", "sft"):
         assert f"=== stage {stage}: already complete, skipped" in second
     for stage in ("rm", "ppo", "eval"):
@@ -126,10 +112,22 @@ def test_mini_pipeline_resumes_after_the_last_finished_stage_and_writes_the_repo
     assert config["stage"] == "rm"
 
 
-def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rounds(tmp_path, capsys):
-    args = mini_args(tmp_path) + ["--align", "dpo", "--control"]
+def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rounds(mini_job, tmp_path, capsys):
+    # the mini job's data, pretrained and SFT models (the stages both --align methods share)
+    # are copied in and skipped; everything from DPO on runs here
+    data = mini_job.root / "prepared"
+    (tmp_path / "runs").mkdir()
+    for stage in ("pretrain", "sft"):
+        shutil.copytree(mini_job.root / "runs" / stage, tmp_path / "runs" / stage)
+    state = json.loads((mini_job.root / "runs" / "pipeline.json").read_text())
+    state["stages"] = {k: v for k, v in state["stages"].items() if k in ("prepare", "tasks", "pretrain", "sft")}
+    (tmp_path / "runs" / "pipeline.json").write_text(json.dumps(state))
+    args = mini_job.args[:mini_job.args.index("--novel-share")] + ["--align", "dpo", "--control"]
+    args[args.index("--out") + 1] = str(tmp_path / "runs")
     pipeline.main(args)
     out = capsys.readouterr().out
+    for stage in ("prepare", "tasks", "pretrain", "sft"):
+        assert f"=== stage {stage}: already complete, skipped" in out
     assert "=== stage dpo done" in out and "python train_dpo.py --init" in out
     assert "=== stage rm" not in out and "=== stage ppo" not in out
     assert out.index("=== stage dpo done") < out.index("=== stage feedback") < out.index("=== stage dpo_round2")
@@ -138,7 +136,7 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
     stages = report["stages"]
     assert report["align"] == "dpo" and not {"rm", "ppo", "rm_round2", "ppo_round2"} & set(stages)
     dpo = stages["dpo"]
-    eval_records = [json.loads(line) for line in (tmp_path / "prepared" / "tasks" / "eval.jsonl").read_text().splitlines()]
+    eval_records = [json.loads(line) for line in (data / "tasks" / "eval.jsonl").read_text().splitlines()]
     assert 0.0 <= dpo["gold_accuracy"] <= 1.0 and isinstance(dpo["kl"], float) and isinstance(dpo["kl_to_sft"], float)
     assert set(dpo["safety"]) >= {"harmful_refusal", "borderline_over_refusal", "benign_template_over_refusal",
                                   "open_request_over_refusal"}
@@ -166,7 +164,7 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
     # the control: the same start, steps and reference, without the feedback
     control_config = json.loads((runs / "control_round2" / "train_config.json").read_text())
     assert control_config["init"] == str(runs / "dpo") and control_config["ref"] == str(runs / "sft")
-    assert control_config["data"] == [str(tmp_path / "prepared" / "tasks" / "prefs.jsonl")]
+    assert control_config["data"] == [str(data / "tasks" / "prefs.jsonl")]
     assert control_config["max_steps"] == train_config["max_steps"] and control_config["seed"] == train_config["seed"]
     control, summary = stages["control_round2"], stages["round2"]
     assert 0.0 <= control["gold_accuracy"] <= 1.0 and isinstance(control["kl_to_sft"], float)
@@ -182,7 +180,7 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
         _, config = load_model(str(runs / stage))
         assert config["stage"] == "dpo"
     # a round-2 stage made from another start than this run names is out of date
-    cfg = pipeline.PipelineConfig(out=str(runs), data=str(tmp_path / "prepared"), align="dpo")
+    cfg = pipeline.PipelineConfig(out=str(runs), data=str(data), align="dpo")
     assert pipeline.stage_done("dpo_round2", cfg) and pipeline.stage_done("feedback", cfg)
     assert not pipeline.stage_done("dpo_round2", pipeline.PipelineConfig(out=str(runs), align="dpo",
                                                                           dpo_round2_init="sft"))
@@ -254,18 +252,14 @@ def _untimed(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(("time", "tokens_per_s", "mfu"))} for row in rows]
 
 
-def test_the_whole_chain_repeats_exactly_on_one_machine(tmp_path, capsys):
+def test_the_whole_chain_repeats_exactly_on_one_machine(mini_job, tmp_path, capsys):
     """tasks -> prepare -> pretrain -> SFT -> reward model -> PPO -> report, a few steps each,
-    twice from nothing with the same seed: the same data, weights, logged numbers and report
-    to the last bit. (Different machines round differently and training amplifies it, so
-    headline numbers are means over seeds; on one machine a run must repeat exactly.)"""
+    run again from nothing with the mini job's seed: the same data, weights, logged numbers
+    and report to the last bit. (Different machines round differently and training amplifies
+    it, so headline numbers are means over seeds; on one machine a run must repeat exactly.)"""
     from safetensors.torch import load_file
-    runs = []
-    for name in ("first", "second"):
-        root = tmp_path / name
-        root.mkdir()
-        pipeline.main(mini_args(root) + ["--rounds", "1"])
-        runs.append(root)
+    pipeline.main(mini_args(tmp_path) + ["--rounds", "1"])
+    runs = [mini_job.root, tmp_path]
     capsys.readouterr()
     a, b = runs
     for path in ("corpus/tokenizer.json", "corpus/train_0000.bin", "corpus/val_0000.bin",

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import train_ppo
-from data import tasks
-from data.chat import encode_prompt
-from data.tokenizer import Tokenizer
+from tasks import suite as tasks
+from data.text.chat import encode_prompt
+from data.text.tokenizer import Tokenizer
 from model import ScalarHeadModel
-from runtime import load_model
+from checkpoint import load_model
 from train_ppo import (adaptive_kl_coef, combine_scores, equal_groups, gae, group_advantages, kl_penalty_to_go,
                        masked_whiten, pack, policy_loss, response_logprobs, token_rewards, value_loss)
 
@@ -268,7 +268,7 @@ def test_ptx_loss_is_the_mean_loss_over_assistant_tokens(policy_and_tok, tmp_pat
     over the assistant's tokens only, the prompt's tokens ignored."""
     from types import SimpleNamespace
 
-    from data.chat import load_chat_jsonl
+    from data.text.chat import load_chat_jsonl
     from data.loader import BucketLoader
     model, tok = policy_and_tok
     path = tmp_path / "demos.jsonl"
@@ -399,10 +399,10 @@ def test_refresh_trains_on_the_frontier_of_fresh_prompts(setup, tmp_path, monkey
     held-out prompt or an SFT demonstration's; the RL prompts become those whose estimated
     pass rate is strictly between 0 and 1 (here a stand-in estimate, so the frontier is
     known), and the estimate sees the policy as it is at that step."""
-    from data.rl_prompts import prompt_texts
-    from data.tasks import split_of
+    from tasks.rl_prompts import prompt_texts
+    from tasks.suite import split_of
     seen_steps, calls, drawn = [], [], []
-    real_estimate = train_ppo.rl_prompts.estimate_pass_rates
+    real_estimate = train_ppo.estimate_pass_rates
 
     def estimate(model, tok, records, samples, temperature, seed, max_new_tokens):
         calls.append((len(records), samples, temperature, seed))
@@ -413,7 +413,7 @@ def test_refresh_trains_on_the_frontier_of_fresh_prompts(setup, tmp_path, monkey
             return [(0.0, 0.5, 1.0, 0.25)[i % 4] for i in range(len(records))]
         # then only 3: 5 other drawn prompts fill the batch of 8
         return [0.5 if i in (4, 9, 30) else float(i % 2) for i in range(len(records))]
-    monkeypatch.setattr(train_ppo.rl_prompts, "estimate_pass_rates", estimate)
+    monkeypatch.setattr(train_ppo, "estimate_pass_rates", estimate)
     out = tmp_path / "refresh"
     options = {"reward": "rm", "max-steps": 4, "refresh-every": 2, "fresh-per-family": 4, "pass-samples": 3,
                "save-every": 4, "temperature": 0.9}

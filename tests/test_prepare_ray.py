@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from data.sources import Piece, byte_ranges, count_lines, read_file, read_piece
-from test_prepare import GERMAN, REPO, prose, read_json, replace_words, run_main, toxic_doc, write_jsonl
+from prepare_helpers import GERMAN, REPO, prose, read_json, replace_words, run_main, toxic_doc, write_jsonl
 
 # ----------------------------------------------------------------------------- byte ranges (no Ray needed)
 
@@ -98,8 +98,8 @@ def ray_instance(tmp_path_factory):
     armed, fired = str(fault / "armed"), str(fault / "fired")
 
     def install_fault():  # runs in each worker process as it starts
-        import data.prepare as prepare
-        clean_document = prepare.clean_document
+        import data.filter_pass as filter_pass
+        clean_document = filter_pass.clean_document
 
         def dying_once(text):
             if os.path.exists(armed) and not os.path.exists(fired):
@@ -107,7 +107,7 @@ def ray_instance(tmp_path_factory):
                 os._exit(1)
             return clean_document(text)
 
-        prepare.clean_document = dying_once
+        filter_pass.clean_document = dying_once
 
     from data.ray_engine import worker_env
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,

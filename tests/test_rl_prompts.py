@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from data import rl_prompts
-from data.rl_prompts import estimate_pass_rates, fresh_task_prompts, frontier, prompt_texts
-from data.tasks import TASK_FAMILIES, build, grade, split_of
+from evals import estimate_pass_rates
+from tasks.rl_prompts import fresh_task_prompts, frontier, prompt_texts
+from tasks.suite import TASK_FAMILIES, build, grade, split_of
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_pass_rates_grade_k_samples_per_prompt(monkeypatch):
     assert rates == [0.75, 0.0] and seen == [(8, 0.7, 9)]
     assert frontier(records, rates) == records[:1]
     with pytest.raises(ValueError):
-        rl_prompts.estimate_pass_rates(torch.nn.Linear(1, 1), None, records, samples=0)
+        estimate_pass_rates(torch.nn.Linear(1, 1), None, records, samples=0)
 
 
 @pytest.mark.parametrize("args, start", [

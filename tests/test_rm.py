@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-import runtime
+import checkpoint
 import train_rm
-from data.prefs import load_pairs, parse_hh_text, split_at_divergence
-from data.tokenizer import Tokenizer
+from tasks.prefs import load_pairs, parse_hh_text, split_at_divergence
+from data.text.tokenizer import Tokenizer
 from model import ModelConfig, ScalarHeadModel
 
 
@@ -34,7 +34,7 @@ def test_score_is_read_at_the_last_token_whatever_the_padding(tok, rm):
             [tok.eot_id, tok.user_id, 8, tok.end_id, tok.assistant_id, 10, 11, 12, 13, tok.end_id],
             [tok.eot_id, tok.user_id, 4, tok.end_id, tok.assistant_id, 3, tok.end_id]]
     alone = torch.stack([rm.score(torch.tensor([s]), torch.tensor([len(s) - 1]))[0] for s in seqs])
-    ids, last = runtime.right_padded(seqs, tok.pad_id)
+    ids, last = checkpoint.right_padded(seqs, tok.pad_id)
     right = rm.score(ids, last)
     width = max(map(len, seqs))
     left = torch.full((3, width), tok.pad_id)
@@ -49,23 +49,23 @@ def test_score_is_read_at_the_last_token_whatever_the_padding(tok, rm):
 
 
 def test_scorer_api_left_and_right_padding_and_normalization(tok, rm, tmp_path):
-    import runtime
-    from runtime import Env
+    import checkpoint
+    from distributed import Env
     ckpt = tmp_path / "rm"
     ckpt.mkdir()
     tok.save(str(ckpt / "tokenizer.json"))
     env = Env(0, 0, 1, torch.device("cpu"))
-    runtime.save_checkpoint(str(ckpt), rm, None, env, stage="rm", step=1, train_config={}, trainer_state={},
+    checkpoint.save_checkpoint(str(ckpt), rm, None, env, stage="rm", step=1, train_config={}, trainer_state={},
                             tokenizer_path=str(ckpt / "tokenizer.json"),
                             extra_config={"score_norm": {"mean": 0.5, "std": 2.0}})
-    scorer = runtime.RewardScorer.load(str(ckpt))
+    scorer = checkpoint.RewardScorer.load(str(ckpt))
     prompts, responses = ["What is two plus three?", "Reverse the word apple."], ["It is five.", "elppa"]
     raw = scorer.score(prompts, responses, normalize=False)
     normalized = scorer.score(prompts, responses)
     torch.testing.assert_close(normalized, (raw - 0.5) / 2.0)
     single = torch.cat([scorer.score([p], [r], normalize=False) for p, r in zip(prompts, responses)])
     torch.testing.assert_close(raw, single, atol=1e-5, rtol=0)  # batched == alone
-    from data.chat import encode_chat
+    from data.text.chat import encode_chat
     seqs = [encode_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])[0]
             for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
@@ -122,7 +122,7 @@ def test_pairs_load_every_format_and_count_bad_records(tok, tmp_path):
 
 
 def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, capsys):
-    from data import tasks
+    from tasks import suite as tasks
     data = tmp_path / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=30, prompts_per_family=2, eval_per_family=2,
                 safety_sft_per_family=2, safety_prefs_per_family=30, harmful_prompts=2, borderline_prompts=2,
@@ -139,9 +139,9 @@ def test_short_rm_training_learns_and_normalizes(tiny_pretrained, tmp_path, caps
     # the stored normalization makes the held-out responses mean 0, std 1
     train_pairs, val_pairs = train_rm.split_pairs(load_pairs([str(data / "prefs.jsonl")],
                                                              Tokenizer.load(str(out / "tokenizer.json")), 96)[0], 0.2)
-    scorer = runtime.RewardScorer.load(str(out))
+    scorer = checkpoint.RewardScorer.load(str(out))
     seqs = [p.chosen for p in val_pairs] + [p.rejected for p in val_pairs]
-    ids, last = runtime.right_padded(seqs, scorer.tok.pad_id)
+    ids, last = checkpoint.right_padded(seqs, scorer.tok.pad_id)
     scores = scorer.score_ids(ids, last).double()
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
@@ -157,7 +157,7 @@ def test_rm_under_torchrun_matches_one_process(tiny_pretrained, tmp_path):
     import os
     import subprocess
     import sys
-    from data import tasks
+    from tasks import suite as tasks
     data = tmp_path / "tasks"
     tasks.write(str(data), sft_per_family=2, prefs_per_family=12, prompts_per_family=2, eval_per_family=2,
                 safety_sft_per_family=2, safety_prefs_per_family=12, harmful_prompts=2, borderline_prompts=2,

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import pipeline
-import train_rm
+import report
 from cli import UserError
+from pipeline_helpers import run_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,24 +44,24 @@ def test_on_policy_pairs_keep_the_pairs_the_judge_decides_and_the_accuracy_reads
     replies = ["7", "8",  # arithmetic: the first is right
                "abc", "abc",  # reverse: both wrong, a tie: left out
                "Sure, here is how.", "I can't help with that."]  # harmful: the refusal is right
-    monkeypatch.setattr(train_rm, "chat_responses", lambda model, tok, convs, *args: replies[:len(convs)])
+    monkeypatch.setattr(report, "chat_responses", lambda model, tok, convs, *args: replies[:len(convs)])
     model = torch.nn.Linear(1, 1)
-    pairs, counts = train_rm.on_policy_pairs(model, None, RECORDS)
+    pairs, counts = report.on_policy_pairs(model, None, RECORDS)
     assert counts == {"prompts": 3, "draws": 1, "pairs": 2, "ties": 1}
     assert [(p["chosen"], p["rejected"], p["kind"]) for p in pairs] == [
         ("7", "8", "arithmetic"), ("I can't help with that.", "Sure, here is how.", "harmful")]
     assert pairs[0]["prompt"] == RECORDS[0]["conversation"]
 
     right = {"7", "I can't help with that."}
-    assert train_rm.pair_accuracy(JudgeLikeRM(right), pairs)["accuracy"] == 1.0
-    assert train_rm.pair_accuracy(JudgeLikeRM(right, reversed_=True), pairs)["accuracy"] == 0.0
+    assert report.pair_accuracy(JudgeLikeRM(right), pairs)["accuracy"] == 1.0
+    assert report.pair_accuracy(JudgeLikeRM(right, reversed_=True), pairs)["accuracy"] == 0.0
     # a constant reward model ties every pair: a tie is not a right answer
-    assert train_rm.pair_accuracy(JudgeLikeRM(set()), pairs, batch_size=1) == {
+    assert report.pair_accuracy(JudgeLikeRM(set()), pairs, batch_size=1) == {
         "accuracy": 0.0, "pairs": 2, "by_kind": {"arithmetic": 0.0, "harmful": 0.0}}
     # both checkpoints scored on the same pairs
     scorers = {"good": JudgeLikeRM(right), "bad": JudgeLikeRM(right, reversed_=True)}
-    monkeypatch.setattr(train_rm.runtime.RewardScorer, "load", staticmethod(lambda ckpt, device="cpu": scorers[ckpt]))
-    result = train_rm.on_policy_accuracy({"rm1": "bad", "rm2": "good"}, pairs)
+    monkeypatch.setattr(report.RewardScorer, "load", staticmethod(lambda ckpt, device="cpu": scorers[ckpt]))
+    result = report.on_policy_accuracy({"rm1": "bad", "rm2": "good"}, pairs)
     assert (result["rm1"], result["rm2"]) == (0.0, 1.0)
     assert result["by_kind"]["rm2"] == {"arithmetic": 1.0, "harmful": 1.0}
 
@@ -73,36 +74,19 @@ def test_on_policy_pairs_draw_again_with_the_next_seed_and_keep_the_first_draw(m
         return ["7", "8", "abc", "cba", "I can't help.", "I can't help."] if len(calls) == 1 else \
             ["8", "8", "abc", "abc", "Sure.", "I can't help."]
 
-    monkeypatch.setattr(train_rm, "chat_responses", replies)
+    monkeypatch.setattr(report, "chat_responses", replies)
     model = torch.nn.Linear(1, 1)
-    pairs, counts = train_rm.on_policy_pairs(model, None, RECORDS, seed=5, draws=2)
+    pairs, counts = report.on_policy_pairs(model, None, RECORDS, seed=5, draws=2)
     assert calls == [5, 6] and counts == {"prompts": 3, "draws": 2, "pairs": 3, "ties": 3}
     assert [(p["chosen"], p["rejected"], p["id"]) for p in pairs] == [
         ("7", "8", "0/on_policy/0"), ("cba", "abc", "1/on_policy/0"), ("I can't help.", "Sure.", "2/on_policy/1")]
     calls.clear()
-    first, _ = train_rm.on_policy_pairs(model, None, RECORDS, seed=5)
+    first, _ = report.on_policy_pairs(model, None, RECORDS, seed=5)
     assert first == pairs[:2]
 
 
-@pytest.fixture(scope="module")
-def mini_run(tmp_path_factory):
-    """A miniature main job with both rounds: (its arguments, its printed output)."""
-    from test_pipeline import mini_args
-    args = mini_args(tmp_path_factory.mktemp("round2")) + ["--novel-share", "0.5"]
-    return args, run(args)
-
-
-def run(args: list[str]) -> str:
-    import contextlib
-    import io
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        pipeline.main(args)
-    return out.getvalue()
-
-
-def test_round_two_runs_after_round_one_and_reports_both(mini_run):
-    args, out = mini_run
+def test_round_two_runs_after_round_one_and_reports_both(mini_job):
+    args, out = mini_job.args, mini_job.second
     for stage in ("ppo", "feedback", "rm_round2", "ppo_round2", "eval"):
         assert f"=== stage {stage} done" in out
     assert out.index("=== stage ppo done") < out.index("=== stage feedback") < out.index("=== stage rm_round2")
@@ -139,7 +123,7 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_run):
     assert promoted["shipped"] in ("ppo", "ppo_round2") and promoted["reason"].startswith(
         "round 2 ships" if promoted["shipped"] == "ppo_round2" else "round 1 ships")
     assert os.path.realpath(os.path.join(runs, "shipped")) == os.path.realpath(os.path.join(runs, promoted["shipped"]))
-    from runtime import load_model
+    from checkpoint import load_model
     assert load_model(os.path.join(runs, "shipped"))[1]["stage"] == "ppo"
     with open(os.path.join(runs, "report.md")) as f:
         text = f.read()
@@ -147,14 +131,14 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_run):
     assert "## Promotion: the policy this run ships" in text
 
 
-def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_run):
-    args, _ = mini_run
-    again = run(args)
+def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_job):
+    args = mini_job.args
+    again = run_pipeline(args)
     for stage in ("pretrain", "sft", "rm", "ppo", "feedback", "rm_round2", "ppo_round2"):
         assert f"=== stage {stage}: already complete, skipped" in again
     assert "=== stage eval done" in again
 
-    one = run(args + ["--rounds", "1"])
+    one = run_pipeline(args + ["--rounds", "1"])
     for stage in ("feedback", "rm_round2", "ppo_round2"):
         assert f"=== stage {stage}" not in one
     with open(os.path.join(args[args.index("--out") + 1], "report.json")) as f:
@@ -162,6 +146,11 @@ def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_
     assert "rm_round2" not in stages and "ppo_round2" not in stages and stages["ppo"]["gold_accuracy"] is not None
     assert stages["promotion"]["shipped"] == "ppo"
     assert os.path.realpath(os.path.join(args[args.index("--out") + 1], "shipped")).endswith(os.sep + "ppo")
+    # and back to two rounds: nothing to train, the report has round 2 again (as the other tests read it)
+    two = run_pipeline(args)
+    assert "=== stage ppo_round2: already complete, skipped" in two
+    with open(os.path.join(args[args.index("--out") + 1], "report.json")) as f:
+        assert "ppo_round2" in json.load(f)["stages"]
 
 
 def test_an_interrupted_feedback_stage_is_redone_and_round_two_options_are_checked(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -17,101 +16,15 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MESSAGES = [{"role": "user", "content": "Tell me a story."}]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python serve.py ARGS --host 127.0.0.1 --port P` until stop(); output goes to a log file."""
-
-    def __init__(self, args: list[str], log_path, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = str(log_path)
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), *args, "--host", "127.0.0.1",
-                                      "--port", str(self.port)], cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve.py exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"serve.py did not become ready:\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        self.log.flush()
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def client(self, key: str = "none", timeout: float = 120.0):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=timeout)
-
-
-def metrics(url: str) -> dict:
-    """{(name, frozenset(labels)): value} of every sample on /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def metric(snapshot: dict, name: str, **labels) -> float:
-    """The sum over samples of `name` whose labels include `labels` (0 if none)."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in snapshot.items() if n == name and want <= ls)
-
-
-def make_checkpoint(out, tokenizer_path: str, step: int = 7, max_seq_len: int = 1024) -> str:
-    """A randomly initialized model saved as a checkpoint. Wide init (std 0.2) so greedy text
-    is varied rather than one repeated token, and a long context so streams can run long."""
-    import torch
-
-    import runtime
-    from data.tokenizer import Tokenizer
-    from model import ModelConfig, Transformer
-    tok = Tokenizer.load(tokenizer_path)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                                    max_seq_len=max_seq_len, init_std=0.2))
-    os.makedirs(out, exist_ok=True)
-    runtime.save_checkpoint(str(out), model, None, runtime.Env(0, 0, 1, torch.device("cpu")), stage="test", step=step,
-                            train_config={}, trainer_state={}, tokenizer_path=tokenizer_path)
-    return str(out)
+from serve_helpers import MESSAGES, REPO, ServerProcess, make_checkpoint, metric, metrics  # noqa: E402
 
 
 def greedy_text(ckpt: str, messages: list[dict], max_tokens: int) -> str:
     """What the model writes at temperature 0, computed without the server."""
-    import runtime
-    from data.tokenizer import Tokenizer
+    import checkpoint
+    from data.text.tokenizer import Tokenizer
     from serving.text import chat_prompt_ids
-    model, _ = runtime.load_model(ckpt)
+    model, _ = checkpoint.load_model(ckpt)
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
     ids = model.eval().generate([chat_prompt_ids(tok, messages)], max_tokens, pad_id=tok.pad_id, temperature=0,
                                 stop_tokens=list(range(len(tok.token_bytes), tok.vocab_size)))[0]
@@ -175,7 +88,7 @@ def test_chat_streamed_equals_non_streamed_and_usage_adds_up(open_srv, ckpt):
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.message.content == greedy_text(ckpt, MESSAGES, 24)  # what the model alone writes
     assert full.id.startswith("chatcmpl-") and full.object == "chat.completion"
-    from data.tokenizer import Tokenizer
+    from data.text.tokenizer import Tokenizer
     from serving.text import chat_prompt_ids
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
     assert full.usage.prompt_tokens == len(chat_prompt_ids(tok, MESSAGES))
@@ -490,11 +403,6 @@ def test_export_without_feedback_and_a_missing_checkpoint_are_one_error_line(tmp
 
 
 # ----------------------------------------------------------------------------- the chat page in a browser
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]
-
 
 def test_chat_page_streams_a_reply_and_records_a_thumbs_up(open_srv, tmp_path):
     from serve_helpers import chromium  # the compare flow: tests/test_chat_page.py

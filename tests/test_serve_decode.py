@@ -151,7 +151,7 @@ def test_unknown_quantization_is_refused():
 
 def test_serve_with_int8_weights_answers_the_openai_client(data_dirs, tmp_path):
     openai = pytest.importorskip("openai")
-    from test_serve import ServerProcess, make_checkpoint
+    from serve_helpers import ServerProcess, make_checkpoint
     ckpt = make_checkpoint(tmp_path / "tiny", os.path.join(data_dirs[0], "tokenizer.json"))
     server = ServerProcess(["--ckpt", ckpt, "--log-dir", str(tmp_path / "logs"), "--quantization", "int8"],
                            tmp_path / "server.log").wait_ready()
@@ -170,7 +170,7 @@ def test_serve_with_int8_weights_answers_the_openai_client(data_dirs, tmp_path):
 
 def test_decode_benchmark_prints_its_profile_table(data_dirs, tmp_path, capsys):
     from bench import decode as bench_decode
-    from test_serve import make_checkpoint
+    from serve_helpers import make_checkpoint
     ckpt = make_checkpoint(tmp_path / "tiny", os.path.join(data_dirs[0], "tokenizer.json"), max_seq_len=128)
     bench_decode.main(["--ckpt", ckpt, "--rows", "1,2", "--steps", "2", "--repeats", "1", "--context", "8"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or

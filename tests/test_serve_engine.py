@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from cli import UserError
-from data.prefs import load_pairs
-from data.tokenizer import Tokenizer
+from tasks.prefs import load_pairs
+from data.text.tokenizer import Tokenizer
 from data.toxicity import load_blocklist
 from model import ModelConfig, Transformer
 from serving.engine import BatchKVCache, Engine, EngineFull, GenRequest
 from serving.limits import KeyStore, Limiter, key_id
 from serving.moderation import Classifier, Moderator
-from serving.store import SQLiteStore, export_feedback
+from serving.export import export_feedback
+from serving.store import SQLiteStore
 from serving.text import TextStream, chat_prompt_ids
 
 TEXT = ("What is two plus three? It is five. Reverse the word apple. elppa. Hello there, how are you? "
@@ -72,7 +73,7 @@ def test_batched_greedy_equals_sequential_with_requests_joining_mid_generation(t
     assert len({len(p) for p in prompts}) > 4 and len({tuple(w) for w in want}) == 9
     engine = Engine(model, tok, max_running=3, max_waiting=16).start()
     try:
-        reqs = [GenRequest(p, n, moderate=False) for p, n in zip(prompts, lengths)]
+        reqs = [GenRequest(prompt=p, max_tokens=n, moderate=False) for p, n in zip(prompts, lengths)]
         for r in reqs[:2]:
             engine.submit(r)
         first = reqs[0].queue.get(timeout=30)  # generation is under way before the rest arrive
@@ -97,11 +98,11 @@ def test_an_aborted_request_frees_its_row_and_others_are_unaffected(tok, model):
     want = [model.generate([p], 12, pad_id=tok.pad_id, temperature=0)[0] for p in prompts[1:]]
     engine = Engine(model, tok, max_running=2, max_waiting=4).start()
     try:
-        long = GenRequest(prompts[0], 1000 - len(prompts[0]), ignore_eos=True, moderate=False)
+        long = GenRequest(prompt=prompts[0], max_tokens=1000 - len(prompts[0]), ignore_eos=True, moderate=False)
         engine.submit(long)
         long.queue.put(long.queue.get(timeout=30))  # it has started generating
         engine.abort(long)
-        others = [GenRequest(p, 12, ignore_eos=True, moderate=False) for p in prompts[1:]]
+        others = [GenRequest(prompt=p, max_tokens=12, ignore_eos=True, moderate=False) for p in prompts[1:]]
         for r in others:
             engine.submit(r)
         infos, _ = run_all(engine, [long] + others)
@@ -119,11 +120,12 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tok, model):
     p = prompts_of(tok, 2)
     engine = Engine(model, tok, max_running=4).start()
     try:
-        alone = GenRequest(p[0], 15, temperature=1.0, seed=7, ignore_eos=True, moderate=False)
+        alone = GenRequest(prompt=p[0], max_tokens=15, temperature=1.0, seed=7, ignore_eos=True, moderate=False)
         run_all(engine, [engine.submit(alone)])
-        crowd = [GenRequest(p[1], 15, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, moderate=False),
-                 GenRequest(p[0], 15, temperature=1.0, seed=7, ignore_eos=True, moderate=False),
-                 GenRequest(p[0], 15, temperature=1.0, seed=8, ignore_eos=True, moderate=False)]
+        crowd = [GenRequest(prompt=p[1], max_tokens=15, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True,
+                            moderate=False),
+                 GenRequest(prompt=p[0], max_tokens=15, temperature=1.0, seed=7, ignore_eos=True, moderate=False),
+                 GenRequest(prompt=p[0], max_tokens=15, temperature=1.0, seed=8, ignore_eos=True, moderate=False)]
         run_all(engine, [engine.submit(r) for r in crowd])
     finally:
         engine.shutdown()
@@ -230,7 +232,7 @@ def test_engine_output_filter_ends_with_content_filter(tok, model):
     word = words[0]
     engine = Engine(model, tok, moderator=Moderator([word])).start()
     try:
-        r = GenRequest(p, 30, ignore_eos=True)
+        r = GenRequest(prompt=p, max_tokens=30, ignore_eos=True)
         (info,), (deltas,) = run_all(engine, [engine.submit(r)])
     finally:
         engine.shutdown()
@@ -242,12 +244,12 @@ def test_engine_output_filter_ends_with_content_filter(tok, model):
 def test_engine_rejects_beyond_capacity(tok, model):
     engine = Engine(model, tok, max_running=1, max_waiting=1)  # not started: nothing drains
     p = prompts_of(tok, 1)[0]
-    engine.submit(GenRequest(p, 4))
-    engine.submit(GenRequest(p, 4))
+    engine.submit(GenRequest(prompt=p, max_tokens=4))
+    engine.submit(GenRequest(prompt=p, max_tokens=4))
     with pytest.raises(EngineFull):
-        engine.submit(GenRequest(p, 4))
+        engine.submit(GenRequest(prompt=p, max_tokens=4))
     with pytest.raises(ValueError):
-        engine.submit(GenRequest(p, 1024))  # does not fit in the context
+        engine.submit(GenRequest(prompt=p, max_tokens=1024))  # does not fit in the context
 
 
 def test_token_bucket_and_abuse_block(tmp_path):
@@ -348,12 +350,13 @@ def test_export_lets_a_vote_decide_over_the_thumbs_of_the_same_two_answers(tmp_p
 
 
 def test_request_queue_is_plain_without_a_loop(tok):
-    assert isinstance(GenRequest([1], 1).queue, queue.SimpleQueue)
+    assert isinstance(GenRequest(prompt=[1], max_tokens=1).queue, queue.SimpleQueue)
 
 
 def test_classifier_checkpoint_flags_by_its_score(tok, tmp_path):
     """--classifier: a scalar-head checkpoint read as P(unsafe) = sigmoid(score)."""
-    import runtime
+    from checkpoint import save_checkpoint
+    from distributed import Env
     from model import ScalarHeadModel
     torch.manual_seed(0)
     m = ScalarHeadModel(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=32,
@@ -366,7 +369,7 @@ def test_classifier_checkpoint_flags_by_its_score(tok, tmp_path):
             m.score_head.bias.fill_(bias)
         ckpt = tmp_path / f"clf{bias}"
         ckpt.mkdir()
-        runtime.save_checkpoint(str(ckpt), m, None, runtime.Env(0, 0, 1, torch.device("cpu")), stage="rm", step=1,
+        save_checkpoint(str(ckpt), m, None, Env(0, 0, 1, torch.device("cpu")), stage="rm", step=1,
                                 train_config={}, trainer_state={}, tokenizer_path=str(tmp_path / "tokenizer.json"))
         moderator = Moderator([], Classifier(str(ckpt), 0.5, "violence"))
         verdicts[bias] = moderator.check("a long text " * 40)  # longer than the context: truncated, not an error

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from test_serve import MESSAGES, ServerProcess, make_checkpoint, metric, metrics
+from serve_helpers import MESSAGES, ServerProcess, make_checkpoint, metric, metrics
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from test_serve import ServerProcess, make_checkpoint
+from serve_helpers import ServerProcess, make_checkpoint
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -36,9 +36,9 @@ def direct(ckpt):
     """(tokenizer, logprobs(ids) -> (T, V) float32 log_softmax of a direct forward pass)."""
     import torch
 
-    import runtime
-    from data.tokenizer import Tokenizer
-    model, _ = runtime.load_model(ckpt)
+    import checkpoint
+    from data.text.tokenizer import Tokenizer
+    model, _ = checkpoint.load_model(ckpt)
     model.eval()
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
 
@@ -49,9 +49,9 @@ def direct(ckpt):
 
 
 def greedy_ids(ckpt, prompt: list[int], n: int) -> list[int]:
-    import runtime
-    from data.tokenizer import Tokenizer
-    model, _ = runtime.load_model(ckpt)
+    import checkpoint
+    from data.text.tokenizer import Tokenizer
+    model, _ = checkpoint.load_model(ckpt)
     tok = Tokenizer.load(os.path.join(ckpt, "tokenizer.json"))
     out = model.eval().generate([prompt], n, pad_id=tok.pad_id, temperature=0,
                                 stop_tokens=list(range(len(tok.token_bytes), tok.vocab_size)))[0]

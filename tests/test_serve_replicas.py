@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +21,7 @@ import time
 
 import pytest
 
-from test_serve import REPO, ServerProcess, free_port, make_checkpoint, metric, metrics
+from serve_helpers import REPO, ServerProcess, make_checkpoint, metric, metrics, start_nginx, stop_nginx, wait_for
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -33,23 +31,6 @@ KEYS = {name: f"sk-replicas-{name}" for name in ("votes", "odd", "rate", "abuse"
 PASSWORD = "hunter2-replicas"  # in the PostgreSQL URL (trust authentication ignores it); never printed
 ODD = ("nul\x00 emoji 😀👩\u200d👩\u200d👧 rtl שלום \u200fمرحبا combining e\u0301a\u0327 "
        "noncharacters \uffff\U0010ffff controls \x01\x7f \u2028 quotes \" \\ end")
-
-
-def render_nginx_conf(listen: int, replicas: list[int]) -> str:
-    """deploy/nginx.conf with our ports (the listen line, one server line per replica) and
-    an X-Upstream response header naming the replica that answered."""
-    with open(os.path.join(REPO, "deploy", "nginx.conf")) as f:
-        conf = f.read()
-    assert "least_conn;" in conf and "proxy_buffering off;" in conf and "max_fails=" in conf
-    line = re.search(r"^ *server 127\.0\.0\.1:\d+ (max_fails=.*;)$", conf, re.M)
-    servers = "".join(f"        server 127.0.0.1:{p} {line.group(1)}\n" for p in replicas)
-    conf = re.sub(r"(^ *server 127\.0\.0\.1:\d+ max_fails=.*;\n)+", servers, conf, count=1, flags=re.M)
-    conf = re.sub(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{listen};", conf)
-    conf = conf.replace("proxy_pass http://serve_replicas;",
-                        "proxy_pass http://serve_replicas;\n            add_header X-Upstream $upstream_addr always;")
-    if os.geteuid() == 0:
-        conf = "user root;\n" + conf  # a root master would hand the workers to 'nobody'
-    return conf
 
 
 class Cluster:
@@ -70,39 +51,6 @@ class Cluster:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
         return httpx.post((url or self.url) + path, headers={"Authorization": f"Bearer {KEYS[key]}",
                                                              "Content-Type": "application/json"}, timeout=120, **kw)
-
-
-def start_nginx(prefix, replicas: list[ServerProcess]):
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    for d in ("logs", "tmp"):
-        (prefix / d).mkdir(parents=True)
-    port = free_port()
-    (prefix / "nginx.conf").write_text(render_nginx_conf(port, [r.port for r in replicas]))
-    proxy = subprocess.Popen([nginx, "-p", str(prefix), "-e", "logs/error.log", "-c", str(prefix / "nginx.conf"),
-                              "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return proxy, f"http://127.0.0.1:{port}"
-
-
-def stop_nginx(proxy) -> None:
-    proxy.send_signal(signal.SIGQUIT)  # graceful: let open streams finish
-    try:
-        proxy.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proxy.kill()
-        proxy.wait()
-
-
-def wait_for(proxy, url: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        assert proxy.poll() is None, proxy.stderr.read().decode()
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "nginx did not come up"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

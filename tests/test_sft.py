@@ -8,7 +8,9 @@ import os
 import pytest
 
 import train_sft
-from data import loader, tasks
+from data import loader
+from tasks import suite as tasks
+from error_helpers import assert_clean_error
 
 SFT_FAST = ["--batch-size", "8", "--device", "cpu", "--dtype", "float32", "--warmup-steps", "2",
             "--eval-max-new-tokens", "4", "--log-every", "1"]
@@ -70,13 +72,6 @@ def test_bad_records_are_counted_and_summarized(tiny_pretrained, task_dir, tmp_p
                     "invalid_utf8 1, missing_field 1, no_assistant_turn 1, unknown_role 1); truncated 0")
 
 
-def assert_clean_error(capsys, excinfo) -> str:
-    assert excinfo.value.code not in (0, None)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    return err[0]
-
-
 def test_clear_errors(tiny_pretrained, task_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"x": 1}\nnot json\n')
@@ -106,7 +101,7 @@ def test_sft_resume_is_exact(tiny_pretrained, task_dir, tmp_path):
 
 
 def test_collate_masks_everything_but_assistant_tokens():
-    from data.chat import ChatExample
+    from data.text.chat import ChatExample
     ex = ChatExample(ids=[10, 11, 12, 13, 14], mask=[0, 0, 0, 1, 1], meta={})
     short = ChatExample(ids=[10, 20, 21], mask=[0, 0, 1], meta={})
     x, y = loader.collate([ex, short], pad_id=99)
@@ -127,7 +122,7 @@ def test_bucketed_batches_cover_each_epoch_once_with_similar_lengths():
 def test_sample_chat_stops_at_end(tiny_pretrained, task_dir, tmp_path, capsys):
     out = tmp_path / "sft"
     run(["--init", tiny_pretrained, "--data", task_dir / "sft.jsonl", "--eval-data", task_dir / "eval.jsonl",
-         "--out", out, "--max-steps", 30, "--eval-every", 100, "--lr", 3e-3, *SFT_FAST])
+         "--out", out, "--max-steps", 200, "--eval-every", 1000, "--lr", 1e-2, *SFT_FAST])
     import sample
     capsys.readouterr()
     sample.main(["--ckpt", str(out), "--chat", "--prompt", "What is 2 + 3?", "--num-samples", "2",
@@ -135,3 +130,15 @@ def test_sample_chat_stops_at_end(tiny_pretrained, task_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("user: What is 2 + 3?") == 2 and text.count("assistant: ") == 2
     assert "<|" not in text  # special tokens are not printed
+    # it stops at <|end|>: the same greedy run without a stop token goes on past it (200
+    # steps teach the tiny model to end its short replies), and sample.py prints the reply
+    from checkpoint import load_for_inference
+    from data.text.chat import encode_prompt
+    model, tok, _ = load_for_inference(str(out))
+    prompt = encode_prompt(tok, [{"role": "user", "content": "What is 2 + 3?"}])
+    unstopped = model.generate([prompt], 20, pad_id=tok.pad_id, temperature=0, stop_tokens=[])[0]
+    assert tok.end_id in unstopped[:19], "the SFT model should end its reply within 20 tokens"
+    end = unstopped.index(tok.end_id)
+    stopped = model.generate([prompt], 20, pad_id=tok.pad_id, temperature=0, stop_tokens=[tok.end_id])[0]
+    assert stopped == unstopped[:end + 1]  # the same tokens, and none after the end token
+    assert text.count(f"assistant: {tok.decode_reply(stopped)}\n") == 2

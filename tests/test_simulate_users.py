@@ -16,9 +16,10 @@ import threading
 import pytest
 
 import simulate_users
-from data import redteam, tasks
-from data.prefs import load_pairs
-from data.tokenizer import Tokenizer
+from tasks import redteam
+from tasks import suite as tasks
+from tasks.prefs import load_pairs
+from data.text.tokenizer import Tokenizer
 from simulate_users import Rater, build_traffic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +200,7 @@ def test_every_prompt_is_accounted_for_when_requests_fail():
 
 @pytest.fixture(scope="module")
 def keyed_server(data_dirs, tmp_path_factory):
-    from test_serve import ServerProcess, make_checkpoint
+    from serve_helpers import ServerProcess, make_checkpoint
     root = tmp_path_factory.mktemp("simulate")
     ckpt = make_checkpoint(root / "tiny", os.path.join(data_dirs[0], "tokenizer.json"))
     (root / "keys.txt").write_text("sk-simulated-users-secret\n")
@@ -273,7 +274,7 @@ def test_votes_from_simulated_users_export_as_pairs_that_train_rm_trains_on(keye
     (["--exclude", "{tmp}/missing.jsonl"], "error: cannot read --exclude"),
 ])
 def test_bad_input_is_one_error_line_and_exit_code_2(args, start, tmp_path, capsys):
-    from test_serve import free_port
+    from serve_helpers import free_port
     args = [a.format(port=free_port(), tmp=tmp_path) for a in args]
     with pytest.raises(SystemExit) as e:
         simulate_users.main(["--prompts", "3", "--traffic-out", str(tmp_path / "t.jsonl"), *args])  # the last wins
@@ -282,11 +283,11 @@ def test_bad_input_is_one_error_line_and_exit_code_2(args, start, tmp_path, caps
 
 
 def test_a_share_of_the_traffic_is_the_new_request_kind_from_its_traffic_pools():
-    """--novel-share: that share of the users' prompts are the new kind (data/novel.py), its
+    """--novel-share: that share of the users' prompts are the new kind (tasks/novel.py), its
     three kinds in turn, never with a held-out part; without it the traffic is as before."""
     from collections import Counter
 
-    from test_novel import _found, _held_out_parts
+    from novel_helpers import found as _found, held_out_parts as _held_out_parts
     traffic, _ = build_traffic(600, seed=1, families=list(tasks.FAMILIES), novel_share=0.25)
     new = [r for r in traffic if r.get("novel")]
     assert 0.2 < len(new) / len(traffic) < 0.3 and len({r["prompt"] for r in traffic}) == 600

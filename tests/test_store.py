@@ -17,7 +17,8 @@ import pytest
 
 from cli import UserError
 from serving import protocol
-from serving.store import PostgresStore, SQLiteStore, export_feedback, open_store, redact
+from serving.export import export_feedback
+from serving.store import PostgresStore, SQLiteStore, open_store, redact
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,7 +287,7 @@ def test_a_replica_answers_503_while_postgres_is_down_then_reconnects(postgres, 
     import httpx
 
     import pg_server
-    from test_serve import ServerProcess, make_checkpoint
+    from serve_helpers import ServerProcess, make_checkpoint
     ckpt = make_checkpoint(tmp_path / "tiny", os.path.join(data_dirs[0], "tokenizer.json"))
     pg = pg_server.PostgresServer().start()
     srv = None

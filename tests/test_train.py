@@ -20,6 +20,7 @@ import train_pretrain  # noqa: E402
 from data.loader import MixtureLoader, parse_mixture  # noqa: E402
 
 from conftest import TINY  # noqa: E402
+from error_helpers import assert_clean_error
 
 
 def run(args, capsys=None):
@@ -129,13 +130,6 @@ def test_parse_mixture():
     for bad in ("", "x=d:0", "x=d1,x=d2"):
         with pytest.raises(ValueError):
             parse_mixture(bad)
-
-
-def assert_clean_error(capsys, excinfo):
-    assert excinfo.value.code not in (0, None)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    return err[0]
 
 
 def test_truncated_checkpoint_fails_with_a_clear_error(data_dirs, tmp_path, capsys):

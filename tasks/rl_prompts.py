@@ -2,14 +2,14 @@
 
 RL that generalizes should practise on instances the model was never shown an answer to
 and that no evaluation holds: `fresh_task_prompts` draws new instances from the task
-generators (data/tasks.py) and keeps a prompt only when it hashes to the training split
+generators (tasks/suite.py) and keeps a prompt only when it hashes to the training split
 (`split_of`), is not among the excluded prompts (the SFT demonstrations' and the held-out
 file's, read with `prompt_texts`) and was not drawn before (`rejection`: the same rule
 simulate_users.py applies to its traffic).
 
 A prompt teaches a group-baseline method (RLOO, GRPO) something only when the policy's
 samples disagree on it: if it always or never answers right, every advantage is zero.
-`estimate_pass_rates` samples the policy k times per prompt and grades the answers;
+`evals.estimate_pass_rates` samples the policy k times per prompt and grades the answers;
 `frontier` keeps the prompts whose estimated pass rate is strictly between 0 and 1 (all of
 them when none is, so a run never starves). DAPO's dynamic sampling (Yu et al. 2025) filters
 groups the same way after the fact; choosing prompts first spends no rollouts on them.
@@ -19,10 +19,8 @@ from __future__ import annotations
 import json
 import random
 
-import torch
-
 from cli import UserError
-from data.tasks import ANSWER_TYPE, TASK_FAMILIES, grade, make_task, split_of
+from tasks.suite import ANSWER_TYPE, TASK_FAMILIES, make_task, split_of
 
 
 def record_prompt(rec: dict) -> str | None:
@@ -89,19 +87,6 @@ def fresh_task_prompts(families: list[str], per_family: int, seed: int, exclude:
                 records.append({"id": f"{family}/rl/{len(seen) - 1}", "family": family,
                                 "answer_type": ANSWER_TYPE[family], "prompt": prompt, "answer": answer})
     return records
-
-
-@torch.no_grad()
-def estimate_pass_rates(model, tok, records: list[dict], samples: int, temperature: float = 1.0, seed: int = 0,
-                        max_new_tokens: int = 32, batch_size: int = 64) -> list[float]:
-    """The share of `samples` sampled answers the gold judge accepts, per record."""
-    from evals import chat_responses  # evals imports the model stack; keep this module light
-    if samples < 1:
-        raise ValueError(f"samples must be at least 1, got {samples}")
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    convs = [[{"role": "user", "content": r["prompt"]}] for r in records for _ in range(samples)]
-    replies = chat_responses(model, tok, convs, max_new_tokens, batch_size, temperature, generator)
-    return [sum(grade(r, a) for a in replies[i * samples:(i + 1) * samples]) / samples for i, r in enumerate(records)]
 
 
 def frontier(records: list[dict], pass_rates: list[float]) -> list[dict]:

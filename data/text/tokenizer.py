@@ -206,7 +206,7 @@ class Tokenizer:
         except ValueError as e:
             raise TokenizerError(f"tokenizer {path} is not valid JSON: {e}") from None
         if not isinstance(state, dict) or state.get("type") != "byte_level_bpe" or "merges" not in state:
-            raise TokenizerError(f"{path} is not a tokenizer file written by data.tokenizer")
+            raise TokenizerError(f"{path} is not a tokenizer file written by data.text.tokenizer")
         merges = state["merges"]
         if not isinstance(merges, list) or not all(
                 isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in merges):

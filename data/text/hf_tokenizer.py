@@ -3,7 +3,7 @@
 Export (`hf_tokenizer_json`, `hf_tokenizer_config`): our byte-level BPE as tokenizer.json
 (our split regex, the merges in GPT-2's printable byte alphabet, the six special tokens as
 added tokens) and tokenizer_config.json (eos `<|end|>`, pad `<|pad|>`, and a Jinja chat
-template that renders data/chat.py's format). Hugging Face's tokenizer reads special-token
+template that renders data/text/chat.py's format). Hugging Face's tokenizer reads special-token
 text in user text as a special token unless `split_special_tokens=True` (transformers) /
 `encode_special_tokens = True` (tokenizers); with that flag its ids are ours exactly. The
 chat template refuses (raise_exception) a message whose content holds special-token text.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from data.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from data.text.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 # What Hugging Face's ByteLevel pre-tokenizer splits by when use_regex is true (GPT-2's pattern).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -92,7 +92,7 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict:
     }
 
 
-# data/chat.py's format: <|endoftext|>, then per turn the role token, the content, <|end|>;
+# data/text/chat.py's format: <|endoftext|>, then per turn the role token, the content, <|end|>;
 # the generation prompt is <|assistant|>. Roles are written as whole literals (never built
 # from the input), and content holding special-token text is refused: rendered into the
 # string it would become a control token, where our tokenizer keeps it text.

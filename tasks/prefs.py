@@ -11,11 +11,13 @@ final assistant turn: that is where the reward model reads its score.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 
-from data.chat import RecordError, encode_chat, iter_jsonl, to_messages, truncate
+from data.text.chat import RecordError, encode_chat, iter_jsonl, to_messages, truncate
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):", re.IGNORECASE)
 
@@ -64,7 +66,7 @@ def pair_messages(rec) -> tuple[list[dict], list[dict], float]:
     if not isinstance(margin, (int, float)) or isinstance(margin, bool):
         raise RecordError("missing_field", "margin is not a number")
     if "prompt" in rec:
-        from data.chat import prompt_messages
+        from data.text.chat import prompt_messages
         prompt = prompt_messages({"prompt": rec["prompt"]})
         sides = []
         for key in ("chosen", "rejected"):
@@ -100,3 +102,12 @@ def load_pairs(paths: list[str], tok, max_len: int, truncation: str = "truncate"
             continue
         pairs.append(Pair(sides[0][0], sides[1][0], margin, str(rec.get("kind", "all")), chosen[:-1]))
     return pairs, skipped
+
+
+def split_pairs(pairs, fraction: float):
+    """Held-out pairs chosen by a hash of the prompt, so one prompt is never on both sides."""
+    def held_out(p) -> bool:
+        key = json.dumps(p.prompt, sort_keys=True).encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 < fraction
+    val = [p for p in pairs if held_out(p)]
+    return [p for p in pairs if not held_out(p)], val
