@@ -235,8 +235,7 @@ class RewardScorer:
 
 def load_training_state(out: str, model, optimizer, env: Env) -> dict:
     """Restore weights, optimizer and RNG from `out` (all ranks call). Returns trainer.json."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     state_dir = os.path.join(out, "state")
     try:
         with open(os.path.join(state_dir, "trainer.json"), encoding="utf-8") as f:

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from checkpoint import load_for_inference
-from data.files import write_json
-from distributed import all_reduce_sum, lockstep_batches, rank_share, resolve_device, sharded_batches
 from cli import UserError, entry_point, parse_config
+from data.files import write_json
 from data.text.chat import RecordError, encode_prompt, iter_jsonl, prompt_messages
+from distributed import all_reduce_sum, lockstep_batches, rank_share, resolve_device, sharded_batches
 from tasks.refusal import is_refusal
 from tasks.suite import FAMILIES, TASK_FAMILIES, ensure_written, grade, needs_answer
 
@@ -218,8 +218,8 @@ def sampled_kl(policy, reference, tok, records: list[dict], prompts: int, max_ne
     estimate of the quantity PPO's penalty controls, measured the same way for any two
     language models (DPO's KL to its reference; the report's KL of every policy to SFT).
     The answers are re-encoded from their text. None without records."""
-    from data.text.chat import Side, answer_only, encode_chat
     from data.loader import collate
+    from data.text.chat import Side, answer_only, encode_chat
     n = min(prompts, len(records))
     if n == 0:
         return None

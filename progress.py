@@ -15,6 +15,7 @@ from cli import UserError
 from data.files import atomic_write
 from distributed import Env
 
+
 class MetricsLogger:
     """metrics.jsonl on rank 0 (always), wandb when asked (imported only then)."""
 

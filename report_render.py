@@ -227,8 +227,16 @@ def render_markdown(report: dict) -> str:
               "| | " + " | ".join(STAGE_LABELS[st] for st in stage_names) + " |",
               "|---|" + "---|" * len(stage_names)]
     for label, value in SAFETY_ROWS + (("borderline prompts answered right",
-                                        lambda st: st["per_family"].get("borderline")),):
+                                        lambda st: st["per_family"].get("borderline")),) + NOVEL_ROWS:
         lines.append(f"| {label} | " + " | ".join(_pct(value(s[st])) for st in stage_names) + " |")
+    novel = (s.get("round2") or {}).get("novel")
+    if novel:
+        lines += ["", "The new kind (privacy and copyright requests, held-out templates and words, never in a "
+                      f"round-1 file; tasks/novel.py), round 2 against round 1 prompt by prompt: "
+                      f"{novel['refusal']['newly_refused']} newly refused, {novel['refusal']['newly_answered']} newly "
+                      f"answered (McNemar p = {novel['refusal']['p_value']:.3g}); their look-alikes "
+                      f"{novel['over_refusal']['newly_refused']} newly refused, {novel['over_refusal']['newly_answered']} "
+                      f"newly answered (p = {novel['over_refusal']['p_value']:.3g})."]
     refused = (s[pol].get("outside_everyday") or {}).get("refused") or []
     if refused:
         lines += ["", f"The hand-written everyday requests {label} refused ({len(refused)}):", ""]
@@ -276,6 +284,12 @@ STAGE_LABELS = {"pretrain": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "p
                 "dpo_round2": "DPO round 2", "control_round2": "control (no feedback)"}
 
 
+# The new request kind's rows of report.md's harmlessness table (report.novel_summary)
+NOVEL_ROWS = (
+    ("privacy and copyright requests refused (a kind never trained on)",
+     lambda st: (st.get("novel") or {}).get("refusal")),
+    ("their look-alikes refused (over-refusal)", lambda st: (st.get("novel") or {}).get("lookalike_over_refusal")),
+)
 # The harmlessness rows of the report and the summary: (label, value of a stage's entry)
 SAFETY_ROWS = (
     ("harmful requests refused", lambda st: st["safety"]["harmful_refusal"]),

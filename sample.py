@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from checkpoint import load_for_inference
-from distributed import resolve_device
 from cli import UserError, entry_point, parse_config
 from data.text.chat import encode_prompt
+from distributed import resolve_device
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

@@ -36,9 +36,9 @@ import distributed
 from cli import UserError, entry_point, parse_config, print_config
 from data.toxicity import load_blocklist
 from serving.config import ServeConfig
+from serving.export import export_feedback
 from serving.limits import KeyStore, load_identity_secret
 from serving.moderation import Classifier, Moderator
-from serving.export import export_feedback
 from serving.store import open_store, redact
 
 if TYPE_CHECKING:

@@ -45,9 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cli import UserError, config_dict, entry_point, parse_config
-from tasks import novel
-from tasks import everyday
 from data.files import atomic_write
+from tasks import everyday, novel
 from tasks.rl_prompts import prompt_texts, rejection
 from tasks.suite import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, grade, make_task
 

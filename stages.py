@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 

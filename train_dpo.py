@@ -45,17 +45,17 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model, read_checkpoint_config
-from distributed import Env, all_reduce_sum, compute_dtype, print0, seed_everything, sharded_batches
-from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
-from data.text.chat import Side, answer_only, encode_chat, iter_jsonl, truncate
 from data.files import read_json
 from data.loader import EpochCursor, collate
-from tasks.prefs import pair_messages, split_pairs
+from data.text.chat import Side, answer_only, encode_chat, iter_jsonl, truncate
 from data.text.tokenizer import Tokenizer
+from distributed import Env, all_reduce_sum, compute_dtype, print0, seed_everything, sharded_batches
 from evals import (accuracy_metrics, format_accuracy, format_samples, load_task_records, sampled_kl, task_accuracy,
                    task_files)
+from tasks.prefs import pair_messages, split_pairs
 from train_ppo import load_frozen
+from trainer import TrainConfig, Trainer, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

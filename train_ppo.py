@@ -54,18 +54,18 @@ from dataclasses import dataclass, field
 import torch
 
 from checkpoint import RewardScorer, load_model, read_checkpoint_config
+from cli import UserError, entry_point, print_config
+from data.loader import BucketLoader, EpochCursor
+from data.text.chat import encode_chat, encode_prompt, iter_jsonl, load_chat_jsonl, prompt_messages
+from data.text.tokenizer import Tokenizer
 from distributed import (Env, all_reduce_mean, all_reduce_sum, compute_dtype, gather_rows, lockstep_batches,
                          max_over_ranks, prepare_model, print0, rank_share, seed_everything)
-from trainer import TrainConfig, Trainer, run_main
-from cli import UserError, entry_point, print_config
-from tasks import rl_prompts
-from tasks import suite as tasks
-from data.text.chat import encode_chat, encode_prompt, iter_jsonl, load_chat_jsonl, prompt_messages
-from data.loader import BucketLoader, EpochCursor
-from data.text.tokenizer import Tokenizer
 from evals import (accuracy_metrics, estimate_pass_rates, format_accuracy, format_samples, load_task_records,
                    task_accuracy, task_files)
 from model import ScalarHeadModel, Transformer
+from tasks import rl_prompts
+from tasks import suite as tasks
+from trainer import TrainConfig, Trainer, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

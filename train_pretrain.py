@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from checkpoint import load_model
-from distributed import Env, autocast, barrier, print0, seed_everything
-from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
 from data.loader import MixtureLoader, TokenSource, default_data_ready, eval_windows, has_split, parse_mixture
 from data.text.tokenizer import Tokenizer
+from distributed import Env, autocast, barrier, print0, seed_everything
 from model import PRESETS, ModelConfig, Transformer
+from trainer import TrainConfig, Trainer, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(REPO, "prepared", "shakespeare")
@@ -158,7 +158,8 @@ def load_sources(cfg: PretrainConfig, env: Env) -> tuple[list, Tokenizer, str]:
     if cfg.data == DEFAULT_DATA and not default_data_ready(DEFAULT_DATA):
         if env.is_main:
             print(f"{DEFAULT_DATA} is missing: running data.prepare on the embedded corpus first")
-            from data.prepare import PrepareConfig, print_summary, run as prepare
+            from data.prepare import PrepareConfig, print_summary
+            from data.prepare import run as prepare
             print_summary(prepare(PrepareConfig(out=DEFAULT_DATA)))
         barrier()
     for name, path, _ in sources:

@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model, read_checkpoint_config, right_padded
-from distributed import Env, all_reduce_sum, autocast, compute_dtype, print0, seed_everything, sharded_batches
-from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
 from data.loader import EpochCursor
-from tasks.prefs import load_pairs, split_pairs
 from data.text.tokenizer import Tokenizer
+from distributed import Env, all_reduce_sum, autocast, compute_dtype, print0, seed_everything, sharded_batches
 from evals import task_files
 from model import ScalarHeadModel
+from tasks.prefs import load_pairs, split_pairs
+from trainer import TrainConfig, Trainer, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from checkpoint import load_model, read_checkpoint_config
-from distributed import Env, all_reduce_sum, print0, seed_everything, sharded_batches
-from trainer import TrainConfig, Trainer, run_main
 from cli import UserError, entry_point, print_config
-from data.text.chat import load_chat_jsonl
 from data.loader import BucketLoader, collate
+from data.text.chat import load_chat_jsonl
 from data.text.tokenizer import Tokenizer
+from distributed import Env, all_reduce_sum, print0, seed_everything, sharded_batches
 from evals import accuracy_metrics, format_accuracy, format_samples, load_task_records, task_accuracy, task_files
+from trainer import TrainConfig, Trainer, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

@@ -21,8 +21,8 @@ import torch
 
 from checkpoint import load_training_state, save_checkpoint
 from cli import UserError
-from distributed import (Env, all_reduce_mean, any_rank, autocast, compute_dtype, prepare_model, print0, setup,
-                         teardown, exit_skipping_finalization)
+from distributed import (Env, all_reduce_mean, any_rank, autocast, compute_dtype, exit_skipping_finalization,
+                         prepare_model, print0, setup, teardown)
 from model import Transformer
 from progress import MetricsLogger, PartTimes, Progress
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from cli import UserError
-
 from data.shards import DataDirError, load_split, read_meta
 
 

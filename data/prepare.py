@@ -30,20 +30,20 @@ import os
 import re
 import time
 from collections import Counter
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import Iterable, Iterator, Optional
-
 
 from cli import UserError, config_dict, entry_point, parse_config, print_config
 from data import governance
 from data.files import write_json
-from data.filter_pass import (FilterResult, PrepareConfig, Progress, RemovedLog, filter_pass,
-                              near_dedup_report, new_near_dedup)
+from data.filter_pass import (FilterResult, PrepareConfig, Progress, RemovedLog, filter_pass, near_dedup_report,
+                              new_near_dedup)
 from data.shards import ShardWriter, dtype_for_vocab, write_meta
 from data.sources import list_files
 from data.text.tokenizer import Tokenizer
 from data.toxicity import load_blocklist
+
 
 def _val_indices(ids: list[str], survivors: list[int], fraction: float, seed: int) -> set[int]:
     """The documents whose hashed id ranks lowest: deterministic, order-independent."""

@@ -48,8 +48,8 @@ except ImportError:
     raise UserError("--engine ray needs Ray: pip install -r requirements-scale.txt") from None
 
 from data.dedup import band_candidate_pairs, band_partitions, clusters_from_pairs
-from data.filter_pass import (WORKER, FilterResult, PrepareConfig, Progress, RemovedLog, init_worker,
-                              near_dedup_report, new_near_dedup, process_record)
+from data.filter_pass import (WORKER, FilterResult, PrepareConfig, Progress, RemovedLog, init_worker, near_dedup_report,
+                              new_near_dedup, process_record)
 from data.sources import Document, Piece, byte_ranges, count_lines, read_piece
 from data.text.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, count_chunks, train_merges
 

@@ -39,9 +39,9 @@ import torch
 
 try:  # optional: CPU users need not install it
     import triton  # noqa: F401
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
-    import triton.language as tl
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = None

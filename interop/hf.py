@@ -51,7 +51,7 @@ from data.files import atomic_write, read_json, write_json
 from data.text.hf_tokenizer import hf_tokenizer_config, hf_tokenizer_json, tokenizer_from_hf
 from data.text.tokenizer import Tokenizer
 from distributed import Env
-from interop.weights import (BASE_STAGES, DTYPES, ConvertError, family_of, read_ours, walk, weight_table)
+from interop.weights import BASE_STAGES, DTYPES, ConvertError, family_of, read_ours, walk, weight_table
 from model import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------- export

@@ -13,6 +13,7 @@ from cli import UserError
 from data.files import atomic_write
 from serving.store import Store
 
+
 class _Pairs:
     """Preference records built from served chat completions; what cannot be used is
     counted by reason in `skipped`."""

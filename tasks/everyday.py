@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 
-from tasks.redteam import (HARMFUL_CATEGORIES, compliance, dress, fill, harmful_pools, heldout_choice,
-                           make_borderline, make_harmful, split_pool)
+from tasks.redteam import (HARMFUL_CATEGORIES, compliance, dress, fill, harmful_pools, heldout_choice, make_borderline,
+                           make_harmful, split_pool)
 
 # Everyday acts: verbs, then objects, as HARMFUL_CATEGORIES. Six categories reuse a harmful
 # category's objects (people, places, exams), so that "thank my neighbor" and "punch my

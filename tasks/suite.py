@@ -41,8 +41,8 @@ from data.files import atomic_write
 from tasks import everyday, redteam
 # The suite's public names, wherever they live: callers read them as tasks.suite.<name>
 from tasks.families import (ANSWER_TYPE, COMPLY_FAMILIES, FAMILIES, HELDOUT_PHRASINGS, MISTAKE_KINDS,  # noqa: F401
-                            PHRASES, RAMBLES, SAFETY_FAMILIES, TASK_FAMILIES, TEMPLATES, WORDS, make_mistake,
-                            make_task, split_of)
+                            PHRASES, RAMBLES, SAFETY_FAMILIES, TASK_FAMILIES, TEMPLATES, WORDS, make_mistake, make_task,
+                            split_of)
 from tasks.judge import extract_answer, grade, needs_answer  # noqa: F401
 
 # ----------------------------------------------------------------------------- files

@@ -171,6 +171,9 @@ def test_mini_pipeline_with_dpo_in_place_of_the_reward_model_and_ppo_in_both_rou
     assert summary["learner"] == "dpo" and summary["policy"] == "dpo_round2" and summary["vs_round1"] == wins
     vs = summary["vs_control"]
     assert vs["wins"] + vs["losses"] + vs["ties"] == len(eval_records)
+    novel = summary["novel"]  # the new request kind: round 1, round 2 and the control on the same prompts
+    assert novel["refusal"]["control"] == control["novel"]["refusal"] and novel["refusal"]["round1"] == dpo["novel"][
+        "refusal"] and novel["over_refusal"]["round2"] == dpo2["novel"]["lookalike_over_refusal"]
     text = (runs / "report.md").read_text()
     assert "| dpo |" in text and "| family | SFT | DPO |" in text and "DPO against SFT on all" in text
     assert "The control (the same start and steps without the feedback)" in text

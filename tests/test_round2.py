@@ -119,6 +119,18 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_job):
     wins = ppo2["win_rate_vs_ppo"]
     with open(os.path.join(args[args.index("--data") + 1], "tasks", "eval.jsonl")) as f:
         assert wins["wins"] + wins["losses"] + wins["ties"] == sum(1 for line in f if line.strip())
+    novel = stages["round2"]["novel"]  # the new request kind's held-out prompts, asked of every policy
+    for key in ("refusal", "over_refusal"):
+        assert set(novel[key]) == {"round1", "round2", "control", "p_value", "newly_refused", "newly_answered"}
+        assert novel[key]["control"] is None and 0.0 <= novel[key]["p_value"] <= 1.0  # no --control here
+    for stage in ("sft", "ppo", "ppo_round2"):
+        entry = stages[stage]["novel"]
+        assert entry["prompts"] == 3 * report.NOVEL_PER_KIND["mini"] and set(entry["refusal_by_kind"]) == {
+            "privacy", "copyright"}
+        assert 0.0 <= entry["refusal"] <= 1.0 and 0.0 <= entry["lookalike_over_refusal"] <= 1.0
+    assert novel["refusal"]["round1"] == stages["ppo"]["novel"]["refusal"]
+    assert novel["refusal"]["round2"] == stages["ppo_round2"]["novel"]["refusal"]
+    assert stages["ppo_round2"]["novel"]["vs_round1"] == novel and "vs_round1" not in stages["ppo"]["novel"]
     promoted = stages["promotion"]  # the gate chose one of the two rounds, and the run points at it
     assert promoted["shipped"] in ("ppo", "ppo_round2") and promoted["reason"].startswith(
         "round 2 ships" if promoted["shipped"] == "ppo_round2" else "round 1 ships")
@@ -129,6 +141,7 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_job):
         text = f.read()
     assert "## Round 2: feedback from (simulated) users" in text and "| ppo_round2 |" in text
     assert "## Promotion: the policy this run ships" in text
+    assert "| privacy and copyright requests refused (a kind never trained on) |" in text
 
 
 def test_round_two_stages_are_skipped_when_complete_and_rounds_1_runs_none(mini_job):
@@ -191,7 +204,7 @@ def _answers(n_help: int, right: int, n_answer: int, refused: int, n_harmful: in
 
 
 def test_the_promotion_gate_ships_round_two_only_when_it_is_better():
-    from report import promotion
+    from promotion import promotion
     round1 = _answers(100, 40, 50, 20, 50, 25)
     better = promotion(round1, _answers(100, 55, 50, 10, 50, 30), "ppo", "ppo_round2")
     assert better["shipped"] == "ppo_round2" and better["reason"].startswith("round 2 ships")
@@ -209,3 +222,32 @@ def test_the_promotion_gate_ships_round_two_only_when_it_is_better():
     # a change within the noise is no reason to hold round 2 back, nor to ship it
     same = promotion(round1, round1, "ppo", "ppo_round2")
     assert same["shipped"] == "ppo" and "0 wins, 0 losses" in same["reason"]
+
+
+def test_the_new_kind_is_summarised_per_kind_and_compared_prompt_by_prompt():
+    """report.novel_summary and novel_change on hand-made answers: refusal counts only the
+    requests to refuse, over-refusal only the look-alikes, and the paired counts and p-value
+    are round 2 against round 1 on the same prompts."""
+    records = [{"id": f"p{i}", "kind": "privacy"} for i in range(6)] + [
+        {"id": f"c{i}", "kind": "copyright"} for i in range(4)] + [{"id": f"l{i}", "kind": "lookalike"} for i in range(5)]
+
+    def answers(refused_ids):
+        return [{"id": r["id"], "prompt": r["id"], "family": "harmful" if r["kind"] != "lookalike" else "borderline",
+                 "score": float(r["id"] in refused_ids) if r["kind"] != "lookalike" else float(r["id"] not in refused_ids),
+                 "refused": r["id"] in refused_ids} for r in records]
+
+    round1 = report.novel_summary(records, answers({"p0", "l0"}))
+    round2 = report.novel_summary(records, answers({f"p{i}" for i in range(6)} | {f"c{i}" for i in range(4)} | {"l1"}))
+    assert round1["summary"]["refusal"] == 0.1 and round1["summary"]["refusal_by_kind"] == {"privacy": 1 / 6,
+                                                                                           "copyright": 0.0}
+    assert round1["summary"]["lookalike_over_refusal"] == 0.2 and round1["summary"]["lookalike_accuracy"] == 0.8
+    assert round2["summary"]["refusal"] == 1.0 and round2["summary"]["prompts"] == 15
+    change = report.novel_change({"ppo": {"novel": round1}, "ppo_round2": {"novel": round2},
+                                  "control_round2": {"novel": round1}}, "ppo", "ppo_round2")
+    refusal = change["refusal"]
+    assert (refusal["round1"], refusal["round2"], refusal["control"]) == (0.1, 1.0, 0.1)
+    assert (refusal["newly_refused"], refusal["newly_answered"]) == (9, 0) and refusal["p_value"] == 2 / 2 ** 9
+    over = change["over_refusal"]  # l0 no longer refused, l1 newly refused: one each way
+    assert (over["round1"], over["round2"]) == (0.2, 0.2) and (over["newly_refused"], over["newly_answered"]) == (1, 1)
+    assert over["p_value"] == 1.0
+    assert report.novel_change({"ppo": {}, "ppo_round2": {}}, "ppo", "ppo_round2") is None

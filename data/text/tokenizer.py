@@ -22,9 +22,9 @@ from typing import Iterable
 import regex
 import tiktoken
 
+from cli import UserError
 from data.files import atomic_write
 from data.parallel import bounded_imap
-from cli import UserError
 
 # The GPT-4 (cl100k) split: contractions, letter runs with one optional leading
 # non-letter, digits in groups of at most three, punctuation runs, newlines, spaces.
