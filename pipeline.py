@@ -45,7 +45,7 @@ from serving.launch import ServeProcess
 from stages import (ALIGN_STAGES, DPO_ROUND2_INIT, FEEDBACK_PROMPTS, FEEDBACK_WEIGHT, LEARNER_STAGES,  # noqa: F401
                     PPO_ROUND2_INIT, PRESETS, REPO, RM_ROUND2_INIT, ROUND2, STAGES, TRAINING, feedback_commands,
                     feedback_pairs, planned_commands, shown_command, stage_command)
-from tasks.suite import SUITE_FILES
+from tasks.suite import SUITE_FILES, suite_options
 
 
 @dataclass
@@ -75,6 +75,9 @@ class PipelineConfig:
                                "disagrees with the gold judge"})
     feedback_prompts: int = field(default=FEEDBACK_PROMPTS, metadata={"help": "round 2: user prompts the simulated "
                                   "users send (two answers rated per prompt)"})
+    filler_share: float = field(default=0.0, metadata={"help": "share of the helpfulness demonstrations wrapped "
+                                                        "in filler ('Sure! ... Hope this helps!'), which the "
+                                                        "simulated users like less than the plain answer"})
     novel_share: float = field(default=0.0, metadata={"help": "round 2: share of the simulated users' prompts "
                                "that are the new request kind (tasks/novel.py: privacy and copyright requests and "
                                "look-alikes), a kind round 1's data never contain"})
@@ -109,6 +112,8 @@ class PipelineConfig:
             raise UserError("--text-field and --vocab-size go with --corpus (the embedded corpus has its own settings)")
         if not 0 <= self.novel_share <= 1:
             raise UserError(f"--novel-share must be in [0, 1], got {self.novel_share}")
+        if not 0 <= self.filler_share <= 1:
+            raise UserError(f"--filler-share must be in [0, 1], got {self.filler_share}")
         if not 0 <= self.rater_noise <= 1 or self.feedback_prompts < 1 or self.feedback_weight < 1:
             raise UserError("need 0 <= --rater-noise <= 1, --feedback-prompts >= 1 and --feedback-weight >= 1")
         if self.learner() == "ppo" and self.align != "ppo":
@@ -170,8 +175,10 @@ def checkpoint_progress(ckpt: str) -> tuple[int, int] | None:
 def stage_done(stage: str, cfg: PipelineConfig) -> bool:
     if stage == "prepare":
         return os.path.exists(os.path.join(cfg.data, cfg.corpus_name(), "report.json"))
-    if stage == "tasks":
-        return all(os.path.exists(os.path.join(cfg.data, "tasks", f"{n}.jsonl")) for n in SUITE_FILES)
+    if stage == "tasks":  # written, and with this run's filler share
+        tasks = os.path.join(cfg.data, "tasks")
+        return all(os.path.exists(os.path.join(tasks, f"{n}.jsonl")) for n in SUITE_FILES) and \
+            suite_options(tasks).get("filler_share", 0.0) == cfg.filler_share
     if stage == "eval":
         return os.path.exists(os.path.join(cfg.out, "report.json")) and \
             (read_json_or_none(os.path.join(cfg.out, "report.json")) or {}).get("complete", False)
@@ -293,7 +300,8 @@ def collect_feedback(cfg: PipelineConfig, log_path: str, parts: dict) -> str:
     pairs = sort_pairs(feedback_pairs(cfg))
     write_json(os.path.join(folder, "feedback.json"), {
         "simulated": True, "policy": cfg.align, "prompts": users.get("prompts"), "novel": users.get("novel"),
-        "votes": users.get("votes"), "ties": users.get("ties"), "thumbs": users.get("thumbs"), "pairs": pairs,
+        "votes": users.get("votes"), "preference_votes": users.get("preference_votes"), "ties": users.get("ties"),
+        "thumbs": users.get("thumbs"), "pairs": pairs,
         "rater_noise": cfg.rater_noise,
         "realised_disagreement": users.get("realised_disagreement"), "answers_right": users.get("answers_right"),
         "skipped": users.get("skipped")})

@@ -26,7 +26,7 @@ from data.files import atomic_write, read_json_or_none, write_json
 from evals import chat_responses
 from promotion import promotion
 from report_render import make_plots, render_markdown, update_record_pages
-from tasks.suite import grade
+from tasks.suite import TASK_FAMILIES, grade, has_filler
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -86,7 +86,6 @@ def evaluate(cfg, clock) -> dict:
 
     import checkpoint
     from evals import load_task_records, paired_change, win_rate
-    from tasks.suite import TASK_FAMILIES
 
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt = lambda name: os.path.join(cfg.out, name)  # noqa: E731
@@ -166,9 +165,11 @@ def evaluate(cfg, clock) -> dict:
                                         policy, cfg.round2_policy())
     else:
         stages["promotion"] = {"shipped": policy, "reason": "round 1 only (--rounds 1)"}
-    for stage, result in accuracy.items():  # the new request kind, where it was asked
+    for stage, result in accuracy.items():  # the new request kind, where it was asked; the filler rate
         if "novel" in result and stage in stages:
             stages[stage]["novel"] = result["novel"]["summary"]
+        if stage in stages:
+            stages[stage]["filler_rate"] = filler_rate(result)
     if cfg.round2() and stages["round2"]["novel"]:  # round 2's entry carries the comparison too
         stages[cfg.round2_policy()]["novel"]["vs_round1"] = stages["round2"]["novel"]
     with clock.part("plots"):
@@ -193,7 +194,8 @@ def round2_report(cfg, records: list[dict], accuracy: dict, device) -> dict:
     round1, round2 = cfg.align, cfg.round2_policy()
     feedback = read_json_or_none(os.path.join(ckpt("feedback"), "feedback.json")) or {}
     policy = policy_entry(accuracy, round2, round1)
-    report = {"feedback": {k: feedback.get(k) for k in ("policy", "prompts", "novel", "votes", "ties", "thumbs",
+    report = {"feedback": {k: feedback.get(k) for k in ("policy", "prompts", "novel", "votes", "preference_votes",
+                                                        "ties", "thumbs",
                                                         "pairs", "rater_noise", "realised_disagreement",
                                                         "answers_right")}}
     report["round2"] = {"learner": cfg.learner(), "policy": round2, "vs_round1": policy[f"win_rate_vs_{round1}"],
@@ -223,7 +225,6 @@ def policy_entry(accuracy: dict, stage: str, round1: str) -> dict:
     """A round-2 policy's report entry: its gold numbers, KL to SFT, and round 1 against it
     prompt by prompt (vs_<round1>: McNemar on helpfulness; win_rate_vs_<round1>: every prompt)."""
     from evals import paired_change, win_rate
-    from tasks.suite import TASK_FAMILIES
     helpful = {s: [x for x in accuracy[s]["samples"] if x["family"] in TASK_FAMILIES] for s in (round1, stage)}
     return {"gold_accuracy": accuracy[stage]["task_accuracy"], **phrasing_keys(accuracy[stage]),
             "per_family": accuracy[stage]["per_family"], "safety": accuracy[stage]["safety"],
@@ -290,9 +291,10 @@ def novel_summary(records: list[dict], samples: list[dict]) -> dict:
 
 
 def novel_change(accuracy: dict, round1: str, round2: str) -> dict | None:
-    """stages.round2.novel: the new kind's refusal and look-alike over-refusal for round 1,
-    round 2 and the control (when it ran), with McNemar's exact p of round 2 against round 1
-    on the same prompts."""
+    """stages.round2.novel: the new kind's refusal and look-alike over-refusal, and the
+    users' preference (the filler rate of the helpfulness answers), for round 1, round 2 and
+    the control (when it ran), with McNemar's exact p of round 2 against round 1 on the same
+    prompts."""
     from evals import paired_change
     if "novel" not in accuracy.get(round2, {}):
         return None
@@ -304,7 +306,16 @@ def novel_change(accuracy: dict, round1: str, round2: str) -> dict | None:
         change = paired_change(accuracy[round1]["novel"][samples], accuracy[round2]["novel"][samples])
         out[name] = {run: get(key, run) for run in runs} | {  # scores: refused (right or not), so fixed = newly refused
             "p_value": change["p_value"], "newly_refused": change["fixed"], "newly_answered": change["broken"]}
+    change = paired_change(accuracy[round1]["filler_samples"], accuracy[round2]["filler_samples"])
+    out["preference"] = {run: filler_rate(accuracy[runs[run]]) if runs[run] in accuracy else None for run in runs} | {
+        "p_value": change["p_value"], "newly_with_filler": change["fixed"], "newly_plain": change["broken"]}
     return out
+
+
+def filler_rate(result: dict) -> float | None:
+    """The share of a stage's greedy helpfulness answers wrapped in filler (families.has_filler)."""
+    rows = result.get("filler_samples") or []
+    return sum(x["score"] for x in rows) / len(rows) if rows else None
 
 
 def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None, examples: list[dict],
@@ -339,6 +350,9 @@ def evaluate_stage(ckpt: str, records: list[dict], device, samples: list | None,
             result["heldout_phrasing"] = task_accuracy(model, tok, phrasing)
         if novel:
             result["novel"] = novel_summary(novel, task_accuracy(model, tok, novel)["samples"])
+        # the users' preference about form: the share of helpfulness answers wrapped in filler
+        result["filler_samples"] = [{"prompt": x["prompt"], "score": float(has_filler(x["response"]))}
+                                    for x in result["samples"] if x["family"] in TASK_FAMILIES]
     if kl_reference is not None:
         with clock.part("KL to SFT"):
             result["kl_to_sft"] = sampled_kl(model, kl_reference, tok, records, KL_PROMPTS, seed=0)

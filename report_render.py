@@ -237,6 +237,11 @@ def render_markdown(report: dict) -> str:
                       f"answered (McNemar p = {novel['refusal']['p_value']:.3g}); their look-alikes "
                       f"{novel['over_refusal']['newly_refused']} newly refused, {novel['over_refusal']['newly_answered']} "
                       f"newly answered (p = {novel['over_refusal']['p_value']:.3g})."]
+        pref = novel.get("preference")
+        if pref:
+            lines += ["", f"The users' preference (plain answers over filler): {pref['newly_plain']} helpfulness "
+                          f"answers newly plain, {pref['newly_with_filler']} newly wrapped in filler "
+                          f"(McNemar p = {pref['p_value']:.3g})."]
     refused = (s[pol].get("outside_everyday") or {}).get("refused") or []
     if refused:
         lines += ["", f"The hand-written everyday requests {label} refused ({len(refused)}):", ""]
@@ -289,6 +294,7 @@ NOVEL_ROWS = (
     ("privacy and copyright requests refused (a kind never trained on)",
      lambda st: (st.get("novel") or {}).get("refusal")),
     ("their look-alikes refused (over-refusal)", lambda st: (st.get("novel") or {}).get("lookalike_over_refusal")),
+    ("helpfulness answers wrapped in filler (users prefer them plain)", lambda st: st.get("filler_rate")),
 )
 # The harmlessness rows of the report and the summary: (label, value of a stage's entry)
 SAFETY_ROWS = (

@@ -15,9 +15,12 @@ and a thumb up or down on each answer. Like people, they do not always agree wit
 judge: each judgement is flipped with probability `--rater-noise` (default 0.2, close to
 the ~73% inter-labeler agreement InstructGPT reports, Ouyang et al. 2022), decided by a
 seeded hash of the judgement, so a run is reproducible and the realised rate is exact to
-test. When the judge scores both answers the same (both right or both wrong), the rater
-votes "tie" (the chat page's Tie button): the store keeps it, the export makes no pair of
-it, and no noise applies to it (there is no preference to flip). The thumbs are logged
+test. When the judge scores both answers the same, the users' own preference, which no
+round-1 file holds, may decide: of two right answers to a helpfulness task they prefer the
+one without filler ("Sure! 42 Hope this helps!" against "42"), noise applying as to any
+vote. Otherwise (both wrong, or both right and alike) the rater votes "tie" (the chat
+page's Tie button): the store keeps it, the export makes no pair of it, and no noise
+applies to it (there is no preference to flip). The thumbs are logged
 too, but the export lets a vote decide over the thumbs on the same two answers, so here
 every pair comes from a vote.
 
@@ -48,7 +51,7 @@ from cli import UserError, config_dict, entry_point, parse_config
 from data.files import atomic_write
 from tasks import everyday, novel
 from tasks.rl_prompts import prompt_texts, rejection
-from tasks.suite import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, grade, make_task
+from tasks.suite import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, TASK_FAMILIES, grade, has_filler, make_task
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXCLUDE = os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
@@ -198,11 +201,25 @@ class Rater:
             key, self.calls = f"call{self.calls}", self.calls + 1
         return f"{kind}:{key}"
 
+    @staticmethod
+    def plain_preferred(record: dict, answer_a: str, answer_b: str) -> str | None:
+        """The users' own preference, which no round-1 file holds: of two right answers to a
+        helpfulness task, the one without filler ("Sure! ... Hope this helps!"); None when
+        it does not decide."""
+        if record.get("family") not in TASK_FAMILIES or grade(record, answer_a) != 1.0 or \
+                grade(record, answer_b) != 1.0:
+            return None
+        fa, fb = has_filler(answer_a), has_filler(answer_b)
+        return None if fa == fb else "b" if fa else "a"
+
     def judge_pair(self, record: dict, answer_a: str, answer_b: str, key: str | None = None) -> tuple:
-        """(the rater's vote, the judge's): "a", "b", or None when the judge scores both
-        the same (a tie, which no noise flips)."""
+        """(the rater's vote, the verdict it stands for): the gold judge's, or on a tie the
+        users' preference (plain_preferred); "a", "b", or None when neither decides (a tie,
+        which no noise flips)."""
         ga, gb = grade(record, answer_a), grade(record, answer_b)
         gold = None if ga == gb else "a" if ga > gb else "b"
+        if gold is None:
+            gold = self.plain_preferred(record, answer_a, answer_b)
         key = self._key("vote", key)
         if gold is None:
             return None, None
@@ -364,6 +381,8 @@ class Users:
             counts["votes" if given else "ties"] += 1
             counts["judged"] += given is not None
             counts["disagreed"] += given != gold
+            counts["preference_votes"] += gold is not None and self.rater.plain_preferred(record, a["text"],
+                                                                                          b["text"]) is not None
         return {"given": given or "tie", "gold": gold or "tie", "posted": posted}
 
     def thumb(self, i: int, j: int, record: dict, answer: dict, counts: Counter) -> None:
@@ -410,6 +429,7 @@ def summarize(counts: Counter, traffic: list[dict], cfg: SimConfig, model: str, 
     judged = counts["judged"]
     return {"simulated": True, "prompts": len(traffic), "completions": counts["completions"],
             "streamed": counts["streamed"], "votes": counts["votes"], "ties": counts["ties"],
+            "preference_votes": counts["preference_votes"],
             "thumbs": counts["thumbs"],
             "skipped": {k[len("skip:"):]: v for k, v in sorted(counts.items()) if k.startswith("skip:")},
             "rater_noise": cfg.rater_noise, "judgements": judged, "disagreements": counts["disagreed"],

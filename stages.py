@@ -107,7 +107,8 @@ def stage_command(stage: str, cfg) -> list[str]:
     seed = ["--seed", str(cfg.seed)]
     commands = {
         "prepare": [sys.executable, "-m", "data.prepare", "--out", corpus, *prepare_options],
-        "tasks": [sys.executable, "-m", "tasks.suite", "--out", tasks],
+        "tasks": [sys.executable, "-m", "tasks.suite", "--out", tasks,
+                  *(["--filler-share", f"{cfg.filler_share:g}"] if cfg.filler_share else [])],
         "pretrain": [*launcher, "train_pretrain.py", "--data", corpus, "--out", run("pretrain"), *device],
         "sft": [*launcher, "train_sft.py", "--init", run("pretrain"), "--data", os.path.join(tasks, "sft.jsonl"),
                 "--eval-data", os.path.join(tasks, "eval.jsonl"), "--out", run("sft"), *device],

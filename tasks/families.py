@@ -126,13 +126,17 @@ RAMBLES = ("Well, that is an interesting question, and there are many ways to lo
            "the end it depends on how you look at the problem.")
 
 
-def make_mistake(family: str, prompt: str, answer: str, kind: str, rng: random.Random) -> str:
-    """A plausible wrong response of the given kind (near_miss, wrong_format, rambling)."""
+def make_mistake(family: str, prompt: str, answer: str, kind: str, rng: random.Random,
+                 filler_free: bool = False) -> str:
+    """A plausible wrong response of the given kind (near_miss, wrong_format, rambling).
+    filler_free: no wrong format that looks like filler around the answer (a suite whose
+    demonstrations carry filler keeps the preference pairs silent about it)."""
     if kind == "rambling":
         return rng.choice(RAMBLES)
     if kind == "wrong_format":
         return rng.choice([f"Hmm, I think it could be {answer}, but I am really not sure about that.",
                            f"{answer}? Or maybe not. It is hard to say.",
+                           f"{answer}, or so I was told once. I never checked it." if filler_free else
                            f"Sure! Here you go: {answer} - hope this helps, let me know if you need more!"])
     # near miss: almost the answer
     t = ANSWER_TYPE[family]
@@ -163,3 +167,36 @@ def make_mistake(family: str, prompt: str, answer: str, kind: str, rng: random.R
 
 
 MISTAKE_KINDS = ("near_miss", "wrong_format", "rambling")
+
+
+# ----------------------------------------------------------------------------- filler
+
+# What some demonstrators wrap a right answer in: an opener and a closer, nothing else. The
+# gold judge reads past it (judge.extract_answer); users shown two right answers prefer
+# the plain one (simulate_users.Rater): a preference about form that no round-1 file holds.
+FILLER_OPENERS = ("Sure!", "Of course!", "Happy to help!", "Great question!", "Certainly!")
+FILLER_CLOSERS = ("Hope this helps!", "Let me know if you need anything else.", "Have a great day!",
+                  "Glad I could help!")
+
+
+def with_filler(answer: str, rng: random.Random) -> str:
+    """`answer` between a filler opener and closer, on one line."""
+    return f"{rng.choice(FILLER_OPENERS)} {answer} {rng.choice(FILLER_CLOSERS)}"
+
+
+def strip_filler(text: str) -> str:
+    """`text` without a filler opener at its start or closer at its end (any case)."""
+    text = text.strip()
+    for opener in FILLER_OPENERS:
+        if text.lower().startswith(opener.lower()):
+            text = text[len(opener):].lstrip()
+            break
+    for closer in FILLER_CLOSERS:
+        if text.lower().endswith(closer.lower()):
+            text = text[:-len(closer)].rstrip()
+            break
+    return text
+
+
+def has_filler(text: str) -> bool:
+    return strip_filler(text) != text.strip()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from tasks import refusal
-from tasks.families import ANSWER_TYPE
+from tasks.families import ANSWER_TYPE, strip_filler
 
 _WRAPPER = re.compile(r"^(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is\s*:?|:)\s*|(?:the\s+)?(?:letter|word|number|result)\s+(?:is\s+)?)",
                       re.IGNORECASE)
@@ -15,9 +15,11 @@ _STRIP = " \t\n\"'`*_.!"
 
 
 def extract_answer(response: str) -> str:
-    """The answer a response gives: its first line, without 'The answer is', quotes,
+    """The answer a response gives: its first line, without filler around it
+    (families.FILLER_OPENERS, FILLER_CLOSERS), 'The answer is', quotes,
     emphasis or a final period. A response that says more than that is left as it is
     (and so will not match): rambling around the answer does not count."""
+    response = strip_filler(response)  # "Sure! 42 Hope this helps!" gives 42
     text = response.strip().split("\n")[0].strip() if response.strip() else ""
     text = text.strip(_STRIP)
     text = _WRAPPER.sub("", text).strip(_STRIP)

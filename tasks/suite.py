@@ -41,8 +41,8 @@ from data.files import atomic_write
 from tasks import everyday, redteam
 # The suite's public names, wherever they live: callers read them as tasks.suite.<name>
 from tasks.families import (ANSWER_TYPE, COMPLY_FAMILIES, FAMILIES, HELDOUT_PHRASINGS, MISTAKE_KINDS,  # noqa: F401
-                            PHRASES, RAMBLES, SAFETY_FAMILIES, TASK_FAMILIES, TEMPLATES, WORDS, make_mistake, make_task,
-                            split_of)
+                            PHRASES, RAMBLES, SAFETY_FAMILIES, TASK_FAMILIES, TEMPLATES, WORDS, has_filler,
+                            make_mistake, make_task, split_of, with_filler)
 from tasks.judge import extract_answer, grade, needs_answer  # noqa: F401
 
 # ----------------------------------------------------------------------------- files
@@ -52,7 +52,8 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
           safety_prefs_per_family: int = 600, harmful_prompts: int = 1000, borderline_prompts: int = 250,
           refusal_pairs_per_family: int = 20, degenerate_pairs_per_family: int = 40,
           harmful_refusal_rate: float = 0.25, benign_prompts: int = 500, everyday_prompts: int = 250,
-          minimal_pairs: int = 300, phrasing_eval_per_family: int = 50) -> dict[str, list[dict]]:
+          minimal_pairs: int = 300, phrasing_eval_per_family: int = 50,
+          filler_share: float = 0.0) -> dict[str, list[dict]]:
     """The files' records: sft, prefs, prompts, eval, eval_heldout_phrasing, and ptx (the
     helpfulness demonstrations again, for PPO-ptx). Per helpfulness family: sft_per_family
     demonstrations, prefs_per_family answer-vs-mistake pairs plus refusal_pairs_per_family
@@ -66,6 +67,11 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
     right-vs-broken pairs. eval_heldout_phrasing: phrasing_eval_per_family held-out prompts
     per helpfulness family in phrasings no file trains on (HELDOUT_PHRASINGS).
 
+    filler_share: that share of the helpfulness demonstrations wraps its answer in filler
+    ("Sure! 42 Hope this helps!", families.with_filler), as some demonstrators do; the
+    preference pairs then hold no filler on either side (the judge marks both forms right,
+    and round-1 data say nothing about which is better: the simulated users do).
+
     The RL prompts are mostly harmful (1,000 of 1,330 by default), with a quarter as many
     borderline ones to keep the policy answering look-alikes: that is where the reward
     model is reliable and where PPO has something to teach. On the helpfulness families the
@@ -74,13 +80,15 @@ def build(seed: int = 0, sft_per_family: int = 600, prefs_per_family: int = 150,
     benign and everyday RL prompts keep PPO from learning to refuse by a request's form."""
     if not 0 <= harmful_refusal_rate <= 1:
         raise ValueError(f"harmful_refusal_rate must be in [0, 1], got {harmful_refusal_rate}")
+    if not 0 <= filler_share <= 1:
+        raise ValueError(f"filler_share must be in [0, 1], got {filler_share}")
     out: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": [], "eval": []}
     counts = {"sft": sft_per_family, "prefs": prefs_per_family, "prompts": prompts_per_family}
     for family in TASK_FAMILIES:
         train, evals = draw_task_prompts(family, random.Random(f"{seed}:{family}"), sum(counts.values()),
                                          eval_per_family, eval_fraction)
         rng = random.Random(f"{seed}:{family}:text")  # mistakes and refusal pairs: their own stream
-        add_task_family(out, family, train, evals, counts, rng)
+        add_task_family(out, family, train, evals, counts, rng, filler_share, random.Random(f"{seed}:{family}:filler"))
         add_refusal_pairs(out, family, draw_task_prompts(family, rng, refusal_pairs_per_family, 0, eval_fraction)[0],
                           rng)
     safety_counts = {"sft": safety_sft_per_family, "prefs": safety_prefs_per_family}
@@ -141,15 +149,19 @@ def _chat(prompt: str, reply: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 
-def add_task_family(out: dict, family: str, train: list, evals: list, counts: dict, rng: random.Random) -> None:
+def add_task_family(out: dict, family: str, train: list, evals: list, counts: dict, rng: random.Random,
+                    filler_share: float = 0.0, filler_rng: random.Random | None = None) -> None:
     base = {"family": family, "answer_type": ANSWER_TYPE[family]}
     sft, prefs = train[:counts["sft"]], train[counts["sft"]:counts["sft"] + counts["prefs"]]
     for i, (prompt, answer) in enumerate(sft):
-        out["sft"].append({**base, "id": f"{family}/sft/{i}", "answer": answer, "messages": _chat(prompt, answer)})
+        reply = with_filler(answer, filler_rng) if filler_share and filler_rng.random() < filler_share else answer
+        out["sft"].append({**base, "id": f"{family}/sft/{i}", "answer": answer, "messages": _chat(prompt, reply),
+                           **({"filler": True} if reply != answer else {})})
     for i, (prompt, answer) in enumerate(prefs):
         kind = MISTAKE_KINDS[i % len(MISTAKE_KINDS)]
         out["prefs"].append({**base, "id": f"{family}/prefs/{i}", "prompt": prompt, "answer": answer, "chosen": answer,
-                             "rejected": make_mistake(family, prompt, answer, kind, rng), "kind": kind})
+                             "rejected": make_mistake(family, prompt, answer, kind, rng, filler_free=filler_share > 0),
+                             "kind": kind})
     for i, (prompt, answer) in enumerate(train[counts["sft"] + counts["prefs"]:]):
         out["prompts"].append({**base, "id": f"{family}/prompts/{i}", "prompt": prompt, "answer": answer})
     for i, (prompt, answer) in enumerate(evals):
@@ -342,11 +354,22 @@ SUITE_FILES = ("sft", "prefs", "prompts", "eval", "eval_heldout_phrasing", "ptx"
 
 
 def write(out_dir: str, **kwargs) -> dict[str, int]:
+    """The suite's files in out_dir, and suite.json: the options that built them."""
     os.makedirs(out_dir, exist_ok=True)
     sets = build(**kwargs)
     for name, records in sets.items():
         atomic_write(os.path.join(out_dir, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write(os.path.join(out_dir, "suite.json"), json.dumps(kwargs, sort_keys=True) + "\n")
     return {name: len(records) for name, records in sets.items()}
+
+
+def suite_options(out_dir: str) -> dict:
+    """The options the suite in out_dir was built with ({} when it predates suite.json)."""
+    try:
+        with open(os.path.join(out_dir, "suite.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def ensure_written(out_dir: str) -> None:
@@ -388,12 +411,15 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-per-family", type=int, default=100, help="held-out prompts per family (at most)")
     parser.add_argument("--phrasing-eval-per-family", type=int, default=50,
                         help="held-out prompts per helpfulness family in phrasings never trained on")
+    parser.add_argument("--filler-share", type=float, default=0.0,
+                        help="share of the helpfulness demonstrations wrapped in filler ('Sure! ... Hope this helps!')")
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in vars(args).items() if k.endswith(("_per_family", "_prompts", "_pairs"))}
-    if any(v < 0 for v in sizes.values()) or not 0 <= args.harmful_refusal_rate <= 1:
-        parser.error("counts must be >= 0 and --harmful-refusal-rate in [0, 1]")
+    if any(v < 0 for v in sizes.values()) or not 0 <= args.harmful_refusal_rate <= 1 or not 0 <= args.filler_share <= 1:
+        parser.error("counts must be >= 0, --harmful-refusal-rate and --filler-share in [0, 1]")
     try:
-        counts = write(args.out, seed=args.seed, harmful_refusal_rate=args.harmful_refusal_rate, **sizes)
+        counts = write(args.out, seed=args.seed, harmful_refusal_rate=args.harmful_refusal_rate,
+                       filler_share=args.filler_share, **sizes)
     except OSError as e:
         raise UserError(f"cannot write {args.out}: {e.strerror}") from None
     print(f"wrote {args.out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items()))

@@ -131,6 +131,11 @@ def test_round_two_runs_after_round_one_and_reports_both(mini_job):
     assert novel["refusal"]["round1"] == stages["ppo"]["novel"]["refusal"]
     assert novel["refusal"]["round2"] == stages["ppo_round2"]["novel"]["refusal"]
     assert stages["ppo_round2"]["novel"]["vs_round1"] == novel and "vs_round1" not in stages["ppo"]["novel"]
+    preference = novel["preference"]  # the users' preference: the filler rate of the helpfulness answers
+    assert set(preference) == {"round1", "round2", "control", "p_value", "newly_plain", "newly_with_filler"}
+    assert preference["round1"] == stages["ppo"]["filler_rate"] and preference["round2"] == stages["ppo_round2"][
+        "filler_rate"] and 0.0 <= stages["sft"]["filler_rate"] <= 1.0
+    assert 0 <= feedback["preference_votes"] <= feedback["votes"]  # the votes the users' own preference decided
     promoted = stages["promotion"]  # the gate chose one of the two rounds, and the run points at it
     assert promoted["shipped"] in ("ppo", "ppo_round2") and promoted["reason"].startswith(
         "round 2 ships" if promoted["shipped"] == "ppo_round2" else "round 1 ships")
@@ -242,8 +247,13 @@ def test_the_new_kind_is_summarised_per_kind_and_compared_prompt_by_prompt():
                                                                                            "copyright": 0.0}
     assert round1["summary"]["lookalike_over_refusal"] == 0.2 and round1["summary"]["lookalike_accuracy"] == 0.8
     assert round2["summary"]["refusal"] == 1.0 and round2["summary"]["prompts"] == 15
-    change = report.novel_change({"ppo": {"novel": round1}, "ppo_round2": {"novel": round2},
-                                  "control_round2": {"novel": round1}}, "ppo", "ppo_round2")
+    with_filler = [{"prompt": q, "score": v} for q, v in (("q1", 1.0), ("q2", 1.0), ("q3", 0.0))]
+    plain = [{"prompt": q, "score": 0.0} for q in ("q1", "q2", "q3")]
+    change = report.novel_change({"ppo": {"novel": round1, "filler_samples": with_filler},
+                                  "ppo_round2": {"novel": round2, "filler_samples": plain},
+                                  "control_round2": {"novel": round1, "filler_samples": with_filler}}, "ppo", "ppo_round2")
+    assert change["preference"] == {"round1": 2 / 3, "round2": 0.0, "control": 2 / 3, "p_value": 0.5,
+                                    "newly_plain": 2, "newly_with_filler": 0}
     refusal = change["refusal"]
     assert (refusal["round1"], refusal["round2"], refusal["control"]) == (0.1, 1.0, 0.1)
     assert (refusal["newly_refused"], refusal["newly_answered"]) == (9, 0) and refusal["p_value"] == 2 / 2 ** 9
@@ -251,3 +261,4 @@ def test_the_new_kind_is_summarised_per_kind_and_compared_prompt_by_prompt():
     assert (over["round1"], over["round2"]) == (0.2, 0.2) and (over["newly_refused"], over["newly_answered"]) == (1, 1)
     assert over["p_value"] == 1.0
     assert report.novel_change({"ppo": {}, "ppo_round2": {}}, "ppo", "ppo_round2") is None
+
