@@ -25,7 +25,8 @@ from cli import UserError, entry_point, parse_config
 from data.files import atomic_write, read_json_or_none, write_json
 from evals import chat_responses
 from promotion import promotion
-from report_render import make_plots, render_markdown, update_record_pages
+from report_plots import make_plots
+from report_render import render_markdown, update_record_pages
 from tasks.suite import TASK_FAMILIES, grade, has_filler
 
 REPO = os.path.dirname(os.path.abspath(__file__))

@@ -34,7 +34,6 @@ the realised disagreement); prints one summary line.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -50,8 +49,9 @@ from dataclasses import dataclass, field
 from cli import UserError, config_dict, entry_point, parse_config
 from data.files import atomic_write
 from tasks import everyday, novel
+from tasks.rater import Rater, unit
 from tasks.rl_prompts import prompt_texts, rejection
-from tasks.suite import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, TASK_FAMILIES, grade, has_filler, make_task
+from tasks.suite import ANSWER_TYPE, FAMILIES, SAFETY_FAMILIES, make_task
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXCLUDE = os.path.join(REPO, "prepared", "tasks", "eval.jsonl")
@@ -110,12 +110,6 @@ class SimConfig:
     def shown(self) -> dict:
         """The config as printed and saved: the key is never written anywhere."""
         return {**config_dict(self), "api_key": "***" if self.api_key else ""}
-
-
-def unit(text: str) -> float:
-    """A uniform number in [0, 1) from a string: seeded decisions that do not depend on the
-    order in which threads get to them."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") / 2**64
 
 
 # ----------------------------------------------------------------------------- traffic
@@ -178,65 +172,6 @@ def load_excluded(path: str) -> set[str]:
             return set()
         path = DEFAULT_EXCLUDE
     return prompt_texts([path], label="--exclude ")
-
-
-# ----------------------------------------------------------------------------- raters
-
-class Rater:
-    """A simulated person who rates answers: the gold judge's verdict, disagreed with at
-    probability `noise`. Each judgement's coin is a hash of (seed, key), so a judgement
-    is reproducible whatever the order; without a key the calls are numbered in order.
-    Pure: no HTTP, no state but the call counter."""
-
-    def __init__(self, noise: float, seed: int = 0):
-        if not 0 <= noise <= 1:
-            raise ValueError(f"noise must be in [0, 1], got {noise}")
-        self.noise, self.seed, self.calls = noise, seed, 0
-
-    def disagrees(self, key: str) -> bool:
-        return unit(f"rater:{self.seed}:{key}") < self.noise
-
-    def _key(self, kind: str, key: str | None) -> str:
-        if key is None:
-            key, self.calls = f"call{self.calls}", self.calls + 1
-        return f"{kind}:{key}"
-
-    @staticmethod
-    def plain_preferred(record: dict, answer_a: str, answer_b: str) -> str | None:
-        """The users' own preference, which no round-1 file holds: of two right answers to a
-        helpfulness task, the one without filler ("Sure! ... Hope this helps!"); None when
-        it does not decide."""
-        if record.get("family") not in TASK_FAMILIES or grade(record, answer_a) != 1.0 or \
-                grade(record, answer_b) != 1.0:
-            return None
-        fa, fb = has_filler(answer_a), has_filler(answer_b)
-        return None if fa == fb else "b" if fa else "a"
-
-    def judge_pair(self, record: dict, answer_a: str, answer_b: str, key: str | None = None) -> tuple:
-        """(the rater's vote, the verdict it stands for): the gold judge's, or on a tie the
-        users' preference (plain_preferred); "a", "b", or None when neither decides (a tie,
-        which no noise flips)."""
-        ga, gb = grade(record, answer_a), grade(record, answer_b)
-        gold = None if ga == gb else "a" if ga > gb else "b"
-        if gold is None:
-            gold = self.plain_preferred(record, answer_a, answer_b)
-        key = self._key("vote", key)
-        if gold is None:
-            return None, None
-        return ({"a": "b", "b": "a"}[gold] if self.disagrees(key) else gold), gold
-
-    def judge_answer(self, record: dict, answer: str, key: str | None = None) -> tuple[str, str]:
-        """(the rater's thumb, the judge's): "up" for a right answer, "down" otherwise."""
-        gold = "up" if grade(record, answer) == 1.0 else "down"
-        if self.disagrees(self._key("thumb", key)):
-            return {"up": "down", "down": "up"}[gold], gold
-        return gold, gold
-
-    def vote(self, record: dict, answer_a: str, answer_b: str, key: str | None = None) -> str | None:
-        return self.judge_pair(record, answer_a, answer_b, key)[0]
-
-    def thumb(self, record: dict, answer: str, key: str | None = None) -> str:
-        return self.judge_answer(record, answer, key)[0]
 
 
 # ----------------------------------------------------------------------------- the HTTP client

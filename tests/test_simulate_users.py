@@ -16,6 +16,7 @@ import threading
 import pytest
 
 import simulate_users
+from tasks import rater as rater_module
 from tasks import redteam
 from tasks import suite as tasks
 from tasks.prefs import load_pairs
@@ -217,7 +218,7 @@ def test_votes_from_simulated_users_export_as_pairs_that_train_rm_trains_on(keye
     traffic = tmp_path / "traffic.jsonl"
     # The random model gets every task wrong, so the gold judge would tie every pair; a
     # stand-in judge (an answer of an even length is right) gives the votes preferences.
-    monkeypatch.setattr(simulate_users, "grade", lambda record, answer: float(len(answer) % 2 == 0))
+    monkeypatch.setattr(rater_module, "grade", lambda record, answer: float(len(answer) % 2 == 0))
     summary = simulate_users.main(["--url", srv.url + "/v1", "--api-key", key, "--prompts", "10", "--seed", "1",
                                    "--max-tokens", "8", "--rater-noise", "0.5", "--concurrency", "3",
                                    "--traffic-out", str(traffic)])
