@@ -14,9 +14,9 @@ the round-2 policy with round 1 prompt by prompt (and, with PPO, both reward mod
 held-out on-policy pairs).
 
 Each stage runs as its own process with a command printed before it starts (stages.py
-builds them): copy it to run that stage alone. A stage whose output is complete is skipped (--force redoes every
-stage, --from-stage STAGE redoes that one and those after it); a stage that was interrupted
-continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) and
+builds them): copy it to run that stage alone. A stage whose output is complete is
+skipped (--force redoes every stage, --from-stage STAGE redoes that one and those after
+it); a stage that was interrupted continues from its last checkpoint with --resume. So stopping the job (Ctrl-C) and
 starting it again picks up where it stopped. At the end OUT/report.md and report.json
 hold each stage's command, wall time and key numbers, plots and sample completions.
 
@@ -45,7 +45,7 @@ from serving.launch import ServeProcess
 from stages import (ALIGN_STAGES, DPO_ROUND2_INIT, FEEDBACK_PROMPTS, FEEDBACK_WEIGHT, LEARNER_STAGES,  # noqa: F401
                     PPO_ROUND2_INIT, PRESETS, REPO, RM_ROUND2_INIT, ROUND2, STAGES, TRAINING, feedback_commands,
                     feedback_pairs, planned_commands, shown_command, stage_command)
-from tasks.suite import SUITE_FILES, suite_options
+from tasks.suite import SUITE_FILES, build_options, suite_options
 
 
 @dataclass
@@ -175,10 +175,10 @@ def checkpoint_progress(ckpt: str) -> tuple[int, int] | None:
 def stage_done(stage: str, cfg: PipelineConfig) -> bool:
     if stage == "prepare":
         return os.path.exists(os.path.join(cfg.data, cfg.corpus_name(), "report.json"))
-    if stage == "tasks":  # written, and with this run's filler share
+    if stage == "tasks":  # written, with the options this run's command gives (preset sizes, filler share)
         tasks = os.path.join(cfg.data, "tasks")
         return all(os.path.exists(os.path.join(tasks, f"{n}.jsonl")) for n in SUITE_FILES) and \
-            suite_options(tasks).get("filler_share", 0.0) == cfg.filler_share
+            suite_options(tasks) == build_options(stage_command("tasks", cfg)[3:])[1]
     if stage == "eval":
         return os.path.exists(os.path.join(cfg.out, "report.json")) and \
             (read_json_or_none(os.path.join(cfg.out, "report.json")) or {}).get("complete", False)

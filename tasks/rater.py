@@ -37,12 +37,13 @@ class Rater:
         return f"{kind}:{key}"
 
     @staticmethod
-    def plain_preferred(record: dict, answer_a: str, answer_b: str) -> str | None:
+    def plain_preferred(record: dict, answer_a: str, answer_b: str, grades: tuple | None = None) -> str | None:
         """The users' own preference, which no round-1 file holds: of two right answers to a
         helpfulness task, the one without filler ("Sure! ... Hope this helps!"); None when
-        it does not decide."""
-        if record.get("family") not in TASK_FAMILIES or grade(record, answer_a) != 1.0 or \
-                grade(record, answer_b) != 1.0:
+        it does not decide. `grades`: the judge's scores of the two, when already known."""
+        if record.get("family") not in TASK_FAMILIES:
+            return None
+        if (grades or (grade(record, answer_a), grade(record, answer_b))) != (1.0, 1.0):
             return None
         fa, fb = has_filler(answer_a), has_filler(answer_b)
         return None if fa == fb else "b" if fa else "a"
@@ -54,7 +55,7 @@ class Rater:
         ga, gb = grade(record, answer_a), grade(record, answer_b)
         gold = None if ga == gb else "a" if ga > gb else "b"
         if gold is None:
-            gold = self.plain_preferred(record, answer_a, answer_b)
+            gold = self.plain_preferred(record, answer_a, answer_b, (ga, gb))
         key = self._key("vote", key)
         if gold is None:
             return None, None

@@ -31,10 +31,12 @@ topic words (see tasks/redteam.py).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
 import string
+import sys
 
 from cli import UserError, entry_point
 from data.files import atomic_write
@@ -354,22 +356,23 @@ SUITE_FILES = ("sft", "prefs", "prompts", "eval", "eval_heldout_phrasing", "ptx"
 
 
 def write(out_dir: str, **kwargs) -> dict[str, int]:
-    """The suite's files in out_dir, and suite.json: the options that built them."""
+    """The suite's files in out_dir, and suite.json: every option that built them."""
     os.makedirs(out_dir, exist_ok=True)
     sets = build(**kwargs)
     for name, records in sets.items():
         atomic_write(os.path.join(out_dir, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write(os.path.join(out_dir, "suite.json"), json.dumps(kwargs, sort_keys=True) + "\n")
+    atomic_write(os.path.join(out_dir, "suite.json"), json.dumps(full_options(**kwargs), sort_keys=True) + "\n")
     return {name: len(records) for name, records in sets.items()}
 
 
 def suite_options(out_dir: str) -> dict:
-    """The options the suite in out_dir was built with ({} when it predates suite.json)."""
+    """The options the suite in out_dir was built with (a suite that predates suite.json
+    was built with the defaults)."""
     try:
         with open(os.path.join(out_dir, "suite.json"), encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
-        return {}
+        return full_options()
 
 
 def ensure_written(out_dir: str) -> None:
@@ -379,8 +382,7 @@ def ensure_written(out_dir: str) -> None:
         write(out_dir)
 
 
-@entry_point
-def main(argv=None) -> None:
+def cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="write the task suite (sft, prefs, prompts, eval, "
                                      "eval_heldout_phrasing, ptx JSONL): eight "
                                      "verifiable helpfulness families plus harmful, borderline, benign and everyday "
@@ -413,16 +415,35 @@ def main(argv=None) -> None:
                         help="held-out prompts per helpfulness family in phrasings never trained on")
     parser.add_argument("--filler-share", type=float, default=0.0,
                         help="share of the helpfulness demonstrations wrapped in filler ('Sure! ... Hope this helps!')")
+    return parser
+
+
+def build_options(argv: list[str]) -> tuple[str, dict]:
+    """(the output directory, build()'s every option) from a command line of this module;
+    argparse errors exit as usual."""
+    parser = cli_parser()
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in vars(args).items() if k.endswith(("_per_family", "_prompts", "_pairs"))}
     if any(v < 0 for v in sizes.values()) or not 0 <= args.harmful_refusal_rate <= 1 or not 0 <= args.filler_share <= 1:
         parser.error("counts must be >= 0, --harmful-refusal-rate and --filler-share in [0, 1]")
+    return args.out, full_options(seed=args.seed, harmful_refusal_rate=args.harmful_refusal_rate,
+                                  filler_share=args.filler_share, **sizes)
+
+
+def full_options(**kwargs) -> dict:
+    """build()'s keyword options: its defaults, with `kwargs` over them."""
+    defaults = {name: p.default for name, p in inspect.signature(build).parameters.items()}
+    return {**defaults, **kwargs}
+
+
+@entry_point
+def main(argv=None) -> None:
+    out, options = build_options(sys.argv[1:] if argv is None else argv)
     try:
-        counts = write(args.out, seed=args.seed, harmful_refusal_rate=args.harmful_refusal_rate,
-                       filler_share=args.filler_share, **sizes)
+        counts = write(out, **options)
     except OSError as e:
-        raise UserError(f"cannot write {args.out}: {e.strerror}") from None
-    print(f"wrote {args.out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items()))
+        raise UserError(f"cannot write {out}: {e.strerror}") from None
+    print(f"wrote {out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":

@@ -58,12 +58,17 @@ def test_the_suite_carries_filler_in_demonstrations_only(tmp_path):
     assert wrapped["eval"] == plain["eval"] and wrapped["prompts"] == plain["prompts"]  # the prompts do not move
     with pytest.raises(ValueError, match="filler_share"):
         suite.build(**sizes, filler_share=1.5)
-    suite.write(str(tmp_path / "tasks"), **sizes, filler_share=0.5)
-    assert suite.suite_options(str(tmp_path / "tasks"))["filler_share"] == 0.5
-    # the main job redoes the tasks stage when its filler share differs from the suite's
-    cfg = pipeline.PipelineConfig(data=str(tmp_path), filler_share=0.5)
-    assert pipeline.stage_done("tasks", cfg)
-    assert not pipeline.stage_done("tasks", pipeline.PipelineConfig(data=str(tmp_path)))
+    # the main job redoes the tasks stage when the suite was built with other options than
+    # its command gives: another filler share, or another preset's sizes
+    mini = pipeline.PipelineConfig(data=str(tmp_path), preset="mini", filler_share=0.5)
+    out, options = suite.build_options(pipeline.stage_command("tasks", mini)[3:])
+    assert out == str(tmp_path / "tasks") and options["filler_share"] == 0.5 and options["sft_per_family"] == 16
+    suite.write(out, **options)
+    assert suite.suite_options(out) == options and pipeline.stage_done("tasks", mini)
+    assert not pipeline.stage_done("tasks", pipeline.PipelineConfig(data=str(tmp_path), preset="mini"))
+    assert not pipeline.stage_done("tasks", pipeline.PipelineConfig(data=str(tmp_path), filler_share=0.5))
+    (tmp_path / "tasks" / "suite.json").unlink()  # a suite from before suite.json: taken as the defaults
+    assert suite.suite_options(out) == suite.full_options() and not pipeline.stage_done("tasks", mini)
 
 
 def test_users_prefer_the_plain_of_two_right_answers():

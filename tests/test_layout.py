@@ -18,7 +18,7 @@ LAYERS = [
     r"model|tasks(\..*)?|data(\.(?!text|files|parallel)\w+)?",  # the model; the task suite; curation
     r"distributed|checkpoint|progress",  # processes and devices; the checkpoint format; progress lines
     r"trainer|evals|serving(\..*)?|interop(\..*)?",  # training; evaluation; serving; conversion
-    r"train_\w+|sample|serve|convert|simulate_users|report\w*|stages|promotion",  # the scripts
+    r"train_\w+|sample|serve|convert|simulate_users|report\w*|stages|promotion|onpolicy",  # the scripts
     r"pipeline",  # the main job
 ]
 INFERENCE = ("serve", "sample", "evals", "convert", "serving", "interop")

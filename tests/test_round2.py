@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import onpolicy
 import pipeline
 import report
 from cli import UserError
@@ -44,24 +45,24 @@ def test_on_policy_pairs_keep_the_pairs_the_judge_decides_and_the_accuracy_reads
     replies = ["7", "8",  # arithmetic: the first is right
                "abc", "abc",  # reverse: both wrong, a tie: left out
                "Sure, here is how.", "I can't help with that."]  # harmful: the refusal is right
-    monkeypatch.setattr(report, "chat_responses", lambda model, tok, convs, *args: replies[:len(convs)])
+    monkeypatch.setattr(onpolicy, "chat_responses", lambda model, tok, convs, *args: replies[:len(convs)])
     model = torch.nn.Linear(1, 1)
-    pairs, counts = report.on_policy_pairs(model, None, RECORDS)
+    pairs, counts = onpolicy.on_policy_pairs(model, None, RECORDS)
     assert counts == {"prompts": 3, "draws": 1, "pairs": 2, "ties": 1}
     assert [(p["chosen"], p["rejected"], p["kind"]) for p in pairs] == [
         ("7", "8", "arithmetic"), ("I can't help with that.", "Sure, here is how.", "harmful")]
     assert pairs[0]["prompt"] == RECORDS[0]["conversation"]
 
     right = {"7", "I can't help with that."}
-    assert report.pair_accuracy(JudgeLikeRM(right), pairs)["accuracy"] == 1.0
-    assert report.pair_accuracy(JudgeLikeRM(right, reversed_=True), pairs)["accuracy"] == 0.0
+    assert onpolicy.pair_accuracy(JudgeLikeRM(right), pairs)["accuracy"] == 1.0
+    assert onpolicy.pair_accuracy(JudgeLikeRM(right, reversed_=True), pairs)["accuracy"] == 0.0
     # a constant reward model ties every pair: a tie is not a right answer
-    assert report.pair_accuracy(JudgeLikeRM(set()), pairs, batch_size=1) == {
+    assert onpolicy.pair_accuracy(JudgeLikeRM(set()), pairs, batch_size=1) == {
         "accuracy": 0.0, "pairs": 2, "by_kind": {"arithmetic": 0.0, "harmful": 0.0}}
     # both checkpoints scored on the same pairs
     scorers = {"good": JudgeLikeRM(right), "bad": JudgeLikeRM(right, reversed_=True)}
-    monkeypatch.setattr(report.RewardScorer, "load", staticmethod(lambda ckpt, device="cpu": scorers[ckpt]))
-    result = report.on_policy_accuracy({"rm1": "bad", "rm2": "good"}, pairs)
+    monkeypatch.setattr(onpolicy.RewardScorer, "load", staticmethod(lambda ckpt, device="cpu": scorers[ckpt]))
+    result = onpolicy.on_policy_accuracy({"rm1": "bad", "rm2": "good"}, pairs)
     assert (result["rm1"], result["rm2"]) == (0.0, 1.0)
     assert result["by_kind"]["rm2"] == {"arithmetic": 1.0, "harmful": 1.0}
 
@@ -74,14 +75,14 @@ def test_on_policy_pairs_draw_again_with_the_next_seed_and_keep_the_first_draw(m
         return ["7", "8", "abc", "cba", "I can't help.", "I can't help."] if len(calls) == 1 else \
             ["8", "8", "abc", "abc", "Sure.", "I can't help."]
 
-    monkeypatch.setattr(report, "chat_responses", replies)
+    monkeypatch.setattr(onpolicy, "chat_responses", replies)
     model = torch.nn.Linear(1, 1)
-    pairs, counts = report.on_policy_pairs(model, None, RECORDS, seed=5, draws=2)
+    pairs, counts = onpolicy.on_policy_pairs(model, None, RECORDS, seed=5, draws=2)
     assert calls == [5, 6] and counts == {"prompts": 3, "draws": 2, "pairs": 3, "ties": 3}
     assert [(p["chosen"], p["rejected"], p["id"]) for p in pairs] == [
         ("7", "8", "0/on_policy/0"), ("cba", "abc", "1/on_policy/0"), ("I can't help.", "Sure.", "2/on_policy/1")]
     calls.clear()
-    first, _ = report.on_policy_pairs(model, None, RECORDS, seed=5)
+    first, _ = onpolicy.on_policy_pairs(model, None, RECORDS, seed=5)
     assert first == pairs[:2]
 
 
